@@ -1,0 +1,49 @@
+# omni-train developer targets. Every target that runs code depends on `setup`, which is idempotent:
+# a second run finds its stamp up to date and does nothing.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.omni-train-setup
+CONSTRAINTS := requirements/constraints-cpu.txt
+TORCH_PIN := $(shell grep '^torch==' $(CONSTRAINTS))
+# Two ranks on two cores: one thread each, or they fight over the cores.
+export OMP_NUM_THREADS ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup smoke test test-slow lint format lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# torch first, alone: any later resolver run then sees it installed and never pulls a CUDA build.
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,audio]"
+	@touch $(STAMP)
+
+# The main job: the tiny text-LM smoke stage on CPU, 2 ranks (TP=2), synthetic data.
+smoke: setup
+	$(BIN)/omni-train run --nproc-per-node 2 stage=smoke model=tiny parallel=tp2
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --timeout 900
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m slow
+
+lint: setup
+	$(BIN)/ruff check omni_train tests benchmarks
+	$(BIN)/ruff format --check omni_train tests benchmarks
+
+format: setup
+	$(BIN)/ruff format omni_train tests benchmarks
+	$(BIN)/ruff check --fix omni_train tests benchmarks
+
+# Re-resolve the pinned stack after a dependency change in pyproject.toml.
+lock: setup
+	@{ head -2 $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > $(CONSTRAINTS).new
+	@mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

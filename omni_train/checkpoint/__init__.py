@@ -1,0 +1,21 @@
+"""Checkpoints: torch_dist (megatron dist_checkpointing) for state, manifest.json for humans and
+for the next stage."""
+
+from omni_train.checkpoint.io import (
+    TrainState,
+    find_latest,
+    load_for_resume,
+    load_weights,
+    save_checkpoint,
+)
+from omni_train.checkpoint.manifest import read_manifest, write_manifest
+
+__all__ = [
+    "TrainState",
+    "find_latest",
+    "load_for_resume",
+    "load_weights",
+    "read_manifest",
+    "save_checkpoint",
+    "write_manifest",
+]

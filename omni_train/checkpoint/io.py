@@ -1,0 +1,181 @@
+"""Save and load stage checkpoints in megatron-core's torch_dist format.
+
+Layout of a run directory::
+
+    <output_dir>/checkpoints/step_0000012/   torch_dist checkpoint (model, optimizer, RNG, ...)
+    <output_dir>/checkpoints/latest          name of the newest *complete* checkpoint
+    <output_dir>/manifest.json               see manifest.py
+
+Two ways in, kept apart on purpose:
+
+* :func:`load_for_resume` continues an interrupted run of the same stage: weights, optimizer
+  state, LR scheduler, RNG streams, data position and step. It needs the same parallel layout
+  for the RNG streams (one per rank).
+* :func:`load_weights` starts a new run from another checkpoint: model weights only, resharded
+  to the current layout by dist_checkpointing (e.g. saved at TP=2, loaded at TP=1).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from omni_train.parallel import ParallelState
+
+# dp_reshardable: fully parallel save/load, no gathers. Resume keeps the TP/EP layout anyway
+# (RNG streams are per rank); a change of layout goes through init_from (weights only).
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+_LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer tensors that a resume restores."""
+
+    step: int = 0
+    data: dict = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # per-step training losses so far
+    wall_time_s: float = 0.0  # training time accumulated over earlier (interrupted) runs
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def find_latest(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``, or None."""
+    tracker = checkpoints_dir(output_dir) / _LATEST
+    if not tracker.is_file():
+        return None
+    path = checkpoints_dir(output_dir) / tracker.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{tracker} names {path.name}, which does not exist")
+    return path
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(ps: ParallelState, value) -> ShardedObject:
+    # One RNG stream per rank: the object's global shape is the world size.
+    return ShardedObject("rng_state", value, (ps.world_size,), (ps.rank,), replica_id=0)
+
+
+def _sharded_state(model, optimizer, ps: ParallelState, *, is_loading: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA
+        ),
+        "rng": _rng_sharded(ps, _rng_state() if not is_loading else None),
+    }
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    ps: ParallelState,
+    keep_last: int = 0,
+) -> Path:
+    """Write a complete checkpoint for ``state.step`` (collective: every rank calls it)."""
+    path = checkpoints_dir(output_dir) / f"step_{state.step:07d}"
+    if ps.is_main:
+        if path.exists():  # a partial write from a crashed run at this same step
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    dist.barrier()
+    sharded = _sharded_state(model, optimizer, ps, is_loading=False)
+    sharded["scheduler"] = scheduler.state_dict()
+    sharded["train_state"] = {
+        "step": state.step,
+        "data": state.data,
+        "losses": list(state.losses),
+        "wall_time_s": state.wall_time_s,
+        "world_size": ps.world_size,
+    }
+    dist_checkpointing.save(sharded, str(path))
+    dist.barrier()
+    if ps.is_main:
+        # Mark complete only now: a crash mid-save leaves the previous checkpoint as latest.
+        tmp = checkpoints_dir(output_dir) / f".{_LATEST}.tmp"
+        tmp.write_text(path.name)
+        tmp.replace(checkpoints_dir(output_dir) / _LATEST)
+        _prune(checkpoints_dir(output_dir), keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) -> TrainState:
+    """Restore weights, optimizer, scheduler, RNG, data position and step from ``path``."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    saved_world = common["train_state"]["world_size"]
+    if saved_world != ps.world_size:
+        raise ValueError(
+            f"cannot resume {path}: it was written by {saved_world} ranks, this job has "
+            f"{ps.world_size}. Resume with the same layout, or start a new run from its weights "
+            f"with checkpoint.init_from={path} and a fresh checkpoint.output_dir"
+        )
+    sharded = _sharded_state(model, optimizer, ps, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    model.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    _set_rng_state(loaded["rng"])
+    ts = common["train_state"]
+    return TrainState(
+        step=ts["step"], data=ts["data"], losses=ts["losses"], wall_time_s=ts["wall_time_s"]
+    )
+
+
+def load_weights(path: str | os.PathLike, model) -> None:
+    """Load model weights only (any parallel layout), e.g. from the previous stage."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():  # a run directory: take its latest checkpoint
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"checkpoint.init_from={path} holds no complete checkpoint")
+        path = latest
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint.init_from={path} is not a torch_dist checkpoint (no metadata.json)"
+        )
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(loaded["model"])

@@ -1,0 +1,72 @@
+"""``omni-train``: the command-line front door.
+
+    omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
+        launches ``torchrun -m omni_train.train`` with the same overrides (same code path);
+    omni-train config [overrides]
+        prints the composed, validated config as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from omegaconf import OmegaConf
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omni_train.config import compose_job, validate
+
+    # Fail on a bad config here, in one process, before torchrun starts N of them.
+    validate(compose_job(overrides), args.nproc_per_node * args.nnodes)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={args.nproc_per_node}",
+        f"--nnodes={args.nnodes}",
+    ]
+    cmd += ["--standalone"] if args.nnodes == 1 else [f"--rdzv-endpoint={args.rdzv_endpoint}"]
+    cmd += ["-m", "omni_train.train", *overrides]
+    return subprocess.call(cmd, env=env)
+
+
+def _config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omni_train.config import compose_job, to_dict, validate
+
+    cfg = compose_job(overrides)
+    if args.world_size:
+        validate(cfg, args.world_size)
+    print(OmegaConf.to_yaml(to_dict(cfg)), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omni-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one stage (launches torchrun)")
+    run.add_argument("--nproc-per-node", type=int, default=1)
+    run.add_argument("--nnodes", type=int, default=1)
+    run.add_argument("--rdzv-endpoint", default="", help="host:port of node 0 when nnodes > 1")
+    run.set_defaults(func=_run)
+    show = sub.add_parser("config", help="print the composed config")
+    show.add_argument("--world-size", type=int, default=0, help="also validate for this size")
+    show.set_defaults(func=_config)
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        parser.error(f"unknown option(s) {bad}; overrides look like key=value")
+    try:
+        return args.func(args, overrides)
+    except ValueError as e:
+        print(f"omni-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

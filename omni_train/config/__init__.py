@@ -1,0 +1,29 @@
+"""Typed config: schema (per component), composition from recipes/, cross-field validation."""
+
+from omni_train.config.compose import compose_job, config_hash, to_dict
+from omni_train.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    StageConfig,
+    TrainerConfig,
+)
+from omni_train.config.validation import validate
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "JobConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "StageConfig",
+    "TrainerConfig",
+    "compose_job",
+    "config_hash",
+    "to_dict",
+    "validate",
+]

@@ -1,0 +1,78 @@
+"""Compose a job config from ``recipes/`` and command-line overrides with Hydra's compose API.
+
+The compose API (rather than ``@hydra.main``) keeps Hydra from changing the working directory
+or writing its own output folders, which matters under torchrun where every rank composes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from omni_train.config.schema import JobConfig
+
+GROUPS = ("stage", "model", "parallel")
+_REGISTERED = False
+
+
+def recipes_dir() -> Path:
+    """The recipe tree: ``$OMNI_TRAIN_RECIPES`` or ``recipes/`` beside the package."""
+    path = Path(os.environ.get("OMNI_TRAIN_RECIPES", Path(__file__).parents[2] / "recipes"))
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"no recipes/config.yaml under {path}; install omni-train editable (make setup) "
+            "or point OMNI_TRAIN_RECIPES at the recipes folder"
+        )
+    return path.resolve()
+
+
+def register() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        ConfigStore.instance().store(name="omni_train_job", node=JobConfig)
+        _REGISTERED = True
+
+
+def available(group: str) -> list[str]:
+    return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in GROUPS and value not in available(key):
+            raise ValueError(
+                f"unknown {key} {value!r}; valid: {', '.join(available(key))}"
+            )
+
+
+def compose_job(overrides: list[str] | None = None) -> JobConfig:
+    """Compose, resolve and type-check a job config (per-field checks run here)."""
+    overrides = list(overrides or [])
+    _check_group_choices(overrides)
+    register()
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        raw = compose(config_name="config", overrides=overrides)
+    OmegaConf.resolve(raw)
+    cfg = OmegaConf.to_object(raw)
+    assert isinstance(cfg, JobConfig)
+    return cfg
+
+
+def to_dict(cfg: JobConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def config_hash(cfg: JobConfig, *, sections: tuple[str, ...] | None = None) -> str:
+    """Stable short hash of the whole config, or of some sections (e.g. the model fingerprint)."""
+    data = to_dict(cfg)
+    if sections is not None:
+        data = {k: data[k] for k in sections}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,104 @@
+"""Cross-field checks, run on the composed config before any process group or model exists.
+
+Each check raises ``ValueError`` with one line that says what is wrong and how to fix it.
+Split by topic; :func:`validate` runs them all.
+"""
+
+from __future__ import annotations
+
+from omni_train.config.schema import JobConfig
+
+
+def check_layout(cfg: JobConfig, world_size: int) -> None:
+    """World size against the model-parallel sizes."""
+    p = cfg.parallel
+    model_parallel = p.tp * p.cp * p.pp
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tp x cp x pp = {p.tp} x {p.cp} x {p.pp}"
+            f" = {model_parallel}; change the number of processes or parallel.tp/parallel.cp"
+        )
+    if world_size % (p.ep * p.etp * p.pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by ep x etp = {p.ep} x {p.etp}; "
+            "change parallel.ep or parallel.etp"
+        )
+    if cfg.model.num_query_groups % p.tp:
+        raise ValueError(
+            f"model.num_query_groups={cfg.model.num_query_groups} is not divisible by "
+            f"parallel.tp={p.tp}; use a tp that divides it"
+        )
+    if "*" not in cfg.model.hybrid_pattern and p.cp > 1:
+        raise ValueError(
+            f"parallel.cp={p.cp} but the layer pattern has no attention layer; set parallel.cp=1"
+        )
+
+
+def check_moe(cfg: JobConfig) -> None:
+    m, p = cfg.model, cfg.parallel
+    if "E" not in m.hybrid_pattern:
+        if p.ep > 1:
+            raise ValueError(f"parallel.ep={p.ep} but the model has no MoE layer; set ep=1")
+        return
+    if m.num_moe_experts % p.ep:
+        raise ValueError(
+            f"parallel.ep={p.ep} does not divide model.num_moe_experts={m.num_moe_experts}; "
+            "choose an ep that divides the expert count"
+        )
+    if p.tp > 1 and not p.sp:
+        raise ValueError(
+            f"MoE with parallel.tp={p.tp} requires sequence parallelism; set parallel.sp=true"
+        )
+    if p.tp > 1 and m.add_bias_linear:
+        raise ValueError("MoE with parallel.tp > 1 does not support linear biases; "
+                         "set model.add_bias_linear=false")
+
+
+def check_sequence(cfg: JobConfig) -> None:
+    p, seq = cfg.parallel, cfg.trainer.seq_length
+    if p.sp and p.tp == 1:
+        raise ValueError("parallel.sp=true needs parallel.tp > 1; set sp=false or raise tp")
+    if p.sp and seq % p.tp:
+        raise ValueError(
+            f"trainer.seq_length={seq} is not divisible by parallel.tp={p.tp} under sequence "
+            f"parallelism; use a multiple of {p.tp}"
+        )
+    if p.cp > 1 and seq % (2 * p.cp):
+        raise ValueError(
+            f"trainer.seq_length={seq} is not divisible by 2 x parallel.cp = {2 * p.cp} "
+            f"(load-balanced context parallel); use a multiple of {2 * p.cp}"
+        )
+    if p.cp > 1:
+        raise ValueError(
+            f"parallel.cp={p.cp}: context parallelism is not implemented yet; set parallel.cp=1"
+        )
+
+
+def check_batch(cfg: JobConfig, world_size: int) -> None:
+    t = cfg.trainer
+    dp = cfg.parallel.data_parallel_size(world_size)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size x dp = {t.micro_batch_size} x {dp}; "
+            f"use a multiple of {t.micro_batch_size * dp}"
+        )
+
+
+def check_checkpoint(cfg: JobConfig) -> None:
+    if cfg.checkpoint.resume == "true" and cfg.checkpoint.init_from:
+        raise ValueError(
+            "checkpoint.resume=true and checkpoint.init_from are exclusive: resume continues "
+            "this stage, init_from starts it from another checkpoint's weights; pick one"
+        )
+
+
+def validate(cfg: JobConfig, world_size: int) -> None:
+    """All cross-field checks for a job on ``world_size`` processes."""
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    check_layout(cfg, world_size)
+    check_moe(cfg)
+    check_sequence(cfg)
+    check_batch(cfg, world_size)
+    check_checkpoint(cfg)

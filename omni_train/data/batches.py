@@ -1,0 +1,96 @@
+"""Micro-batches for one data-parallel rank, with a resumable position.
+
+Sample order: step ``k`` consumes global samples ``[k*G, (k+1)*G)`` (G = global batch); data-parallel
+rank ``r`` takes the contiguous slice ``r*G/dp ... (r+1)*G/dp`` and cuts it into micro-batches. Any
+(dp, micro-batch) layout with the same global batch therefore sees the same samples per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from omni_train.config import JobConfig
+from omni_train.data.synthetic import SyntheticTokens
+
+
+class MicroBatches:
+    """Iterator of micro-batch dicts; ``state_dict()`` is the data position for checkpoints.
+
+    Each batch: ``tokens`` and ``labels`` [b, s] int64, ``loss_mask`` [b, s] float32 (1 = token
+    carries loss), ``position_ids`` [b, s] int64.
+    """
+
+    def __init__(
+        self,
+        source: SyntheticTokens,
+        *,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_size: int,
+        dp_rank: int,
+        device: torch.device,
+        consumed_samples: int = 0,
+    ):
+        self.source = source
+        self.mbs = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.per_rank = global_batch_size // dp_size
+        self.dp_rank = dp_rank
+        self.device = device
+        self.consumed_samples = consumed_samples
+        self._queue: list[int] = []
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.per_rank // self.mbs
+
+    def _refill(self) -> None:
+        base = self.consumed_samples + self.dp_rank * self.per_rank
+        self._queue = list(range(base, base + self.per_rank))
+        self.consumed_samples += self.global_batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if not self._queue:
+            self._refill()
+        indices, self._queue = self._queue[: self.mbs], self._queue[self.mbs :]
+        seqs = torch.from_numpy(np.stack([self.source.tokens(i) for i in indices]))
+        s = seqs.shape[1] - 1
+        batch = {
+            "tokens": seqs[:, :-1].contiguous(),
+            "labels": seqs[:, 1:].contiguous(),
+            "loss_mask": torch.ones(len(indices), s, dtype=torch.float32),
+            "position_ids": torch.arange(s, dtype=torch.int64).expand(len(indices), s).contiguous(),
+        }
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def state_dict(self) -> dict:
+        if self._queue:
+            raise RuntimeError("data state taken mid-step; save only between optimizer steps")
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+        self._queue = []
+
+
+def build_data(
+    cfg: JobConfig, dp_size: int, dp_rank: int, device: torch.device
+) -> tuple[MicroBatches, MicroBatches]:
+    """(train, eval) micro-batch streams for this rank. Eval samples are a disjoint split."""
+    t = cfg.trainer
+    make = lambda split, gbs: MicroBatches(  # noqa: E731
+        SyntheticTokens(cfg.model.vocab_size, t.seq_length, t.seed, split),
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=gbs,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        device=device,
+    )
+    eval_gbs = t.micro_batch_size * dp_size * max(t.eval_iters, 1)
+    return make("train", t.global_batch_size), make("eval", eval_gbs)

@@ -1,0 +1,149 @@
+"""Run one stage: platform -> parallel state -> model (+freeze) -> data -> train -> checkpoint.
+
+Start-up decides between three cases, in this order:
+1. resume: ``output_dir`` has a complete checkpoint and ``checkpoint.resume`` is auto/true ->
+   restore everything of that run and continue;
+2. init: ``checkpoint.init_from`` is set -> load those weights only, fresh optimizer, step 0;
+3. fresh: random initialisation.
+"""
+
+from __future__ import annotations
+
+import platform as py_platform
+import time
+from pathlib import Path
+
+import megatron.core
+import torch
+
+from omni_train import platform as omni_platform
+from omni_train.checkpoint import (
+    TrainState,
+    find_latest,
+    load_for_resume,
+    load_weights,
+    save_checkpoint,
+    write_manifest,
+)
+from omni_train.config import JobConfig, config_hash, validate
+from omni_train.data import build_data
+from omni_train.log import get_logger
+from omni_train.model import build_model
+from omni_train.parallel import ParallelState, destroy_parallel, init_parallel
+from omni_train.parallel.state import world_size_from_env
+from omni_train.training.loop import evaluate, train
+from omni_train.training.optimizer import build_optimizer, wrap_ddp
+
+log = get_logger()
+
+
+def resume_point(cfg: JobConfig) -> Path | None:
+    """The checkpoint to resume from, or None for a new run (raises on contradictions)."""
+    latest = find_latest(cfg.checkpoint.output_dir)
+    if cfg.checkpoint.resume == "true" and latest is None:
+        raise ValueError(
+            f"checkpoint.resume=true but {cfg.checkpoint.output_dir} holds no checkpoint; "
+            "use resume=auto to start fresh when there is none"
+        )
+    if cfg.checkpoint.resume == "false" and latest is not None:
+        raise ValueError(
+            f"{cfg.checkpoint.output_dir} already holds {latest.name} and checkpoint.resume=false;"
+            " set checkpoint.resume=auto to continue it or choose another checkpoint.output_dir"
+        )
+    return latest
+
+
+def _manifest(cfg, ps, built, state, eval_loss, status, started, resumed_from, ckpt) -> dict:
+    tokens_per_step = cfg.trainer.global_batch_size * cfg.trainer.seq_length
+    return {
+        "stage": cfg.stage.name,
+        "status": status,
+        "step": state.step,
+        "train_steps": cfg.trainer.train_steps,
+        "config_hash": config_hash(cfg),
+        "model_fingerprint": config_hash(cfg, sections=("model",)),
+        "losses": state.losses,
+        "final_loss": state.losses[-1] if state.losses else None,
+        "eval_loss": eval_loss,
+        "tokens": state.step * tokens_per_step,
+        "parameters": {
+            name: {"trainable": c.trainable, "frozen": c.frozen}
+            for name, c in built.counts.items()
+        },
+        "trainable_parameters": sum(c.trainable for c in built.counts.values()),
+        "frozen_parameters": sum(c.frozen for c in built.counts.values()),
+        "wall_time_s": round(state.wall_time_s, 3),
+        "job_time_s": round(time.time() - started, 3),
+        "layout": {"world": ps.world_size, "tp": ps.tp, "cp": ps.cp, "dp": ps.dp, "ep": ps.ep},
+        "init_from": cfg.checkpoint.init_from,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "checkpoint": str(ckpt) if ckpt else None,
+        "platform": omni_platform.detect().name,
+        "versions": {
+            "python": py_platform.python_version(),
+            "torch": torch.__version__,
+            "megatron_core": megatron.core.__version__,
+        },
+    }
+
+
+def run_stage(cfg: JobConfig) -> dict:
+    """Run (or resume) one stage; returns the manifest written to ``output_dir``."""
+    started = time.time()
+    validate(cfg, world_size_from_env())  # before any process group or model exists
+    resumed_from = resume_point(cfg)
+    platform = omni_platform.setup()
+    ps: ParallelState = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
+    try:
+        log.info("stage %s on %s: %s", cfg.stage.name, platform.name, ps.describe())
+        built = build_model(cfg, ps, platform)
+        for name, c in built.counts.items():
+            log.info("component %-16s trainable %12d  frozen %12d", name, c.trainable, c.frozen)
+        if resumed_from is None and cfg.checkpoint.init_from:
+            log.info("initialising weights from %s (weights only)", cfg.checkpoint.init_from)
+            load_weights(cfg.checkpoint.init_from, built.module)
+        model = wrap_ddp(cfg, built.module, built.tf_config)
+        optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
+        train_data, eval_data = build_data(cfg, ps.dp, ps.dp_rank, platform.device)
+
+        state = TrainState()
+        if resumed_from is not None:
+            log.info("resuming from %s", resumed_from)
+            state = load_for_resume(resumed_from, built.module, optimizer, scheduler, ps)
+            train_data.load_state_dict(state.data)
+
+        out = cfg.checkpoint.output_dir
+        last_ckpt = resumed_from
+
+        def save(s: TrainState) -> None:
+            nonlocal last_ckpt
+            last_ckpt = save_checkpoint(
+                out, built.module, optimizer, scheduler, s, ps, cfg.checkpoint.keep_last
+            )
+            log.info("saved %s", last_ckpt)
+            if ps.is_main:
+                write_manifest(
+                    out,
+                    _manifest(cfg, ps, built, s, None, "running", started, resumed_from, last_ckpt),
+                )
+
+        state = train(cfg, model, optimizer, scheduler, train_data, state, save)
+        eval_loss = evaluate(cfg, model, eval_data)
+        if last_ckpt is None or last_ckpt.name != f"step_{state.step:07d}":
+            save(state)
+        manifest = _manifest(
+            cfg, ps, built, state, eval_loss, "completed", started, resumed_from, last_ckpt
+        )
+        if ps.is_main:
+            path = write_manifest(out, manifest)
+            log.info(
+                "stage %s completed: step %d, final loss %s, eval loss %s -> %s",
+                cfg.stage.name,
+                state.step,
+                manifest["final_loss"],
+                eval_loss,
+                path,
+            )
+        return manifest
+    finally:
+        destroy_parallel()

@@ -1,0 +1,33 @@
+"""The forward step: the one place that knows what a batch holds and how loss is computed.
+
+Loss convention (megatron ``calculate_per_token_loss``): the step returns the *sum* of token
+losses and the number of loss tokens; megatron adds both up over micro-batches and data-parallel
+ranks and divides gradients by the global token count. Padding and masked tokens never count.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """output_tensor: per-token losses [b, s]; loss_mask: [b, s] (1 = counts)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(output_tensor.reshape(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    # Reported as (sum, count) so the logger can average over micro-batches and ranks exactly.
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,  # causal masking is built into the attention layers
+        labels=batch["labels"],
+    )
+    return output, partial(loss_func, batch["loss_mask"])

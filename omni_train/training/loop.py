@@ -1,0 +1,106 @@
+"""The generic training loop: megatron-core's forward/backward schedule, optimizer and scheduler.
+
+Nothing here knows about modalities; the forward step does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from omni_train.checkpoint import TrainState
+from omni_train.config import JobConfig
+from omni_train.data import MicroBatches
+from omni_train.log import get_logger
+from omni_train.training.forward_step import forward_step
+
+log = get_logger()
+
+
+def _reduce_loss(reports: list[dict]) -> tuple[float, int]:
+    """Mean loss over real tokens of all micro-batches and data-parallel ranks; token count."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in reports:
+        total += report["lm loss"].detach().to("cpu", torch.float64)
+    group = mpu.get_data_parallel_group(with_context_parallel=True)
+    device_total = total.to(torch.cuda.current_device()) if torch.cuda.is_available() else total
+    dist.all_reduce(device_total, group=group)
+    loss_sum, count = device_total.tolist()
+    return loss_sum / max(count, 1.0), int(count)
+
+
+def train(
+    cfg: JobConfig,
+    model,
+    optimizer,
+    scheduler,
+    data: MicroBatches,
+    state: TrainState,
+    save: Callable[[TrainState], None],
+) -> TrainState:
+    """Run optimizer steps until ``trainer.train_steps``; ``save`` is called at save intervals."""
+    t = cfg.trainer
+    forward_backward = get_forward_backward_func()
+    model.train()
+    while state.step < t.train_steps:
+        start = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data,
+            model=[model],
+            num_microbatches=data.num_microbatches,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step applies
+        update_ok, grad_norm, _ = optimizer.step()
+        if update_ok:
+            scheduler.step(increment=1)
+        loss, num_tokens = _reduce_loss(reports)
+        elapsed = time.perf_counter() - start
+        state.step += 1
+        state.losses.append(loss)
+        state.wall_time_s += elapsed
+        state.data = data.state_dict()
+        if state.step % t.log_interval == 0 or state.step == t.train_steps:
+            log.info(
+                "step %d/%d | loss %.6f | grad_norm %s | lr %.3e | tokens/s %.0f%s",
+                state.step,
+                t.train_steps,
+                loss,
+                f"{grad_norm:.4f}" if grad_norm is not None else "n/a",
+                lr,
+                num_tokens / elapsed,
+                "" if update_ok else " | step skipped (non-finite gradients)",
+            )
+        if t.save_interval and state.step % t.save_interval == 0 and state.step < t.train_steps:
+            save(state)
+    return state
+
+
+@torch.no_grad()
+def evaluate(cfg: JobConfig, model, data: MicroBatches) -> float | None:
+    """Mean token loss over ``trainer.eval_iters`` held-out micro-batches per rank."""
+    if cfg.trainer.eval_iters == 0:
+        return None
+    model.eval()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=[model],
+        num_microbatches=cfg.trainer.eval_iters,
+        seq_length=cfg.trainer.seq_length,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        forward_only=True,
+    )
+    model.train()
+    data.load_state_dict({"consumed_samples": 0})  # evaluate the same samples every time
+    return _reduce_loss(reports)[0]

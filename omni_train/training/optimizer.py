@@ -1,0 +1,62 @@
+"""megatron-core DDP, distributed optimizer and LR/WD scheduler from our config."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from omni_train.config import JobConfig
+
+
+def wrap_ddp(cfg: JobConfig, module: torch.nn.Module, tf_config: TransformerConfig):
+    """Wrap in megatron-core DDP. Frozen parameters get no gradient buffer."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    ddp = DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=module)
+    # The schedule calls these: gradient all-reduce / reduce-scatter, SP norm-grad all-reduce,
+    # and division of every gradient by the global count of loss tokens.
+    tf_config.finalize_model_grads_func = finalize_model_grads
+    tf_config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(cfg: JobConfig, ddp_model, tf_config: TransformerConfig):
+    o, t = cfg.optimizer, cfg.trainer
+    opt_config = MegatronOptimizerConfig(
+        optimizer="adam",  # megatron's "adam" is AdamW (decoupled weight decay)
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_eps=o.eps,
+        clip_grad=o.clip_grad,
+        bf16=tf_config.bf16,
+        params_dtype=tf_config.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    warmup = int(round(o.warmup_fraction * t.train_steps))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=t.train_steps,  # scheduler steps count optimizer steps, not samples
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=t.train_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
