@@ -45,6 +45,7 @@ class TrainState:
     step: int = 0
     data: dict = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)  # per-step training losses so far
+    grad_norms: list[float] = field(default_factory=list)  # per-step global grad norms
     wall_time_s: float = 0.0  # training time accumulated over earlier (interrupted) runs
 
 
@@ -120,6 +121,7 @@ def save_checkpoint(
         "step": state.step,
         "data": state.data,
         "losses": list(state.losses),
+        "grad_norms": list(state.grad_norms),
         "wall_time_s": state.wall_time_s,
         "world_size": ps.world_size,
     }
@@ -143,6 +145,7 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@torch.no_grad()  # in-place copies into parameters (and fp32 main-param views of them)
 def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG, data position and step from ``path``."""
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -161,10 +164,15 @@ def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) 
     _set_rng_state(loaded["rng"])
     ts = common["train_state"]
     return TrainState(
-        step=ts["step"], data=ts["data"], losses=ts["losses"], wall_time_s=ts["wall_time_s"]
+        step=ts["step"],
+        data=ts["data"],
+        losses=ts["losses"],
+        grad_norms=ts["grad_norms"],
+        wall_time_s=ts["wall_time_s"],
     )
 
 
+@torch.no_grad()
 def load_weights(path: str | os.PathLike, model) -> None:
     """Load model weights only (any parallel layout), e.g. from the previous stage."""
     path = Path(path)

@@ -1,7 +1,9 @@
 """``manifest.json``: what a stage run did, readable without torch.
 
-Written by rank 0 at every checkpoint (``status: "running"``) and at the end
-(``status: "completed"``). The next stage reads it to check that its input finished.
+Written by rank 0 at every checkpoint (``status: "running"``) and when the run ends:
+``"completed"`` (reached ``trainer.train_steps``) or ``"interrupted"`` (stopped early by
+``trainer.exit_after_steps``; a later run resumes). The next stage reads it to check that its
+input completed.
 """
 
 from __future__ import annotations

@@ -127,13 +127,13 @@ class ParallelConfig:
     sp: bool = False  # sequence parallel (needs tp > 1 to mean anything)
     cp: int = 1
     ep: int = 1  # expert parallel
-    etp: int = 1  # expert tensor parallel
+    etp: int | None = None  # expert tensor parallel; None: same as tp (megatron's default)
     pp: int = 1  # pipeline parallel: fixed at 1 for now
     moe_token_dispatcher: str = "alltoall"  # "alltoall" | "allgather"
     distributed_optimizer: bool = True
 
     def __post_init__(self) -> None:
-        _positive("parallel", tp=self.tp, cp=self.cp, ep=self.ep, etp=self.etp, pp=self.pp)
+        _positive("parallel", tp=self.tp, cp=self.cp, ep=self.ep, etp=self.expert_tp, pp=self.pp)
         if self.pp != 1:
             raise ValueError(f"parallel.pp={self.pp}: pipeline parallelism is not supported; set 1")
         if self.moe_token_dispatcher not in ("alltoall", "allgather"):
@@ -141,6 +141,10 @@ class ParallelConfig:
                 f"parallel.moe_token_dispatcher={self.moe_token_dispatcher!r}; "
                 "valid: alltoall, allgather"
             )
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.cp * self.pp)
@@ -187,6 +191,10 @@ class TrainerConfig:
     log_interval: int = 1
     save_interval: int = 0  # 0: save only at the end of the stage
     eval_iters: int = 2  # micro-batches of held-out data evaluated at the end
+    eval_at_start: bool = False  # also evaluate before the first step (checks a handoff)
+    # Stop this run (with a checkpoint) after this many steps, as a time-limited allocation
+    # would; a later run resumes. 0: run to train_steps. The LR schedule is unaffected.
+    exit_after_steps: int = 0
     seed: int = 1234
     precision: str = "bf16"  # "bf16" | "fp32"
 
@@ -199,8 +207,11 @@ class TrainerConfig:
             seq_length=self.seq_length,
             log_interval=self.log_interval,
         )
-        if self.save_interval < 0 or self.eval_iters < 0:
-            raise ValueError("trainer.save_interval and trainer.eval_iters must be >= 0")
+        if self.save_interval < 0 or self.eval_iters < 0 or self.exit_after_steps < 0:
+            raise ValueError(
+                "trainer.save_interval, trainer.eval_iters and trainer.exit_after_steps "
+                "must be >= 0"
+            )
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"trainer.precision={self.precision!r}; valid: bf16, fp32")
 

@@ -18,9 +18,9 @@ def check_layout(cfg: JobConfig, world_size: int) -> None:
             f"world size {world_size} is not divisible by tp x cp x pp = {p.tp} x {p.cp} x {p.pp}"
             f" = {model_parallel}; change the number of processes or parallel.tp/parallel.cp"
         )
-    if world_size % (p.ep * p.etp * p.pp):
+    if world_size % (p.ep * p.expert_tp * p.pp):
         raise ValueError(
-            f"world size {world_size} is not divisible by ep x etp = {p.ep} x {p.etp}; "
+            f"world size {world_size} is not divisible by ep x etp = {p.ep} x {p.expert_tp}; "
             "change parallel.ep or parallel.etp"
         )
     if cfg.model.num_query_groups % p.tp:
@@ -48,6 +48,13 @@ def check_moe(cfg: JobConfig) -> None:
     if p.tp > 1 and not p.sp:
         raise ValueError(
             f"MoE with parallel.tp={p.tp} requires sequence parallelism; set parallel.sp=true"
+        )
+    if p.ep == 1 and p.expert_tp != p.tp:
+        # megatron-core marks expert weights for expert-group reduction only when ep > 1; with
+        # ep=1 and etp < tp the TP ranks' expert replicas would never sum their gradients.
+        raise ValueError(
+            f"parallel.etp={p.expert_tp} differs from parallel.tp={p.tp} with parallel.ep=1; "
+            "set parallel.etp equal to tp (or leave it unset), or use ep > 1"
         )
     if p.tp > 1 and m.add_bias_linear:
         raise ValueError("MoE with parallel.tp > 1 does not support linear biases; "

@@ -62,7 +62,7 @@ def transformer_config(cfg: JobConfig, platform: Platform) -> TransformerConfig:
         sequence_parallel=p.sp,
         context_parallel_size=p.cp,
         expert_model_parallel_size=p.ep,
-        expert_tensor_parallel_size=p.etp,
+        expert_tensor_parallel_size=p.expert_tp,
         pipeline_model_parallel_size=p.pp,
         # CPU init draws each full weight from the CPU RNG before slicing it, so TP layouts
         # start from identical global weights; on GPU weights are initialised in place.

@@ -62,7 +62,7 @@ def init_parallel(cfg: ParallelConfig, platform: Platform, seed: int) -> Paralle
         pipeline_model_parallel_size=cfg.pp,
         context_parallel_size=cfg.cp,
         expert_model_parallel_size=cfg.ep,
-        expert_tensor_parallel_size=cfg.etp,
+        expert_tensor_parallel_size=cfg.expert_tp,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -72,7 +72,7 @@ def init_parallel(cfg: ParallelConfig, platform: Platform, seed: int) -> Paralle
         tp=cfg.tp,
         cp=cfg.cp,
         ep=cfg.ep,
-        etp=cfg.etp,
+        etp=cfg.expert_tp,
         dp=mpu.get_data_parallel_world_size(),
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),

@@ -334,6 +334,28 @@ def _host_split_sizes(tensor: Any, as_numpy: bool = False, record_stream: bool =
     return tensor
 
 
+def _restore_adam_steps(original: Any) -> Any:
+    """Wrap DistributedOptimizer.load_state_dict for the torch.optim path (no Apex/TE).
+
+    megatron-core 0.16.1 writes the saved step into every parameter state as one *shared*
+    tensor, then the dp_reshardable parameter-state copy overwrites it with the template's 0.
+    torch AdamW then restarts bias correction (and, with a shared tensor, advances it once per
+    parameter). Afterwards each parameter gets its own step tensor from its group's saved step.
+    """
+
+    def load_state_dict(self: Any, state_dict: Any) -> None:
+        original(self, state_dict)
+        for group in self.optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                if param in self.optimizer.state:
+                    self.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+
+    load_state_dict.__wrapped__ = original
+    return load_state_dict
+
+
 @dataclass(frozen=True)
 class AttributePatch:
     module: str
@@ -343,9 +365,18 @@ class AttributePatch:
     why: str
     must_exist: bool = True  # False: the name is *missing* without TE and we define it
     needle_module: str = ""  # where the needle lives, if not in ``module``
+    wraps: bool = False  # replacement(original) builds the new attribute
 
 
 ATTRIBUTE_PATCHES: tuple[AttributePatch, ...] = (
+    AttributePatch(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.load_state_dict",
+        _restore_adam_steps,
+        's["step"] = step',
+        "optimizer/distrib_optimizer.py: torch.optim path restores AdamW steps as 0 (and shared)",
+        wraps=True,
+    ),
     AttributePatch(
         "megatron.core.tensor_parallel.random",
         "_get_cuda_rng_state",
@@ -405,6 +436,15 @@ _CPU_FLOAT = "'torch.FloatTensor'"
 
 SOURCE_PATCHES: tuple[SourcePatch, ...] = (
     SourcePatch(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.state_dict",
+        'for s in inner_state_dict["state"].values()]))',
+        'for s in inner_state_dict["state"].values()])) or [0.0]',
+        "optimizer/distrib_optimizer.py: without Apex/TE (the torch.optim path, i.e. always on "
+        "CPU) state_dict() asserts one 'step' value, but a never-stepped optimizer has none; "
+        "loading a checkpoint builds its state dict on exactly such an optimizer",
+    ),
+    SourcePatch(
         "megatron.core.optimizer.clip_grads",
         "clip_grad_by_total_norm_fp32",
         _CUDA_FLOAT,
@@ -428,11 +468,17 @@ SOURCE_PATCHES: tuple[SourcePatch, ...] = (
 )
 
 
-def _resolve(module: types.ModuleType, qualname: str) -> tuple[Any, str, Any]:
+def _owner(module: types.ModuleType, qualname: str) -> tuple[Any, str]:
+    """(object that holds the attribute, attribute name) for "name" or "Class.name"."""
     owner: Any = module
     *path, name = qualname.split(".")
     for part in path:
         owner = getattr(owner, part)
+    return owner, name
+
+
+def _resolve(module: types.ModuleType, qualname: str) -> tuple[Any, str, Any]:
+    owner, name = _owner(module, qualname)
     return owner, name, inspect.getattr_static(owner, name)
 
 
@@ -491,7 +537,12 @@ def check_patches() -> list[str]:
             problems.append(f"{t.module}: no longer contains {missing}; the proxy may be stale")
     for p in ATTRIBUTE_PATCHES:
         mod = importlib.import_module(p.module)
-        original = _ORIGINALS.get((p.module, p.name), getattr(mod, p.name, _MISSING))
+        try:
+            owner, name = _owner(mod, p.name)
+        except AttributeError:
+            problems.append(f"{p.module}.{p.name}: owner is gone")
+            continue
+        original = _ORIGINALS.get((p.module, p.name), getattr(owner, name, _MISSING))
         if p.must_exist and original is _MISSING:
             problems.append(f"{p.module}.{p.name}: attribute is gone")
             continue
@@ -548,14 +599,18 @@ def apply_cpu_patches() -> PatchReport:
         report.applied.append(f"proxy {t.module}")
     for p in ATTRIBUTE_PATCHES:
         mod = importlib.import_module(p.module)
-        _ORIGINALS[(p.module, p.name)] = getattr(mod, p.name, _MISSING)
+        owner, name = _owner(mod, p.name)
+        original = getattr(owner, name, _MISSING)
+        _ORIGINALS[(p.module, p.name)] = original
         replacement = p.replacement
         if isinstance(replacement, str):
             src_module, _, attr = replacement.partition(":")
             replacement = getattr(importlib.import_module(src_module), attr)
-        setattr(mod, p.name, replacement)
-        if callable(_ORIGINALS[(p.module, p.name)]):
-            _rebind_everywhere(_ORIGINALS[(p.module, p.name)], replacement)
+        if p.wraps:
+            replacement = replacement(original)
+        setattr(owner, name, replacement)
+        if owner is mod and callable(original):
+            _rebind_everywhere(original, replacement)
         report.applied.append(f"attr {p.module}.{p.name}")
     for s in SOURCE_PATCHES:
         mod = importlib.import_module(s.module)

@@ -53,7 +53,7 @@ def resume_point(cfg: JobConfig) -> Path | None:
     return latest
 
 
-def _manifest(cfg, ps, built, state, eval_loss, status, started, resumed_from, ckpt) -> dict:
+def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt) -> dict:
     tokens_per_step = cfg.trainer.global_batch_size * cfg.trainer.seq_length
     return {
         "stage": cfg.stage.name,
@@ -63,8 +63,10 @@ def _manifest(cfg, ps, built, state, eval_loss, status, started, resumed_from, c
         "config_hash": config_hash(cfg),
         "model_fingerprint": config_hash(cfg, sections=("model",)),
         "losses": state.losses,
+        "grad_norms": state.grad_norms,
         "final_loss": state.losses[-1] if state.losses else None,
-        "eval_loss": eval_loss,
+        "eval_loss": evals.get("end"),
+        "eval_loss_at_start": evals.get("start"),
         "tokens": state.step * tokens_per_step,
         "parameters": {
             name: {"trainable": c.trainable, "frozen": c.frozen}
@@ -111,6 +113,10 @@ def run_stage(cfg: JobConfig) -> dict:
             log.info("resuming from %s", resumed_from)
             state = load_for_resume(resumed_from, built.module, optimizer, scheduler, ps)
             train_data.load_state_dict(state.data)
+        evals: dict[str, float | None] = {}
+        if cfg.trainer.eval_at_start:
+            evals["start"] = evaluate(cfg, model, eval_data)
+            log.info("eval loss at start (step %d): %s", state.step, evals["start"])
 
         out = cfg.checkpoint.output_dir
         last_ckpt = resumed_from
@@ -124,24 +130,27 @@ def run_stage(cfg: JobConfig) -> dict:
             if ps.is_main:
                 write_manifest(
                     out,
-                    _manifest(cfg, ps, built, s, None, "running", started, resumed_from, last_ckpt),
+                    _manifest(cfg, ps, built, s, evals, "running", started, resumed_from, last_ckpt),
                 )
 
         state = train(cfg, model, optimizer, scheduler, train_data, state, save)
-        eval_loss = evaluate(cfg, model, eval_data)
+        finished = state.step >= cfg.trainer.train_steps
+        if finished:
+            evals["end"] = evaluate(cfg, model, eval_data)
         if last_ckpt is None or last_ckpt.name != f"step_{state.step:07d}":
             save(state)
-        manifest = _manifest(
-            cfg, ps, built, state, eval_loss, "completed", started, resumed_from, last_ckpt
-        )
+        status = "completed" if finished else "interrupted"
+        manifest = _manifest(cfg, ps, built, state, evals, status, started, resumed_from, last_ckpt)
         if ps.is_main:
             path = write_manifest(out, manifest)
             log.info(
-                "stage %s completed: step %d, final loss %s, eval loss %s -> %s",
+                "stage %s %s: step %d/%d, final loss %s, eval loss %s -> %s",
                 cfg.stage.name,
+                status,
                 state.step,
+                cfg.trainer.train_steps,
                 manifest["final_loss"],
-                eval_loss,
+                evals.get("end"),
                 path,
             )
         return manifest

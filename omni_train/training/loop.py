@@ -43,11 +43,15 @@ def train(
     state: TrainState,
     save: Callable[[TrainState], None],
 ) -> TrainState:
-    """Run optimizer steps until ``trainer.train_steps``; ``save`` is called at save intervals."""
+    """Run optimizer steps until ``trainer.train_steps`` (or ``exit_after_steps`` more steps);
+    ``save`` is called at save intervals."""
     t = cfg.trainer
+    last = t.train_steps
+    if t.exit_after_steps:
+        last = min(last, state.step + t.exit_after_steps)
     forward_backward = get_forward_backward_func()
     model.train()
-    while state.step < t.train_steps:
+    while state.step < last:
         start = time.perf_counter()
         model.zero_grad_buffer()
         optimizer.zero_grad()
@@ -68,6 +72,7 @@ def train(
         elapsed = time.perf_counter() - start
         state.step += 1
         state.losses.append(loss)
+        state.grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
         state.wall_time_s += elapsed
         state.data = data.state_dict()
         if state.step % t.log_interval == 0 or state.step == t.train_steps:
@@ -81,7 +86,7 @@ def train(
                 num_tokens / elapsed,
                 "" if update_ok else " | step skipped (non-finite gradients)",
             )
-        if t.save_interval and state.step % t.save_interval == 0 and state.step < t.train_steps:
+        if t.save_interval and state.step % t.save_interval == 0 and state.step < last:
             save(state)
     return state
 

@@ -1,0 +1,50 @@
+"""Run a stage in real processes (torchrun, gloo) and return its manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Equivalence runs: 3 exact-fp32 steps, global batch 4 in micro-batches of 2.
+EXACT = [
+    "stage=smoke",
+    "model=tiny",
+    "trainer.precision=fp32",
+    "trainer.train_steps=3",
+    "trainer.micro_batch_size=2",
+    "trainer.global_batch_size=4",
+    "trainer.save_interval=0",
+    "trainer.eval_iters=1",
+]
+
+
+def launch(nproc: int, output_dir: Path, *overrides: str, timeout: int = 600) -> dict:
+    """``torchrun --nproc-per-node nproc -m omni_train.train`` and the run's manifest.json."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "omni_train.train",
+        *overrides,
+        f"checkpoint.output_dir={output_dir}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
+    return json.loads((Path(output_dir) / "manifest.json").read_text())
+
+
+def assert_close(a: list[float], b: list[float], rtol: float, what: str) -> None:
+    assert len(a) == len(b), f"{what}: {len(a)} vs {len(b)} values"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert abs(x - y) <= rtol * abs(y), f"{what}[{i}]: {x!r} vs {y!r} (rel {abs(x-y)/abs(y):.2e})"
