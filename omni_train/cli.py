@@ -1,9 +1,9 @@
 """``omni-train``: the command-line front door.
 
-    omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
-        launches ``torchrun -m omni_train.train`` with the same overrides (same code path);
-    omni-train config [overrides]
-        prints the composed, validated config as YAML.
+omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
+    launches ``torchrun -m omni_train.train`` with the same overrides (same code path);
+omni-train config [overrides]
+    prints the composed, validated config as YAML.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def _config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="omni-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="omni-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one stage (launches torchrun)")
     run.add_argument("--nproc-per-node", type=int, default=1)

@@ -15,8 +15,12 @@ from omni_train.stage import run_stage
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
-    cfg = compose_job(overrides)
-    run_stage(cfg)
+    try:
+        cfg = compose_job(overrides)
+        run_stage(cfg)
+    except ValueError as e:  # config errors: one clear line, no traceback
+        print(f"omni-train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

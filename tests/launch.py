@@ -47,4 +47,6 @@ def launch(nproc: int, output_dir: Path, *overrides: str, timeout: int = 600) ->
 def assert_close(a: list[float], b: list[float], rtol: float, what: str) -> None:
     assert len(a) == len(b), f"{what}: {len(a)} vs {len(b)} values"
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        assert abs(x - y) <= rtol * abs(y), f"{what}[{i}]: {x!r} vs {y!r} (rel {abs(x-y)/abs(y):.2e})"
+        assert abs(x - y) <= rtol * abs(y), (
+            f"{what}[{i}]: {x!r} vs {y!r} (rel {abs(x - y) / abs(y):.2e})"
+        )

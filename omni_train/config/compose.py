@@ -13,7 +13,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from omni_train.config.schema import JobConfig
 
@@ -48,9 +50,7 @@ def _check_group_choices(overrides: list[str]) -> None:
         key, sep, value = item.partition("=")
         key = key.lstrip("+~")
         if sep and key in GROUPS and value not in available(key):
-            raise ValueError(
-                f"unknown {key} {value!r}; valid: {', '.join(available(key))}"
-            )
+            raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(available(key))}")
 
 
 def compose_job(overrides: list[str] | None = None) -> JobConfig:
@@ -58,10 +58,22 @@ def compose_job(overrides: list[str] | None = None) -> JobConfig:
     overrides = list(overrides or [])
     _check_group_choices(overrides)
     register()
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        raw = compose(config_name="config", overrides=overrides)
-    OmegaConf.resolve(raw)
-    cfg = OmegaConf.to_object(raw)
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+            raw = compose(config_name="config", overrides=overrides)
+        OmegaConf.resolve(raw)
+        cfg = OmegaConf.to_object(raw)
+    except (HydraException, OmegaConfBaseException) as e:
+        # A misspelt key or a wrong type: one line, plus where to look up the valid fields.
+        cause = e
+        while cause.__cause__ is not None and isinstance(cause.__cause__, ValueError):
+            cause = cause.__cause__
+        if isinstance(cause, ValueError) and not isinstance(cause, OmegaConfBaseException):
+            raise cause from None  # our own per-field check, already one line
+        lines = [str(e).strip().splitlines()[0]]
+        if e.__cause__ is not None and str(e.__cause__).strip():
+            lines.append(str(e.__cause__).strip().splitlines()[0])
+        raise ValueError(f"{': '.join(lines)} ('omni-train config' prints every field)") from e
     assert isinstance(cfg, JobConfig)
     return cfg
 

@@ -57,8 +57,10 @@ def check_moe(cfg: JobConfig) -> None:
             "set parallel.etp equal to tp (or leave it unset), or use ep > 1"
         )
     if p.tp > 1 and m.add_bias_linear:
-        raise ValueError("MoE with parallel.tp > 1 does not support linear biases; "
-                         "set model.add_bias_linear=false")
+        raise ValueError(
+            "MoE with parallel.tp > 1 does not support linear biases; "
+            "set model.add_bias_linear=false"
+        )
 
 
 def check_sequence(cfg: JobConfig) -> None:

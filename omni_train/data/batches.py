@@ -1,8 +1,9 @@
 """Micro-batches for one data-parallel rank, with a resumable position.
 
-Sample order: step ``k`` consumes global samples ``[k*G, (k+1)*G)`` (G = global batch); data-parallel
-rank ``r`` takes the contiguous slice ``r*G/dp ... (r+1)*G/dp`` and cuts it into micro-batches. Any
-(dp, micro-batch) layout with the same global batch therefore sees the same samples per step.
+Sample order: step ``k`` consumes global samples ``[k*G, (k+1)*G)`` (G = global batch);
+data-parallel rank ``r`` takes the contiguous slice ``r*G/dp ... (r+1)*G/dp`` and cuts it into
+micro-batches. Any (dp, micro-batch) layout with the same global batch therefore sees the same
+samples per step.
 """
 
 from __future__ import annotations

@@ -13,7 +13,11 @@ from omni_train.model.specs import lm_stack_spec
 from omni_train.parallel import ParallelState
 from omni_train.platform import Platform
 
-_ACTIVATIONS = {"squared_relu": (squared_relu, False), "gelu": (F.gelu, False), "swiglu": (F.silu, True)}
+_ACTIVATIONS = {
+    "squared_relu": (squared_relu, False),
+    "gelu": (F.gelu, False),
+    "swiglu": (F.silu, True),
+}
 
 
 def transformer_config(cfg: JobConfig, platform: Platform) -> TransformerConfig:

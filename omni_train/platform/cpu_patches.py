@@ -494,9 +494,15 @@ def _recompile(module: types.ModuleType, patch: SourcePatch) -> tuple[Any, str, 
     src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith("@"))
     # Wrap in a factory that binds ``__class__`` so zero-argument super() keeps working, and
     # compile against the module's live globals so every other name resolves as in the original.
-    factory_src = "def _factory(__class__):\n" + textwrap.indent(src, "    ") + f"\n    return {name}\n"
+    factory_src = (
+        "def _factory(__class__):\n" + textwrap.indent(src, "    ") + f"\n    return {name}\n"
+    )
     namespace: dict[str, Any] = {}
-    exec(compile(factory_src, inspect.getsourcefile(fn) or patch.module, "exec"), vars(module), namespace)
+    exec(
+        compile(factory_src, inspect.getsourcefile(fn) or patch.module, "exec"),
+        vars(module),
+        namespace,
+    )
     new_fn = namespace["_factory"](owner)
     new_fn.__qualname__ = fn.__qualname__
     new_fn.__doc__ = fn.__doc__

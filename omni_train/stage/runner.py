@@ -69,8 +69,7 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         "eval_loss_at_start": evals.get("start"),
         "tokens": state.step * tokens_per_step,
         "parameters": {
-            name: {"trainable": c.trainable, "frozen": c.frozen}
-            for name, c in built.counts.items()
+            name: {"trainable": c.trainable, "frozen": c.frozen} for name, c in built.counts.items()
         },
         "trainable_parameters": sum(c.trainable for c in built.counts.values()),
         "frozen_parameters": sum(c.frozen for c in built.counts.values()),
@@ -130,7 +129,9 @@ def run_stage(cfg: JobConfig) -> dict:
             if ps.is_main:
                 write_manifest(
                     out,
-                    _manifest(cfg, ps, built, s, evals, "running", started, resumed_from, last_ckpt),
+                    _manifest(
+                        cfg, ps, built, s, evals, "running", started, resumed_from, last_ckpt
+                    ),
                 )
 
         state = train(cfg, model, optimizer, scheduler, train_data, state, save)

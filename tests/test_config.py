@@ -1,0 +1,107 @@
+"""Config composition and validation: every invalid config fails before any process starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from omni_train.config import compose_job, validate
+
+
+def test_default_composes_and_validates():
+    cfg = compose_job([])
+    assert (cfg.stage.name, cfg.model.name) == ("smoke", "tiny")
+    assert cfg.model.num_layers == len(cfg.model.hybrid_pattern) == 5
+    assert cfg.parallel.expert_tp == cfg.parallel.tp  # etp follows tp unless set
+    assert cfg.checkpoint.output_dir == "runs/smoke"  # interpolated from the stage name
+    validate(cfg, 1)
+
+
+@pytest.mark.parametrize(
+    ("group", "name", "valid"), [("model", "nope", "tiny"), ("stage", "stage9", "smoke")]
+)
+def test_unknown_group_option_lists_valid_names(group, name, valid):
+    with pytest.raises(ValueError, match=rf"unknown {group} '{name}'; valid: .*{valid}"):
+        compose_job([f"{group}={name}"])
+
+
+# (overrides, world size, message fragment): one row per cross-field rule.
+INVALID = [
+    (["parallel.tp=2", "parallel.sp=true"], 3, "world size 3 is not divisible by tp x cp x pp"),
+    (["parallel.ep=3"], 3, "parallel.ep=3 does not divide model.num_moe_experts=4"),
+    (["parallel.ep=2"], 3, "world size 3 is not divisible by ep x etp"),
+    (
+        ["parallel.tp=2", "parallel.sp=false"],
+        2,
+        "MoE with parallel.tp=2 requires sequence parallel",
+    ),
+    (
+        ["parallel.tp=2", "parallel.sp=true", "model.add_bias_linear=true"],
+        2,
+        "does not support linear biases",
+    ),
+    (
+        ["parallel.tp=2", "parallel.sp=true", "trainer.seq_length=63"],
+        2,
+        "seq_length=63 is not divisible by parallel.tp=2 under sequence parallel",
+    ),
+    (["parallel.cp=2", "trainer.seq_length=66"], 2, "not divisible by 2 x parallel.cp = 4"),
+    (["trainer.global_batch_size=6"], 4, "global_batch_size=6 is not divisible by"),
+    (["parallel.tp=2", "parallel.sp=true", "parallel.etp=1"], 2, "parallel.etp=1 differs"),
+    (["parallel.sp=true"], 1, "parallel.sp=true needs parallel.tp > 1"),
+    (["parallel.tp=4", "parallel.sp=true"], 4, "num_query_groups=2 is not divisible"),
+    (["checkpoint.resume=true", "checkpoint.init_from=/x"], 1, "are exclusive"),
+    (
+        ["model.hybrid_pattern=*-*-", "model.num_moe_experts=0", "parallel.ep=2"],
+        2,
+        "no MoE layer",
+    ),
+    (["parallel.cp=2", "trainer.seq_length=64"], 2, "context parallelism is not implemented"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "world", "message"), INVALID)
+def test_invalid_layout_raises_specific_error(overrides, world, message):
+    cfg = compose_job(overrides)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg, world)
+
+
+PER_FIELD = [
+    ("model.hybrid_pattern=*X", "unknown symbols"),
+    ("model.num_query_groups=3", "multiple of model.num_query_groups=3"),
+    ("model.moe_router_topk=9", "exceeds model.num_moe_experts"),
+    ("parallel.pp=2", "pipeline parallelism is not supported"),
+    ("parallel.moe_token_dispatcher=flex", "moe_token_dispatcher='flex'"),
+    ("optimizer.min_lr=1.0", "min_lr=1.0 must lie in"),
+    ("optimizer.warmup_fraction=1.5", "warmup_fraction=1.5"),
+    ("trainer.precision=fp16", "precision='fp16'"),
+    ("trainer.micro_batch_size=0", "micro_batch_size must be > 0"),
+    ("checkpoint.resume=maybe", "checkpoint.resume='maybe'"),
+    ("data.kind=energon", "data.kind='energon'"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), PER_FIELD)
+def test_per_field_errors(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        compose_job([override])
+
+
+def test_misspelt_key_is_one_line_value_error():
+    with pytest.raises(
+        ValueError, match=r"Could not override 'trainer.seq_lenth'.*omni-train config"
+    ):
+        compose_job(["trainer.seq_lenth=3"])
+
+
+def test_cli_rejects_bad_layout_before_launching():
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_train", "run", "--nproc-per-node", "3", "parallel=tp2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "world size 3 is not divisible by tp x cp x pp" in proc.stderr
+    assert "torch.distributed" not in proc.stderr  # never got as far as torchrun
