@@ -22,9 +22,13 @@ def test_tp2_checkpoint_loads_at_tp1_with_identical_eval_loss(tmp_path):
     assert tp1["eval_loss_at_start"] == pytest.approx(tp2["eval_loss"], rel=1e-6)
 
 
-def test_resume_in_the_middle_equals_uninterrupted(tmp_path):
-    """2 + 2 steps (DP=2, distributed optimizer: sharded optimizer state) == 4 steps."""
-    four = [*EXACT, "trainer.train_steps=4", "parallel=single"]
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_in_the_middle_equals_uninterrupted(tmp_path, precision):
+    """2 + 2 steps (DP=2, distributed optimizer: sharded optimizer state) == 4 steps.
+
+    bf16 adds the fp32 main parameters of the mixed-precision optimizer to what must survive.
+    """
+    four = [*EXACT, "trainer.train_steps=4", "parallel=single", f"trainer.precision={precision}"]
     whole = launch(2, tmp_path / "whole", *four)
     first = launch(2, tmp_path / "split", *four, "trainer.exit_after_steps=2")
     assert first["status"] == "interrupted" and first["step"] == 2

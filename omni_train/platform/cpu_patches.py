@@ -1,18 +1,22 @@
 """Make megatron-core 0.16.1 run on a CPU-only PyTorch build (gloo backend).
 
 Megatron-core's layer, optimizer, DDP and checkpoint code is device-agnostic except for a set of
-CUDA-only calls. We patch exactly those, and only when CUDA is absent. Three mechanisms:
+CUDA-only calls and a few code paths that only run without Apex/Transformer Engine (which exist
+only for CUDA). We patch exactly those, and only when CUDA is absent. Three mechanisms:
 
 1. ``TORCH_PROXY_MODULES``: in each listed megatron module, the module-global name ``torch`` is
    replaced by :class:`CpuTorch`, a proxy that forwards everything to the real ``torch`` except
    ``torch.cuda`` (a CPU stand-in: ``current_device()`` is the CPU, streams/events/synchronize are
    no-ops, the "device RNG" is the CPU generator) and the tensor factories, whose
    ``device="cuda"`` argument is mapped to the CPU. Nothing outside these modules sees the proxy.
-2. ``ATTRIBUTE_PATCHES``: module attributes replaced by CPU equivalents (RNG state get/set, which
+2. ``ATTRIBUTE_PATCHES``: attributes replaced by CPU equivalents (RNG state get/set, which
    megatron routes through ``torch.cuda._lazy_call`` that never runs without CUDA; the MoE
-   split-size host copy; the ``te_general_gemm`` name that is undefined without Transformer Engine).
+   split-size host copy; MambaStack's hard-wired ``TENorm``; the ``te_general_gemm`` name that
+   is undefined without TE) or wrapped (the distributed optimizer's ``load_state_dict`` on the
+   torch.optim path, which restores AdamW step counts wrongly).
 3. ``SOURCE_PATCHES``: functions recompiled with one literal changed (the
-   ``x.type() == 'torch.cuda.FloatTensor'`` checks, which cannot be intercepted otherwise).
+   ``x.type() == 'torch.cuda.FloatTensor'`` checks, which cannot be intercepted otherwise, and
+   the torch.optim-path ``state_dict`` that asserts on a never-stepped optimizer).
 
 Every patch names the megatron-core location it targets. ``check_patches()`` verifies that each
 target still exists and still contains the CUDA-only call it works around; the test suite runs it,
@@ -426,13 +430,14 @@ ATTRIBUTE_PATCHES: tuple[AttributePatch, ...] = (
 class SourcePatch:
     module: str
     qualname: str  # "function" or "Class.method"
-    old: str
+    old: str  # every occurrence in the function is replaced
     new: str
     why: str
 
 
-_CUDA_FLOAT = "'torch.cuda.FloatTensor'"
-_CPU_FLOAT = "'torch.FloatTensor'"
+# Type strings: 'torch.cuda.FloatTensor' / 'torch.cuda.BFloat16Tensor' / ... -> 'torch.FloatTensor'
+_CUDA_TYPE = "'torch.cuda."
+_CPU_TYPE = "'torch."
 
 SOURCE_PATCHES: tuple[SourcePatch, ...] = (
     SourcePatch(
@@ -447,23 +452,23 @@ SOURCE_PATCHES: tuple[SourcePatch, ...] = (
     SourcePatch(
         "megatron.core.optimizer.clip_grads",
         "clip_grad_by_total_norm_fp32",
-        _CUDA_FLOAT,
-        _CPU_FLOAT,
+        _CUDA_TYPE,
+        _CPU_TYPE,
         "optimizer/clip_grads.py: assert param.grad.type() == 'torch.cuda.FloatTensor'",
     ),
     SourcePatch(
         "megatron.core.optimizer.distrib_optimizer",
         "DistributedOptimizer._build_model_and_main_param_groups",
-        _CUDA_FLOAT,
-        _CPU_FLOAT,
-        "optimizer/distrib_optimizer.py: fp32 params recognised by type() == cuda FloatTensor",
+        _CUDA_TYPE,
+        _CPU_TYPE,
+        "optimizer/distrib_optimizer.py: params sorted by type() == 'torch.cuda.*Tensor'",
     ),
     SourcePatch(
         "megatron.core.optimizer.optimizer",
         "Float16OptimizerWithFloat16Params.__init__",
-        _CUDA_FLOAT,
-        _CPU_FLOAT,
-        "optimizer/optimizer.py: fp32 params recognised by type() == cuda FloatTensor",
+        _CUDA_TYPE,
+        _CPU_TYPE,
+        "optimizer/optimizer.py: params sorted by type() == 'torch.cuda.*Tensor'",
     ),
 )
 
@@ -487,22 +492,25 @@ def _recompile(module: types.ModuleType, patch: SourcePatch) -> tuple[Any, str, 
     owner, name, attr = _resolve(module, patch.qualname)
     wrapper = type(attr) if isinstance(attr, (classmethod, staticmethod)) else None
     fn = attr.__func__ if wrapper else attr
-    src = textwrap.dedent(inspect.getsource(fn))
+    lines, first_line = inspect.getsourcelines(fn)
+    src = textwrap.dedent("".join(lines))
     if patch.old not in src:
         raise RuntimeError(f"stale CPU patch: {patch.old!r} not in {patch.module}.{patch.qualname}")
-    src = src.replace(patch.old, patch.new, 1)
-    src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith("@"))
+    src = src.replace(patch.old, patch.new)
+    # Blank the decorators (re-applied below) rather than drop them, to keep line numbers.
+    src = "\n".join("" if ln.lstrip().startswith("@") else ln for ln in src.splitlines())
     # Wrap in a factory that binds ``__class__`` so zero-argument super() keeps working, and
     # compile against the module's live globals so every other name resolves as in the original.
+    # Leading newlines make tracebacks show the original file's line numbers.
     factory_src = (
-        "def _factory(__class__):\n" + textwrap.indent(src, "    ") + f"\n    return {name}\n"
+        "\n" * (first_line - 2)
+        + "def _factory(__class__):\n"
+        + textwrap.indent(src, "    ")
+        + f"\n    return {name}\n"
     )
     namespace: dict[str, Any] = {}
-    exec(
-        compile(factory_src, inspect.getsourcefile(fn) or patch.module, "exec"),
-        vars(module),
-        namespace,
-    )
+    filename = inspect.getsourcefile(fn) or patch.module
+    exec(compile(factory_src, filename, "exec"), vars(module), namespace)
     new_fn = namespace["_factory"](owner)
     new_fn.__qualname__ = fn.__qualname__
     new_fn.__doc__ = fn.__doc__

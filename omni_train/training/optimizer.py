@@ -9,12 +9,16 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
 from omni_train.config import JobConfig
 
 
 def wrap_ddp(cfg: JobConfig, module: torch.nn.Module, tf_config: TransformerConfig):
-    """Wrap in megatron-core DDP. Frozen parameters get no gradient buffer."""
+    """Wrap in megatron-core DDP (inside Float16Module under bf16, as megatron's get_model does:
+    inputs cast to bf16, outputs back to fp32). Frozen parameters get no gradient buffer."""
+    if tf_config.bf16:
+        module = Float16Module(tf_config, module)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
