@@ -11,7 +11,7 @@ TORCH_PIN := $(shell grep '^torch==' $(CONSTRAINTS))
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup smoke test test-slow lint format lock clean
+.PHONY: setup smoke test test-slow bench lint format lock clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m slow
+
+# Parallel-layout equivalence figures (about 3 minutes on 2 cores); results in benchmarks/results/.
+bench: setup
+	$(BIN)/python benchmarks/equivalence.py
 
 lint: setup
 	$(BIN)/ruff check omni_train tests benchmarks

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from omni_train.config import compose_job
-from omni_train.stage import run_stage
+from omni_train.stage.runner import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from omni_train.stage.launch import launch_stage
 
 # Equivalence runs: 3 exact-fp32 steps, global batch 4 in micro-batches of 2.
 EXACT = [
@@ -21,27 +22,7 @@ EXACT = [
 ]
 
 
-def launch(nproc: int, output_dir: Path, *overrides: str, timeout: int = 600) -> dict:
-    """``torchrun --nproc-per-node nproc -m omni_train.train`` and the run's manifest.json."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "omni_train.train",
-        *overrides,
-        f"checkpoint.output_dir={output_dir}",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}\n"
-            f"{proc.stderr[-6000:]}"
-        )
-    return json.loads((Path(output_dir) / "manifest.json").read_text())
+launch = launch_stage  # (nproc, output_dir, *overrides) -> manifest, in real processes
 
 
 def assert_close(a: list[float], b: list[float], rtol: float, what: str) -> None:

@@ -1,5 +1,3 @@
-"""The stage runner: one stage of the curriculum, from config to checkpoint and manifest."""
-
-from omni_train.stage.runner import run_stage
-
-__all__ = ["run_stage"]
+"""The stage runner (``runner.run_stage``): one stage of the curriculum, from config to checkpoint
+and manifest; ``launch.launch_stage`` runs one in fresh processes. Nothing is imported here, so
+the light launcher does not pull in megatron-core."""

@@ -1,0 +1,38 @@
+"""Run a stage in fresh processes (torchrun, one per rank) and return its manifest.
+
+Used where one Python process drives several stage runs: tests, benchmarks, and (later) the
+curriculum command, which runs stages back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def launch_stage(nproc: int, output_dir: str | os.PathLike, *overrides: str, timeout: int = 1800):
+    """``torchrun --nproc-per-node nproc -m omni_train.train`` with ``overrides``; the run's
+    ``manifest.json`` as a dict. Raises ``RuntimeError`` with the run's output tail on failure."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "omni_train.train",
+        *overrides,
+        f"checkpoint.output_dir={output_dir}",
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: one thread each
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"stage run failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
+    return json.loads((Path(output_dir) / "manifest.json").read_text())
