@@ -3,6 +3,7 @@ for the next stage."""
 
 from omni_train.checkpoint.io import (
     TrainState,
+    check_resumable,
     find_latest,
     load_for_resume,
     load_weights,
@@ -12,6 +13,7 @@ from omni_train.checkpoint.manifest import read_manifest, write_manifest
 
 __all__ = [
     "TrainState",
+    "check_resumable",
     "find_latest",
     "load_for_resume",
     "load_weights",

@@ -145,17 +145,22 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_resumable(path: Path, world_size: int) -> None:
+    """Raise before anything is built if ``path`` cannot be resumed by ``world_size`` ranks."""
+    saved_world = dist_checkpointing.load_common_state_dict(str(path))["train_state"]["world_size"]
+    if saved_world != world_size:
+        raise ValueError(
+            f"cannot resume {path}: it was written by {saved_world} ranks, this job has "
+            f"{world_size}. Resume with the same layout, or start a new run from its weights "
+            f"with checkpoint.init_from={path} and a fresh checkpoint.output_dir"
+        )
+
+
 @torch.no_grad()  # in-place copies into parameters (and fp32 main-param views of them)
 def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG, data position and step from ``path``."""
+    check_resumable(path, ps.world_size)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    saved_world = common["train_state"]["world_size"]
-    if saved_world != ps.world_size:
-        raise ValueError(
-            f"cannot resume {path}: it was written by {saved_world} ranks, this job has "
-            f"{ps.world_size}. Resume with the same layout, or start a new run from its weights "
-            f"with checkpoint.init_from={path} and a fresh checkpoint.output_dir"
-        )
     sharded = _sharded_state(model, optimizer, ps, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
     model.load_state_dict(loaded["model"])

@@ -19,6 +19,7 @@ import torch
 from omni_train import platform as omni_platform
 from omni_train.checkpoint import (
     TrainState,
+    check_resumable,
     find_latest,
     load_for_resume,
     load_weights,
@@ -37,8 +38,11 @@ from omni_train.training.optimizer import build_optimizer, wrap_ddp
 log = get_logger()
 
 
-def resume_point(cfg: JobConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a new run (raises on contradictions)."""
+def resume_point(cfg: JobConfig, world_size: int) -> Path | None:
+    """The checkpoint to resume from, or None for a new run (raises on contradictions).
+
+    Every rank reads ``output_dir``: it must be on a filesystem all nodes share.
+    """
     latest = find_latest(cfg.checkpoint.output_dir)
     if cfg.checkpoint.resume == "true" and latest is None:
         raise ValueError(
@@ -50,6 +54,8 @@ def resume_point(cfg: JobConfig) -> Path | None:
             f"{cfg.checkpoint.output_dir} already holds {latest.name} and checkpoint.resume=false;"
             " set checkpoint.resume=auto to continue it or choose another checkpoint.output_dir"
         )
+    if latest is not None:
+        check_resumable(latest, world_size)
     return latest
 
 
@@ -91,8 +97,9 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
 def run_stage(cfg: JobConfig) -> dict:
     """Run (or resume) one stage; returns the manifest written to ``output_dir``."""
     started = time.time()
-    validate(cfg, world_size_from_env())  # before any process group or model exists
-    resumed_from = resume_point(cfg)
+    world_size = world_size_from_env()
+    validate(cfg, world_size)  # before any process group or model exists
+    resumed_from = resume_point(cfg, world_size)
     platform = omni_platform.setup()
     ps: ParallelState = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
     try:
