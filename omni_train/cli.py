@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         parser.error(f"unknown option(s) {bad}; overrides look like key=value")
+    if args.command == "run" and args.nnodes > 1 and not args.rdzv_endpoint:
+        parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address)")
     try:
         return args.func(args, overrides)
     except ValueError as e:
