@@ -160,14 +160,13 @@ def check_resumable(path: Path, world_size: int) -> None:
 def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG, data position and step from ``path``."""
     check_resumable(path, ps.world_size)
-    common = dist_checkpointing.load_common_state_dict(str(path))
     sharded = _sharded_state(model, optimizer, ps, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    loaded = dist_checkpointing.load(sharded, str(path))  # sharded entries + the common state
     model.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(common["scheduler"])
+    scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
-    ts = common["train_state"]
+    ts = loaded["train_state"]
     return TrainState(
         step=ts["step"],
         data=ts["data"],

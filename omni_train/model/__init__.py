@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +41,7 @@ def global_parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
         if param is None or item.key in seen:
             continue
         seen.add(item.key)
-        numel = 1
-        for d in item.global_shape:
-            numel *= d
+        numel = math.prod(item.global_shape)
         if param.requires_grad:
             trainable += numel
         else:

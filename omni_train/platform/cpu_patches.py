@@ -530,10 +530,6 @@ class PatchReport:
 _APPLIED: PatchReport | None = None
 
 
-def _source(module: types.ModuleType) -> str:
-    return inspect.getsource(module)
-
-
 def check_patches() -> list[str]:
     """Return a list of problems: targets that are gone or patches that are no longer needed."""
     problems: list[str] = []
@@ -543,7 +539,7 @@ def check_patches() -> list[str]:
         except ImportError as e:
             problems.append(f"{t.module}: module is gone ({e})")
             continue
-        src = _source(mod)
+        src = inspect.getsource(mod)
         if "torch" not in vars(mod):
             problems.append(f"{t.module}: has no module-global 'torch' to proxy")
         missing = [n for n in t.needles if n not in src]
@@ -563,7 +559,7 @@ def check_patches() -> list[str]:
         if not p.must_exist and original is not _MISSING and original is not None:
             problems.append(f"{p.module}.{p.name}: now defined by megatron; patch not needed")
         where = importlib.import_module(p.needle_module) if p.needle_module else mod
-        if p.needle not in _source(where):
+        if p.needle not in inspect.getsource(where):
             problems.append(f"{p.module}.{p.name}: {p.needle!r} gone; the patch may be stale")
     for s in SOURCE_PATCHES:
         mod = importlib.import_module(s.module)

@@ -17,6 +17,7 @@ from omni_train.checkpoint import TrainState
 from omni_train.config import JobConfig
 from omni_train.data import MicroBatches
 from omni_train.log import get_logger
+from omni_train.platform import detect
 from omni_train.training.forward_step import forward_step
 
 log = get_logger()
@@ -27,10 +28,11 @@ def _reduce_loss(reports: list[dict]) -> tuple[float, int]:
     total = torch.zeros(2, dtype=torch.float64)
     for report in reports:
         total += report["lm loss"].detach().to("cpu", torch.float64)
-    group = mpu.get_data_parallel_group(with_context_parallel=True)
-    device_total = total.to(torch.cuda.current_device()) if torch.cuda.is_available() else total
-    dist.all_reduce(device_total, group=group)
-    loss_sum, count = device_total.tolist()
+    # On the platform's device: NCCL needs CUDA tensors, gloo CPU ones (also when the CPU path
+    # is forced on a GPU machine with OMNI_TRAIN_PLATFORM=cpu).
+    total = total.to(detect().device)
+    dist.all_reduce(total, group=mpu.get_data_parallel_group(with_context_parallel=True))
+    loss_sum, count = total.tolist()
     return loss_sum / max(count, 1.0), int(count)
 
 
