@@ -4,6 +4,8 @@ omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
     launches ``torchrun -m omni_train.train`` with the same overrides (same code path);
 omni-train config [overrides]
     prints the composed, validated config as YAML.
+omni-train model summary model=NAME [--json]
+    parameters per component, total and active per token (meta device, no weight memory).
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def _config(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omni_train.config import compose_job
+
+    compose_job(overrides)  # a bad config fails here with one line
+    # The summary builds on the CPU platform in a fresh process (shapes are identical on both
+    # platforms); hiding CUDA keeps a GPU host from selecting the GPU path.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMNI_TRAIN_PLATFORM="cpu")
+    cmd = [sys.executable, "-m", "omni_train.model.summary", *overrides]
+    return subprocess.call(cmd + (["--json"] if args.json else []), env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="omni-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("config", help="print the composed config")
     show.add_argument("--world-size", type=int, default=0, help="also validate for this size")
     show.set_defaults(func=_config)
+    model = sub.add_parser("model", help="inspect a model config")
+    model.add_argument("action", choices=["summary"])
+    model.add_argument("--json", action="store_true", help="machine-readable output")
+    model.set_defaults(func=_model)
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:

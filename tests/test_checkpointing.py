@@ -50,7 +50,16 @@ def test_stage_manifest_rerun_and_overwrite_guard(tmp_path):
     assert m["status"] == "completed" and m["step"] == 3 and len(m["losses"]) == 3
     assert m["final_loss"] == m["losses"][-1] and m["eval_loss"] is not None
     assert m["parameters"]["llm"]["trainable"] == m["trainable_parameters"] > 0
-    assert m["frozen_parameters"] == 0
+    # the smoke stage trains the LM only: encoders and projectors are frozen, counted per part
+    encoders = [n for n in m["parameters"] if n != "llm"]
+    assert set(encoders) == {
+        "vision_encoder",
+        "vision_projector",
+        "audio_encoder",
+        "audio_projector",
+    }
+    assert all(m["parameters"][n]["trainable"] == 0 for n in encoders)
+    assert m["frozen_parameters"] == sum(m["parameters"][n]["frozen"] for n in encoders) > 0
     assert m["tokens"] == 3 * 4 * 64  # steps x global batch x sequence length
     assert len(m["config_hash"]) == 16 and m["checkpoint"].endswith("step_0000003")
     again = launch(1, tmp_path, *EXACT, "parallel=single")

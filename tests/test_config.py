@@ -11,7 +11,15 @@ from omni_train.config import compose_job, validate
 def test_default_composes_and_validates():
     cfg = compose_job([])
     assert (cfg.stage.name, cfg.model.name) == ("smoke", "tiny")
-    assert cfg.model.num_layers == len(cfg.model.hybrid_pattern) == 5
+    assert cfg.model.num_layers == len(cfg.model.hybrid_pattern) == 6
+    assert set(cfg.model.hybrid_pattern) == {"M", "*", "E", "-"}  # every layer kind
+    assert cfg.model.components == [
+        "llm",
+        "vision_encoder",
+        "vision_projector",
+        "audio_encoder",
+        "audio_projector",
+    ]
     assert cfg.parallel.expert_tp == cfg.parallel.tp  # etp follows tp unless set
     assert cfg.checkpoint.output_dir == "runs/smoke"  # interpolated from the stage name
     validate(cfg, 1)

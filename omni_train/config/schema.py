@@ -22,10 +22,151 @@ def _positive(owner: str, **values: int | float) -> None:
 
 
 @dataclass
-class ModelConfig:
-    """The language model (the encoders and projectors join in the model issue).
+class VisionConfig:
+    """The RADIO ViT vision encoder (C-RADIOv4-H in the published model).
 
-    Dimensions follow megatron-core's TransformerConfig names where one exists.
+    Images keep their aspect ratio; the data side resizes each to a patch grid with an even
+    number of rows and columns and ``min_patches <= rows*cols <= max_patches``; the 2x2 pixel
+    shuffle then makes one LM token per 2x2 patches. Video frames are paired into Conv3D
+    tubelets of ``tubelet_frames`` frames (an odd last frame is duplicated).
+    """
+
+    num_layers: int = 32
+    hidden_size: int = 1280
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 5120
+    norm_eps: float = 1e-6
+    patch_size: int = 16
+    max_image_size: int = 2048  # px per side covered by the learned CPE grid
+    num_class_tokens: int = 10  # class + register tokens per image, dropped before projection
+    min_patches: int = 1024
+    max_patches: int = 13312
+    tubelet_frames: int = 2  # 1: every frame through the 2D patch embedder
+    video_patch_budgets: list[int] = field(default_factory=lambda: [256, 512, 768, 1024])
+    init_method_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _positive(
+            "model.vision",
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            ffn_hidden_size=self.ffn_hidden_size,
+            patch_size=self.patch_size,
+            min_patches=self.min_patches,
+            max_patches=self.max_patches,
+            tubelet_frames=self.tubelet_frames,
+        )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.vision.hidden_size={self.hidden_size} must be a multiple of "
+                f"model.vision.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.max_image_size % self.patch_size:
+            raise ValueError(
+                f"model.vision.max_image_size={self.max_image_size} must be a multiple of "
+                f"model.vision.patch_size={self.patch_size}"
+            )
+        if self.min_patches > self.max_patches or self.min_patches < 4:
+            raise ValueError(
+                f"model.vision.min_patches={self.min_patches} must be >= 4 (one 2x2 shuffle "
+                f"group) and <= max_patches={self.max_patches}"
+            )
+        if self.tubelet_frames not in (1, 2):
+            raise ValueError(f"model.vision.tubelet_frames={self.tubelet_frames}; valid: 1, 2")
+        if not self.video_patch_budgets or min(self.video_patch_budgets) < 4:
+            raise ValueError(
+                f"model.vision.video_patch_budgets={self.video_patch_budgets} needs at least one "
+                "budget, each >= 4 patches"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Rows (= columns) of the learned position-embedding grid."""
+        return self.max_image_size // self.patch_size
+
+
+@dataclass
+class AudioConfig:
+    """NeMo's FastConformer encoder and mel preprocessor (Parakeet-TDT-0.6B-v2's encoder).
+
+    Field names follow NeMo's ``ConformerEncoder`` / ``AudioToMelSpectrogramPreprocessor``.
+    """
+
+    num_layers: int = 24
+    d_model: int = 1024
+    num_heads: int = 8
+    ff_expansion_factor: int = 4
+    conv_kernel_size: int = 9
+    subsampling: str = "dw_striding"
+    subsampling_factor: int = 8
+    subsampling_conv_channels: int = 256
+    self_attention_model: str = "rel_pos"
+    pos_emb_max_len: int = 5000
+    xscaling: bool = True
+    untie_biases: bool = True
+    use_bias: bool = True  # NeMo's default; set false for checkpoints trained without biases
+    conv_norm_type: str = "batch_norm"
+    dropout: float = 0.1  # NeMo applies it to the pre-encoder, attention and residual paths
+    # mel preprocessor
+    sample_rate: int = 16000
+    num_mel_bins: int = 128
+    window_size: float = 0.025
+    window_stride: float = 0.01
+    n_fft: int = 512
+    dither: float = 1e-5  # NeMo's; applied in training only
+    # a stream is cut into clips of this length; the last clip holds the remainder
+    clip_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive(
+            "model.audio",
+            num_layers=self.num_layers,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            ff_expansion_factor=self.ff_expansion_factor,
+            subsampling_conv_channels=self.subsampling_conv_channels,
+            sample_rate=self.sample_rate,
+            num_mel_bins=self.num_mel_bins,
+            clip_seconds=self.clip_seconds,
+        )
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.audio.d_model={self.d_model} must be a multiple of "
+                f"model.audio.num_heads={self.num_heads}"
+            )
+        if self.subsampling != "dw_striding" or self.subsampling_factor not in (2, 4, 8, 16):
+            raise ValueError(
+                f"model.audio.subsampling={self.subsampling!r} x{self.subsampling_factor}: "
+                "only 'dw_striding' with a factor of 2, 4, 8 or 16 is supported (the token "
+                "accounting in omni_train.data.tokens follows its length arithmetic)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.audio.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def hop_samples(self) -> int:
+        return round(self.window_stride * self.sample_rate)
+
+
+@dataclass
+class MediaTokenConfig:
+    """Placeholder token ids: one placeholder per projected media feature.
+
+    They must match the tokenizer's special tokens (the data pipeline checks that).
+    """
+
+    image: int = 10
+    video: int = 11
+    audio: int = 12
+
+
+@dataclass
+class ModelConfig:
+    """The omni model: the hybrid LM (top-level fields), encoders and projectors.
+
+    LM dimensions follow megatron-core's TransformerConfig names where one exists. ``vision``
+    and ``audio`` are optional: a model without them is a text-only LM.
     """
 
     name: str = MISSING
@@ -61,6 +202,12 @@ class ModelConfig:
     add_bias_linear: bool = False
     untie_embeddings: bool = True
     init_method_std: float = 0.02
+    # encoders and projectors (RMSNorm -> Linear -> squared ReLU -> Linear, no bias)
+    vision: VisionConfig | None = None
+    audio: AudioConfig | None = None
+    vision_projector_ffn_hidden_size: int = 0
+    audio_projector_ffn_hidden_size: int = 0
+    media_tokens: MediaTokenConfig = field(default_factory=MediaTokenConfig)
 
     def __post_init__(self) -> None:
         if self.hybrid_pattern is MISSING or self.name is MISSING:
@@ -105,7 +252,34 @@ class ModelConfig:
                 "layer; set num_moe_experts=0 or add E layers"
             )
         if "M" in self.hybrid_pattern:
-            _positive("model", mamba_num_heads=self.mamba_num_heads)
+            _positive(
+                "model",
+                mamba_num_heads=self.mamba_num_heads,
+                mamba_head_dim=self.mamba_head_dim,
+                mamba_state_dim=self.mamba_state_dim,
+                mamba_num_groups=self.mamba_num_groups,
+                mamba_conv_kernel=self.mamba_conv_kernel,
+            )
+            if self.mamba_num_heads % self.mamba_num_groups:
+                raise ValueError(
+                    f"model.mamba_num_heads={self.mamba_num_heads} must be a multiple of "
+                    f"model.mamba_num_groups={self.mamba_num_groups}"
+                )
+        for encoder, ffn in (
+            ("vision", self.vision_projector_ffn_hidden_size),
+            ("audio", self.audio_projector_ffn_hidden_size),
+        ):
+            if getattr(self, encoder) is not None and ffn <= 0:
+                raise ValueError(
+                    f"model.{encoder} is set but model.{encoder}_projector_ffn_hidden_size="
+                    f"{ffn}; give the projector's hidden size"
+                )
+        ids = [self.media_tokens.image, self.media_tokens.video, self.media_tokens.audio]
+        if len(set(ids)) != 3 or not all(0 <= i < self.vocab_size for i in ids):
+            raise ValueError(
+                f"model.media_tokens={ids} must be three distinct ids below "
+                f"model.vocab_size={self.vocab_size}"
+            )
         for name, value, valid in (
             ("activation", self.activation, ("squared_relu", "gelu", "swiglu")),
             ("normalization", self.normalization, ("RMSNorm", "LayerNorm")),
@@ -117,6 +291,16 @@ class ModelConfig:
     @property
     def num_layers(self) -> int:
         return len(self.hybrid_pattern)
+
+    @property
+    def components(self) -> list[str]:
+        """Component names this model declares, for the per-stage freezing policy."""
+        names = ["llm"]
+        if self.vision is not None:
+            names += ["vision_encoder", "vision_projector"]
+        if self.audio is not None:
+            names += ["audio_encoder", "audio_projector"]
+        return names
 
 
 @dataclass

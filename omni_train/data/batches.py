@@ -85,8 +85,10 @@ def build_data(
 ) -> tuple[MicroBatches, MicroBatches]:
     """(train, eval) micro-batch streams for this rank. Eval samples are a disjoint split."""
     t = cfg.trainer
+    media_ids = cfg.model.media_tokens
+    first_id = max(media_ids.image, media_ids.video, media_ids.audio) + 1  # text only
     make = lambda split, gbs: MicroBatches(  # noqa: E731
-        SyntheticTokens(cfg.model.vocab_size, t.seq_length, t.seed, split),
+        SyntheticTokens(cfg.model.vocab_size, t.seq_length, t.seed, split, first_id),
         micro_batch_size=t.micro_batch_size,
         global_batch_size=gbs,
         dp_size=dp_size,

@@ -1,20 +1,25 @@
-"""megatron-core module specs for the hybrid LM stack, one per platform, same parameter names.
+"""megatron-core module specs for every part of the model, one leaf set per platform.
 
-GPU: Transformer Engine layers (fused norm+linear, TE attention, TE grouped-GEMM experts) and
-mamba-ssm mixers, as megatron-core's own ``mamba_stack_spec``.
-CPU: the same megatron layer classes (TransformerLayer, MLPLayer, MoETransformerLayer,
-SelfAttention, MLP, MoELayer) with pure-PyTorch leaves from :mod:`omni_train.model.cpu_layers`.
+GPU: Transformer Engine layers (fused norm+linear, TE attention incl. THD packed sequences,
+TE grouped-GEMM experts) and mamba-ssm mixers, as megatron-core's own ``mamba_stack_spec`` and
+``get_vit_layer_with_transformer_engine_spec``.
+CPU: the same megatron layer classes (TransformerLayer, MLPLayer, MoETransformerLayer, MambaLayer,
+MambaMixer, SelfAttention, MLP, MoELayer) with pure-PyTorch leaves from ``cpu_layers`` /
+``cpu_attention`` (and the Mamba2 kernels patched in by the CPU platform). Parameter names and
+shapes are the same on both, so checkpoints move between platforms.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -26,62 +31,80 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from omni_train.config import ModelConfig
+from omni_train.model.cpu_attention import TorchDotProductAttention
 from omni_train.model.cpu_layers import TorchNorm, TorchNormColumnParallelLinear
 from omni_train.platform import Platform
 
 
-def _stack(norm_linear, row_linear, norm, core_attention, moe, mamba_layer) -> ModuleSpec:
+@dataclass(frozen=True)
+class Leaves:
+    """The platform-specific leaf modules every spec below is assembled from."""
+
+    norm_linear: type  # norm fused into a column-parallel linear (param layer_norm_weight)
+    row_linear: type
+    norm: type
+    core_attention: type  # handles packed (THD) sequences
+    use_te: bool
+
+
+def platform_leaves(platform: Platform) -> Leaves:
+    """TE leaves under CUDA (required there), pure-PyTorch leaves on the CPU platform."""
+    if platform.is_cuda and platform.has_transformer_engine:
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        return Leaves(
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+            TENorm,
+            TEDotProductAttention,
+            True,
+        )
+    if platform.is_cuda:
+        raise RuntimeError(
+            "CUDA is present but Transformer Engine is not importable; run inside an NVIDIA "
+            "PyTorch/NeMo container or install the [gpu] extra (see docs/gpu.md)"
+        )
+    return Leaves(
+        TorchNormColumnParallelLinear, RowParallelLinear, TorchNorm, TorchDotProductAttention, False
+    )
+
+
+def _attention_layer(leaves: Leaves, mask: AttnMaskType, mlp: ModuleSpec | None) -> ModuleSpec:
+    """Self-attention (norm fused into qkv), then optionally an MLP (norm fused into fc1)."""
+    with_mlp = {} if mlp is None else {"mlp": mlp, "mlp_bda": get_bias_dropout_add}
     return ModuleSpec(
-        module=MambaStack,
-        submodules=MambaStackSubmodules(
-            mamba_layer=mamba_layer,
-            attention_layer=ModuleSpec(
-                module=TransformerLayer,
-                submodules=TransformerLayerSubmodules(
-                    self_attention=ModuleSpec(
-                        module=SelfAttention,
-                        params={"attn_mask_type": AttnMaskType.causal},
-                        submodules=SelfAttentionSubmodules(
-                            linear_qkv=norm_linear,
-                            core_attention=core_attention,
-                            linear_proj=row_linear,
-                        ),
-                    ),
-                    self_attn_bda=get_bias_dropout_add,
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=leaves.norm_linear,
+                    core_attention=leaves.core_attention,
+                    linear_proj=leaves.row_linear,
                 ),
             ),
-            mlp_layer=ModuleSpec(
-                module=MLPLayer,
-                submodules=TransformerLayerSubmodules(
-                    mlp=ModuleSpec(
-                        module=MLP,
-                        submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear),
-                    ),
-                    mlp_bda=get_bias_dropout_add,
-                ),
-            ),
-            moe_layer=ModuleSpec(
-                module=MoETransformerLayer,
-                submodules=TransformerLayerSubmodules(
-                    pre_mlp_layernorm=norm, mlp=moe, mlp_bda=get_bias_dropout_add
-                ),
-            ),
+            self_attn_bda=get_bias_dropout_add,
+            **with_mlp,
         ),
     )
 
 
-def gpu_stack_spec(model: ModelConfig) -> ModuleSpec:
-    """megatron-core's TE + mamba-ssm layers (requires transformer-engine and mamba-ssm)."""
-    from megatron.core.extensions.transformer_engine import (
-        TEDotProductAttention,
-        TELayerNormColumnParallelLinear,
-        TENorm,
-        TERowParallelLinear,
-    )
+def mlp_submodules(leaves: Leaves) -> MLPSubmodules:
+    """norm+fc1 (column parallel), fc2 (row parallel): dense MLPs and the projectors."""
+    return MLPSubmodules(linear_fc1=leaves.norm_linear, linear_fc2=leaves.row_linear)
 
+
+def lm_stack_spec(model: ModelConfig, leaves: Leaves) -> ModuleSpec:
+    """MambaStack with the hybrid pattern's four layer kinds."""
     mamba_layer = IdentityOp
     if "M" in model.hybrid_pattern:
-        from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+        # Imported here: MambaMixer's module pulls mamba-ssm when it is installed (GPU).
         from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 
         mamba_layer = ModuleSpec(
@@ -89,53 +112,44 @@ def gpu_stack_spec(model: ModelConfig) -> ModuleSpec:
             submodules=MambaLayerSubmodules(
                 mixer=ModuleSpec(
                     module=MambaMixer,
+                    params={"d_conv": model.mamba_conv_kernel},
                     submodules=MambaMixerSubmodules(
-                        in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear
+                        in_proj=leaves.norm_linear, out_proj=leaves.row_linear
                     ),
                 ),
                 mamba_bda=get_bias_dropout_add,
             ),
         )
     moe = get_moe_module_spec(
-        use_te=True, num_experts=max(model.num_moe_experts, 1), moe_grouped_gemm=True
+        use_te=leaves.use_te,
+        num_experts=max(model.num_moe_experts, 1),
+        moe_grouped_gemm=leaves.use_te,
     )
-    return _stack(
-        TELayerNormColumnParallelLinear,
-        TERowParallelLinear,
-        TENorm,
-        TEDotProductAttention,
-        moe,
-        mamba_layer,
-    )
-
-
-def cpu_stack_spec(model: ModelConfig) -> ModuleSpec:
-    """The same stack from megatron's local layers and our pure-PyTorch TE stand-ins."""
-    if "M" in model.hybrid_pattern:
-        raise ValueError(
-            f"model {model.name!r} has Mamba2 ('M') layers, which need the mamba-ssm kernels "
-            "(GPU); the pure-PyTorch Mamba2 mixer for the CPU platform is not built yet "
-            "(issue #3). Use a pattern of '*', '-' and 'E' on CPU."
-        )
-    moe = get_moe_module_spec(
-        use_te=False, num_experts=max(model.num_moe_experts, 1), moe_grouped_gemm=False
-    )
-    return _stack(
-        TorchNormColumnParallelLinear,
-        RowParallelLinear,
-        TorchNorm,
-        DotProductAttention,
-        moe,
-        IdentityOp,
+    dense = ModuleSpec(module=MLP, submodules=mlp_submodules(leaves))
+    return ModuleSpec(
+        module=MambaStack,
+        submodules=MambaStackSubmodules(
+            mamba_layer=mamba_layer,
+            attention_layer=_attention_layer(leaves, AttnMaskType.causal, None),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(mlp=dense, mlp_bda=get_bias_dropout_add),
+            ),
+            moe_layer=ModuleSpec(
+                module=MoETransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=leaves.norm, mlp=moe, mlp_bda=get_bias_dropout_add
+                ),
+            ),
+        ),
     )
 
 
-def lm_stack_spec(model: ModelConfig, platform: Platform) -> ModuleSpec:
-    if platform.is_cuda and platform.has_transformer_engine:
-        return gpu_stack_spec(model)
-    if platform.is_cuda:
-        raise RuntimeError(
-            "CUDA is present but Transformer Engine is not importable; run inside an NVIDIA "
-            "PyTorch/NeMo container or install the [gpu] extra (see docs/gpu.md)"
-        )
-    return cpu_stack_spec(model)
+def vit_layer_spec(leaves: Leaves) -> ModuleSpec:
+    """A pre-norm ViT block (LayerNorm fused into qkv and fc1), bidirectional attention.
+
+    Packed images are separated by ``cu_seqlens`` (TE turns ``no_mask`` into ``padding`` for
+    THD input; the CPU attention builds the block-diagonal mask).
+    """
+    mlp = ModuleSpec(module=MLP, submodules=mlp_submodules(leaves))
+    return _attention_layer(leaves, AttnMaskType.no_mask, mlp)

@@ -305,6 +305,11 @@ TORCH_PROXY_MODULES: tuple[ProxyTarget, ...] = (
         (_CUR, "torch.cuda.synchronize()"),
         "dist_checkpointing/strategies/async_utils.py: liveness flags and synchronize",
     ),
+    ProxyTarget(
+        "megatron.core.ssm.mamba_mixer",
+        (_CUR,),
+        "ssm/mamba_mixer.py: conv1d, dt_bias, A_log, D and norm allocated on current_device",
+    ),
 )
 
 
@@ -360,6 +365,14 @@ def _restore_adam_steps(original: Any) -> Any:
     return load_state_dict
 
 
+def _cpu_mamba_packing_support(for_inference_not_training: bool = True):
+    """CPU stand-in for mamba_mixer._check_mamba_sequence_packing_support: the pure-PyTorch
+    training kernels (omni_train.model.cpu_mamba) honour ``seq_idx``; inference is GPU-only."""
+    if for_inference_not_training:
+        return False, "Mamba inference with packed sequences needs the GPU kernels (mamba-ssm)"
+    return True, None
+
+
 @dataclass(frozen=True)
 class AttributePatch:
     module: str
@@ -410,6 +423,38 @@ ATTRIBUTE_PATCHES: tuple[AttributePatch, ...] = (
         "self.final_norm = TENorm(",
         "ssm/mamba_block.py: MambaStack's final norm is hard-wired to TENorm (TE only)",
     ),
+    # The Mamba2 mixer: megatron's MambaMixer class runs unchanged; only the mamba-ssm kernels
+    # it calls (which exist solely as Triton/CUDA code) become the pure-PyTorch versions.
+    AttributePatch(
+        "megatron.core.ssm.mamba_mixer",
+        "HAVE_MAMBA_SSM",
+        True,
+        "if not HAVE_MAMBA_SSM:",
+        "ssm/mamba_mixer.py: MambaMixer.__init__ raises ImportError without mamba-ssm",
+    ),
+    AttributePatch(
+        "megatron.core.ssm.mamba_mixer",
+        "mamba_split_conv1d_scan_combined",
+        "omni_train.model.cpu_mamba:mamba_split_conv1d_scan_combined",
+        "y = mamba_split_conv1d_scan_combined(",
+        "ssm/mamba_mixer.py: the fused conv1d + chunked SSD scan (Triton) of _ssm_training",
+        must_exist=False,
+    ),
+    AttributePatch(
+        "megatron.core.ssm.mamba_mixer",
+        "ExtendedRMSNorm",
+        "omni_train.model.cpu_mamba:TorchGatedRMSNorm",
+        "self.norm = ExtendedRMSNorm(",
+        "ssm/mamba_mixer.py: the gated RMSNorm subclasses mamba-ssm's Triton RMSNormGated",
+    ),
+    AttributePatch(
+        "megatron.core.ssm.mamba_mixer",
+        "_check_mamba_sequence_packing_support",
+        _cpu_mamba_packing_support,
+        "mamba_ssm >= ",
+        "ssm/mamba_mixer.py: packed sequences are gated on mamba-ssm/causal-conv1d versions; "
+        "the CPU kernels honour seq_idx",
+    ),
     AttributePatch(
         "megatron.core.transformer.moe.moe_utils",
         "te_general_gemm",
@@ -448,6 +493,16 @@ SOURCE_PATCHES: tuple[SourcePatch, ...] = (
         "optimizer/distrib_optimizer.py: without Apex/TE (the torch.optim path, i.e. always on "
         "CPU) state_dict() asserts one 'step' value, but a never-stepped optimizer has none; "
         "loading a checkpoint builds its state dict on exactly such an optimizer",
+    ),
+    SourcePatch(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.sharded_param_state_dp_reshardable",
+        "k: torch.empty(",
+        "k: torch.zeros(",
+        "optimizer/distrib_optimizer.py: the intra-bucket padding written into dp_reshardable "
+        "optimizer checkpoints is uninitialised memory; zeros make checkpoint bytes "
+        "reproducible, which the resume tests compare bit for bit (harmless on GPU too, but we "
+        "only patch the CPU platform)",
     ),
     SourcePatch(
         "megatron.core.optimizer.clip_grads",
@@ -533,6 +588,7 @@ _APPLIED: PatchReport | None = None
 def check_patches() -> list[str]:
     """Return a list of problems: targets that are gone or patches that are no longer needed."""
     problems: list[str] = []
+    _provide_triton_tensor_ops(PatchReport())  # else ssm.mamba_mixer cannot even be imported
     for t in TORCH_PROXY_MODULES:
         try:
             mod = importlib.import_module(t.module)
@@ -595,6 +651,18 @@ def _rebind_everywhere(original: Any, replacement: Any) -> list[str]:
     return rebound
 
 
+def _provide_triton_tensor_ops(report: PatchReport) -> None:
+    """Register the pure-PyTorch tensor ops under megatron's name if its Triton module cannot
+    be imported (no triton): ``ssm.mamba_mixer`` imports it at module level."""
+    from omni_train.platform import cpu_tensor_ops
+
+    try:
+        importlib.import_module(cpu_tensor_ops.MODULE)
+    except ImportError:
+        sys.modules[cpu_tensor_ops.MODULE] = cpu_tensor_ops
+        report.applied.append(f"module {cpu_tensor_ops.MODULE} (pure PyTorch)")
+
+
 def apply_cpu_patches() -> PatchReport:
     """Apply every patch once (idempotent). Never call this when CUDA is available."""
     global _APPLIED
@@ -603,6 +671,7 @@ def apply_cpu_patches() -> PatchReport:
     if torch.cuda.is_available():
         raise RuntimeError("CPU patches must not be applied when CUDA is available")
     report = PatchReport()
+    _provide_triton_tensor_ops(report)
     for t in TORCH_PROXY_MODULES:
         mod = importlib.import_module(t.module)
         mod.torch = CPU_TORCH

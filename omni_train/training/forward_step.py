@@ -29,5 +29,7 @@ def forward_step(data_iterator, model):
         position_ids=batch["position_ids"],
         attention_mask=None,  # causal masking is built into the attention layers
         labels=batch["labels"],
+        media=batch.get("media"),  # omni_train.data.media.Media, or None for text-only
+        packed_seq_params=batch.get("packed_seq_params"),
     )
     return output, partial(loss_func, batch["loss_mask"])

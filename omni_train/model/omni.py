@@ -1,0 +1,230 @@
+"""OmniModel: text embeddings with media features spliced in, through the hybrid LM.
+
+Data flow per micro-batch::
+
+    input_ids [b, s] --LM embedding--> [b, s, h]
+    images/videos --RADIO (one packed ViT pass)--> pixel shuffle --vision projector--+
+    audio --mel--> FastConformer (clips) --audio projector---------------------------+--> replace
+    the placeholder tokens in place --(SP: scatter)--> MambaStack --> per-token loss [b, s]
+
+Each encoder runs only on the media present. A trainable encoder or projector whose modality
+is absent still gets an all-zero gradient (a zero-weighted term), so every DDP bucket fills and
+the optimizer sees the same parameter set on every rank and step; no encoder compute is spent.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.mamba import MambaModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from omni_train.config import ModelConfig
+from omni_train.data import tokens
+from omni_train.data.media import Media
+
+COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
+# Named parts a stage may run in eval mode while they train (the CPE's random crop off); the
+# CPE's parameters are RadioEncoder.CPE_PARAMS.
+PARTS = ("vision_encoder.cpe",)
+
+
+def sample_index(input_ids: torch.Tensor, packed: PackedSeqParams | None) -> torch.Tensor:
+    """``[b, s]``: which sample each token belongs to (row, or packed segment)."""
+    b, s = input_ids.shape
+    if packed is None:
+        return torch.arange(b, device=input_ids.device)[:, None].expand(b, s)
+    from omni_train.model.cpu_attention import segment_ids
+
+    cu = packed.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed.cu_seqlens_q
+    return segment_ids(cu, s).unsqueeze(0)
+
+
+class OmniModel(MegatronModule):
+    """The omni model. Children are the declared components (absent encoders are ``None``)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        llm: MambaModel,
+        vision_encoder=None,
+        vision_projector: MultimodalProjector | None = None,
+        audio_encoder=None,
+        audio_projector: MultimodalProjector | None = None,
+    ):
+        super().__init__(config=llm.config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.cfg = model_cfg
+        self.llm = llm
+        self.vision_encoder = vision_encoder
+        self.vision_projector = vision_projector
+        self.audio_encoder = audio_encoder
+        self.audio_projector = audio_projector
+
+    # ---- components -------------------------------------------------------------------------
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {n: getattr(self, n) for n in COMPONENTS if getattr(self, n) is not None}
+
+    def set_eval_parts(self, parts: list[str]) -> None:
+        """Run the named parts in eval mode (e.g. ``vision_encoder.cpe``) even while training."""
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown model parts {unknown}; this model declares {list(PARTS)}")
+        if self.vision_encoder is not None:
+            self.vision_encoder.cpe_eval = "vision_encoder.cpe" in parts
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.llm.set_input_tensor(input_tensor)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def _check_counts(
+        self,
+        modality: str,
+        token_id: int,
+        owners: list[int],
+        expected: list[int],
+        ids,
+        where,
+        media,
+    ) -> torch.Tensor:
+        """Placeholder count per sample must equal the features its media items yield."""
+        mask = ids == token_id
+        num_samples = int(where.max()) + 1 if where.numel() else 0
+        have = torch.bincount(where[mask], minlength=num_samples).tolist()
+        want = [0] * max(num_samples, max(owners, default=-1) + 1)
+        for owner, n in zip(owners, expected, strict=True):
+            want[owner] += n
+        have += [0] * (len(want) - len(have))
+        for sample, (h, w) in enumerate(zip(have, want, strict=True)):
+            if h != w:
+                raise ValueError(
+                    f"{media.name(sample)}: {h} {modality} placeholder tokens (id {token_id}) "
+                    f"but its {modality} items yield {w} features; the token stream and the "
+                    "media disagree (see omni_train.data.tokens)"
+                )
+        return mask
+
+    def _vision_features(self, media: Media, ids, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        enc, p = self.vision_encoder, self.cfg.vision.patch_size
+        img_n = [tokens.grid_tokens(x.shape[-2] // p, x.shape[-1] // p) for x in media.images]
+        vid_n = [
+            tokens.video_groups(v.shape[0], enc.tubelet_frames > 1, enc.tubelet_frames)
+            * tokens.grid_tokens(v.shape[-2] // p, v.shape[-1] // p)
+            for v in media.videos
+        ]
+        t = self.cfg.media_tokens
+        img_mask = self._check_counts(
+            "image", t.image, media.image_sample, img_n, ids, where, media
+        )
+        vid_mask = self._check_counts(
+            "video", t.video, media.video_sample, vid_n, ids, where, media
+        )
+        images, videos = enc.encode(media.images, media.videos)
+        out = []
+        for mask, feats, counts in ((img_mask, images, img_n), (vid_mask, videos, vid_n)):
+            if feats:
+                _assert_counts(feats, counts, "vision")
+                projected = self.vision_projector(torch.cat(feats).unsqueeze(1)).squeeze(1)
+                out.append((mask, projected))
+        return out
+
+    def _audio_features(self, media: Media, ids, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        counts = [tokens.audio_tokens_for_samples(a.shape[0], self.cfg.audio) for a in media.audio]
+        t = self.cfg.media_tokens
+        mask = self._check_counts("audio", t.audio, media.audio_sample, counts, ids, where, media)
+        feats = self.audio_encoder(media.audio)
+        _assert_counts(feats, counts, "audio")
+        return [(mask, self.audio_projector(torch.cat(feats).unsqueeze(1)).squeeze(1))]
+
+    def embed(
+        self, input_ids: torch.Tensor, media: Media | None, packed: PackedSeqParams | None
+    ) -> torch.Tensor:
+        """``input_ids`` ``[b, s]`` -> decoder input ``[s, b, h]`` (``[s/tp, b, h]`` under SP)."""
+        emb = self.llm.embedding(input_ids=input_ids, position_ids=None).transpose(0, 1)
+        media = media or Media()
+        where = sample_index(input_ids, packed)
+        ids = self.cfg.media_tokens
+        spliced: list[tuple[torch.Tensor, torch.Tensor]] = []
+        unused = []
+        if media.images or media.videos:
+            self._require("vision_encoder", "image/video")
+            spliced += self._vision_features(media, input_ids, where)
+        else:  # no vision media: a stray placeholder is still an error
+            for modality in ("image", "video"):
+                tid = getattr(ids, modality)
+                self._check_counts(modality, tid, [], [], input_ids, where, media)
+            unused += [self.vision_encoder, self.vision_projector]
+        if media.audio:
+            self._require("audio_encoder", "audio")
+            spliced += self._audio_features(media, input_ids, where)
+        else:
+            self._check_counts("audio", ids.audio, [], [], input_ids, where, media)
+            unused += [self.audio_encoder, self.audio_projector]
+        for mask, feats in spliced:
+            emb = emb.masked_scatter(mask.unsqueeze(-1), feats.to(emb.dtype))
+        zero = _zero_touch(unused)
+        if zero is not None:
+            emb = emb + zero.to(emb.dtype)
+        emb = emb.transpose(0, 1).contiguous()  # [s, b, h]
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    def _require(self, component: str, modality: str) -> None:
+        if getattr(self, component) is None:
+            raise ValueError(
+                f"the batch has {modality} media but model {self.cfg.name!r} has no {component}"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        media: Media | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
+        """Per-token loss ``[b, s]`` if ``labels`` are given, else logits ``[b, s, V/tp]``
+        (``V`` with ``runtime_gather_output``). Packed input: ``b = 1`` with
+        ``packed_seq_params`` (THD, ``cu_seqlens`` over the ``s`` tokens)."""
+        decoder_input = self.embed(input_ids, media, packed_seq_params)
+        return self.llm(
+            input_ids=None,
+            position_ids=None,
+            attention_mask=None,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+            runtime_gather_output=runtime_gather_output,
+        )
+
+
+def _assert_counts(feats: list[torch.Tensor], counts: list[int], what: str) -> None:
+    got = [f.shape[0] for f in feats]
+    if got != counts:
+        raise RuntimeError(
+            f"{what} encoder produced {got} features per item but token accounting expects "
+            f"{counts}; omni_train.data.tokens is out of step with the encoder"
+        )
+
+
+def _zero_touch(modules: list[torch.nn.Module | None]) -> torch.Tensor | None:
+    """A zero that depends on every trainable parameter of ``modules`` (one element each)."""
+    terms = [
+        p.reshape(-1)[0].float()
+        for m in modules
+        if m is not None
+        for p in m.parameters()
+        if p.requires_grad
+    ]
+    return torch.stack(terms).sum() * 0.0 if terms else None

@@ -1,0 +1,120 @@
+"""``omni-train model summary``: parameters per component, built on the meta device.
+
+The model is built in one process on the CPU platform (parameter names and shapes are the same on
+both platforms), with every parameter moved to the meta device the moment a module registers it
+and weight initialisation skipped, so a 33B-parameter model is summarised without allocating its
+weights. Counts are global (tensor parallel 1), each shared tensor once.
+
+Active parameters per token: everything an LM token passes through — all LM parameters except
+the input-embedding table (a lookup, not compute) and the routed experts it is not sent to
+(``top_k / num_experts`` of them are used). Encoders and projectors run per media item, not per
+token, and are listed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+
+import torch
+
+_ROUTED_EXPERT = ".mlp.experts."  # megatron: routed experts; shared experts are .shared_experts.
+_INPUT_EMBEDDING = "llm.embedding.word_embeddings.weight"
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block moves to the meta device at once.
+
+    Weights are created by ``torch.empty`` (untouched pages) and replaced before anything
+    writes them; code that needs real scalars during construction (NeMo computes lengths
+    with ``.item()``) still works, which a global meta-device context would break.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summarize(overrides: list[str]) -> dict:
+    """Build ``model=...`` on meta and count. Runs in a fresh single-process world."""
+    os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from omni_train.config import compose_job
+    from omni_train.model.build import build_omni_model
+    from omni_train.model.specs import platform_leaves
+    from omni_train.parallel.state import destroy_parallel, init_parallel
+    from omni_train.platform import setup
+
+    cfg = compose_job([*overrides, "parallel=single", "trainer.precision=fp32"])
+    platform = setup()
+    ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
+    try:
+        with parameters_on_meta():
+            model, _ = build_omni_model(cfg, ps, platform, platform_leaves(platform), init=False)
+    finally:
+        destroy_parallel()
+    per_component: dict[str, int] = {name: 0 for name in model.components()}
+    active = 0
+    m = cfg.model
+    for name, param in model.named_parameters():  # named_parameters() yields shared ones once
+        if param.device.type != "meta":
+            raise RuntimeError(f"{name} was allocated ({param.device}); the summary must not")
+        n = param.numel()
+        component = name.split(".", 1)[0]
+        per_component[component] += n
+        if component != "llm" or name == _INPUT_EMBEDDING:
+            continue
+        if _ROUTED_EXPERT in name:
+            active += n * m.moe_router_topk / m.num_moe_experts
+        else:
+            active += n
+    return {
+        "model": m.name,
+        "components": per_component,
+        "total": sum(per_component.values()),
+        "active_per_token": round(active),
+        "layers": {symbol: m.hybrid_pattern.count(symbol) for symbol in "M*-E"},
+    }
+
+
+def format_table(summary: dict) -> str:
+    rows = [(name, n) for name, n in summary["components"].items()]
+    rows += [("total", summary["total"]), ("active per LM token", summary["active_per_token"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"model {summary['model']}  layers {summary['layers']}"]
+    lines += [f"{name:<{width}}  {n:>16,}  {n / 1e9:8.3f} B" for name, n in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omni-train model summary")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args, overrides = parser.parse_known_args(argv)
+    summary = summarize(overrides)
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

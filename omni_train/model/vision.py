@@ -1,0 +1,185 @@
+"""The RADIO vision encoder: megatron-core's ``RADIOViTModel`` extended for omni training.
+
+megatron-core's class already has what a RADIO checkpoint holds — the patch embedder, the
+cropped position embedding (CPE) grid for up to ``max_image_size`` px, class/register tokens and
+the ViT blocks — but runs one batch of equally sized images. :class:`RadioEncoder` keeps its
+parameters and pos-embedding code and adds, without forking it:
+
+- dynamic resolution: a list of images of different sizes is patchified per image and run
+  through the ViT blocks as one packed (THD) sequence with per-image attention boundaries;
+- a Conv3D tubelet embedder for video (``tubelet_frames`` frames x 16 x 16 px per patch; an odd
+  last frame is duplicated), feeding the same ViT blocks;
+- the 2x2 pixel shuffle (space-to-depth) after the ViT: 4x fewer tokens, 4x the channels;
+- ``cpe_eval``: the CPE's training-time random crop can be switched off while the rest trains.
+
+The tubelet embedder is a linear layer over ``(t, c, 16, 16)`` patches, which is exactly a
+Conv3d with kernel = stride = (t, 16, 16) (megatron's 2D embedder is the same linear form of a
+Conv2d). It starts as the image embedder inflated over time (each frame's slice = weight / t),
+so a static video initially embeds like the image; pretrained RADIO has no video embedder.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.vision.radio import RADIOViTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from omni_train.config.schema import VisionConfig
+
+
+def pixel_shuffle(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """2x2 space-to-depth of one image's patch features.
+
+    ``x``: ``[rows*cols, c]`` in row-major patch order -> ``[(rows/2)*(cols/2), 4c]``. For a
+    square grid it equals megatron's ``llava_model.pixel_shuffle(version=2)`` (the layout
+    published checkpoints were trained with); this form also takes rectangular grids.
+    """
+    c = x.shape[-1]
+    x = x.reshape(1, rows, cols // 2, 2 * c)
+    x = x.permute(0, 2, 1, 3).reshape(1, cols // 2, rows // 2, 4 * c)
+    return x.permute(0, 2, 1, 3).reshape((rows // 2) * (cols // 2), 4 * c)
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, int, int]:
+    """``pixels`` ``[t, 3, H, W]`` (t frames fused into one tubelet) -> ``[rows*cols, t*3*p*p]``
+    in row-major patch order, plus (rows, cols). H and W must be multiples of ``2*patch``."""
+    t, c, h, w = pixels.shape
+    if h % (2 * patch) or w % (2 * patch):
+        raise ValueError(
+            f"image of {w}x{h} px: width and height must be multiples of {2 * patch} (an even "
+            f"grid of {patch} px patches for the 2x2 pixel shuffle); resize it in the data "
+            "pipeline (omni_train.data.tokens.image_grid)"
+        )
+    rows, cols = h // patch, w // patch
+    x = pixels.reshape(t, c, rows, patch, cols, patch).permute(2, 4, 0, 1, 3, 5)
+    return x.reshape(rows * cols, t * c * patch * patch), rows, cols
+
+
+class RadioEncoder(RADIOViTModel):
+    """RADIO ViT over a packed list of images and video tubelets.
+
+    Component parts for the freezing policy: :attr:`CPE_PARAMS` (the patch generator: patch
+    and tubelet embedders, position-embedding grid, class/register tokens) and everything else.
+    """
+
+    CPE_PARAMS = ("embedder.", "video_embedder.", "position_embeddings", "class_token")
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vision: VisionConfig,
+        layer_spec: ModuleSpec,
+        norm_impl: type,
+        pg_collection=None,
+    ):
+        p = vision.patch_size
+        super().__init__(
+            config,
+            layer_spec,
+            ln_pre_impl=None,
+            ln_post_impl=norm_impl,
+            add_class_token=vision.num_class_tokens > 0,
+            class_token_len=max(vision.num_class_tokens, 1),
+            patch_dim=p,
+            img_h=32 * p,
+            img_w=32 * p,
+            max_img_h=vision.max_image_size,
+            max_img_w=vision.max_image_size,
+            has_cpe=True,
+            embedder_bias=False,
+            pg_collection=pg_collection,
+        )
+        self.num_class_tokens = vision.num_class_tokens
+        self.tubelet_frames = vision.tubelet_frames
+        self.cpe_eval = False
+        self.video_embedder = None
+        if self.tubelet_frames > 1:
+            self.video_embedder = ColumnParallelLinear(
+                input_size=self.tubelet_frames * 3 * p * p,
+                output_size=self.visual_hidden_size,
+                bias=False,
+                config=config,
+                gather_output=True,
+                init_method=lambda tensor: torch.nn.init.normal_(tensor, mean=0.0, std=1.0),
+            )
+            with torch.no_grad():
+                inflated = self.embedder.weight.repeat(1, self.tubelet_frames)
+                self.video_embedder.weight.copy_(inflated / self.tubelet_frames)
+
+    def _get_pos_embeddings(self, batch_size: int, input_dims: tuple[int, int]) -> torch.Tensor:
+        # megatron draws the CPE's random crop whenever the module is in training mode; with
+        # ``cpe_eval`` the grid is interpolated deterministically while the encoder trains.
+        if self.training and self.cpe_eval:
+            self.training = False
+            try:
+                return super()._get_pos_embeddings(batch_size, input_dims)
+            finally:
+                self.training = True
+        return super()._get_pos_embeddings(batch_size, input_dims)
+
+    def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """One image ``[1, 3, H, W]`` or tubelet ``[t, 3, H, W]`` -> ``[cls + rows*cols, h]``."""
+        patches, rows, cols = patchify(pixels, self.patch_dim)
+        embedder = self.embedder if pixels.shape[0] == 1 else self.video_embedder
+        x, _ = embedder(patches.to(self.class_token.dtype).unsqueeze(0))  # [1, n, h]
+        pos = self.get_pos_enc(1, input_size=(rows * self.patch_dim, cols * self.patch_dim))
+        x = x + pos
+        if self.add_class_token and self.num_class_tokens:
+            x = torch.cat([self.class_token.unsqueeze(0), x], dim=1)
+        return x[0], rows, cols
+
+    def tubelets(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """``frames`` ``[F, 3, H, W]`` -> groups ``[t, 3, H, W]`` (odd last frame duplicated)."""
+        t = self.tubelet_frames
+        if t == 1:
+            return [f.unsqueeze(0) for f in frames]
+        if frames.shape[0] % t:
+            pad = frames[-1:].expand(t - frames.shape[0] % t, -1, -1, -1)
+            frames = torch.cat([frames, pad])
+        return list(frames.reshape(-1, t, *frames.shape[1:]))
+
+    def encode(
+        self, images: list[torch.Tensor], videos: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Images ``[3, H_i, W_i]`` and videos ``[F_j, 3, H_j, W_j]`` (normalised pixels) ->
+        per-item features ``[tokens_i, 4*h]`` after the pixel shuffle (class tokens dropped).
+
+        Everything runs as one packed sequence: each image and each tubelet (or frame) is one
+        attention segment.
+        """
+        pieces = [img.unsqueeze(0) for img in images]
+        owners = list(range(len(images)))
+        for j, video in enumerate(videos):
+            groups = self.tubelets(video)
+            pieces += groups
+            owners += [len(images) + j] * len(groups)
+        if not pieces:
+            return [], []
+        embedded = [self._embed(p) for p in pieces]
+        lengths = [x.shape[0] for x, _, _ in embedded]
+        x = torch.cat([x for x, _, _ in embedded]).unsqueeze(1)  # [T, 1, h]
+        cu = torch.tensor([0, *lengths], device=x.device).cumsum(0).to(torch.int32)
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=max(lengths),
+            max_seqlen_kv=max(lengths),
+        )
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        x = self.decoder(x, attention_mask=None, packed_seq_params=packed)
+        if self.ln_post is not None:
+            x = self.ln_post(x)
+        x = x.squeeze(1)
+        per_item: list[list[torch.Tensor]] = [[] for _ in range(len(images) + len(videos))]
+        start = 0
+        for (_, rows, cols), owner, n in zip(embedded, owners, lengths, strict=True):
+            feats = x[start + self.num_class_tokens : start + n]
+            per_item[owner].append(pixel_shuffle(feats, rows, cols))
+            start += n
+        out = [torch.cat(parts) for parts in per_item]
+        return out[: len(images)], out[len(images) :]

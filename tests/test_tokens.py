@@ -1,0 +1,103 @@
+"""Token accounting (omni_train.data.tokens): exact counts, and agreement with the real encoders'
+arithmetic (NeMo's mel + dw_striding lengths; the ViT's patchify and pixel shuffle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omni_train.config.schema import AudioConfig
+from omni_train.data import tokens
+from omni_train.model.vision import patchify, pixel_shuffle
+
+
+@pytest.mark.parametrize(
+    ("size", "grid", "n"),
+    [
+        ((512, 512), (32, 32), 256),  # the minimum budget: 1,024 patches
+        ((256, 256), (32, 32), 256),  # upscaled to the minimum
+        ((1840, 1840), (114, 114), 3249),  # 115x115 > 13,312: the largest even square below
+        ((4000, 4000), (114, 114), 3249),
+        ((4000, 200), (12, 250), 750),  # extreme aspect ratio, within budget as is
+        ((200, 4000), (250, 12), 750),
+        ((20000, 100), (6, 1250), 1875),
+        ((1024, 768), (48, 64), 768),
+    ],
+)
+def test_image_grid_and_tokens(size, grid, n):
+    rows, cols = tokens.image_grid(*size)
+    assert (rows, cols) == grid
+    assert rows % 2 == 0 and cols % 2 == 0
+    assert tokens.MIN_PATCHES <= rows * cols <= tokens.MAX_PATCHES
+    assert tokens.image_tokens(*size) == n
+
+
+@pytest.mark.parametrize("frames", [64, 256, 63, 255, 1])
+def test_video_tokens(frames):
+    per_frame = tokens.grid_tokens(*tokens.frame_grid(512, 512, 1024))
+    assert per_frame == 256  # "a 512 x 512 frame pair gives 256 LM tokens"
+    assert tokens.video_tokens(frames, 512, 512, tubelet=False) == frames * 256
+    assert tokens.video_tokens(frames, 512, 512) == -(-frames // 2) * 256  # odd: last duplicated
+    assert tokens.video_tokens(frames, 1920, 1080, patch_budget=256) == (
+        -(-frames // 2) * tokens.grid_tokens(*tokens.frame_grid(1920, 1080, 256))
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "n"),
+    [(0.5, 7), (29.9, 374), (30.0, 375), (75.0, 375 + 375 + 188), (1200.0, 40 * 375)],
+)
+def test_audio_tokens(seconds, n):
+    assert tokens.audio_tokens(seconds) == n
+
+
+def test_audio_clips_never_padded_and_short_tail_joins():
+    sr = 16000
+    assert tokens.audio_clip_samples(10 * sr) == [10 * sr]
+    assert tokens.audio_clip_samples(75 * sr) == [30 * sr, 30 * sr, 15 * sr]
+    assert tokens.audio_clip_samples(60 * sr + 100) == [30 * sr, 30 * sr + 100]
+    with pytest.raises(ValueError, match="at least one sample"):
+        tokens.audio_clip_samples(0)
+
+
+def test_audio_accounting_equals_nemo_lengths():
+    """NeMo's own preprocessor and a small FastConformer give exactly the counted lengths."""
+    from omni_train.model.audio import build_mel_preprocessor, build_nemo_encoder
+
+    cfg = AudioConfig(num_layers=1, d_model=16, num_heads=2, subsampling_conv_channels=4)
+    mel, enc = build_mel_preprocessor(cfg).eval(), build_nemo_encoder(cfg).eval()
+    for seconds in (0.5, 0.93, 5.0, 29.9, 30.0):
+        n = round(seconds * cfg.sample_rate)
+        with torch.no_grad():
+            feats, flen = mel(input_signal=torch.randn(1, n), length=torch.tensor([n]))
+            _, olen = enc(audio_signal=feats, length=flen)
+        assert int(olen[0]) == tokens.audio_clip_tokens(n, cfg), seconds
+
+
+def test_pixel_shuffle_matches_megatron_on_square_grids_and_takes_rectangles():
+    from megatron.core.models.multimodal.llava_model import pixel_shuffle as megatron_shuffle
+
+    x = torch.randn(6 * 6, 8)
+    ours = pixel_shuffle(x, 6, 6)
+    theirs = megatron_shuffle(x.unsqueeze(0)).reshape(-1, 32)
+    assert torch.equal(ours, theirs)
+    rect = torch.arange(4 * 6 * 2, dtype=torch.float32).reshape(4 * 6, 2)
+    out = pixel_shuffle(rect, 4, 6)
+    assert out.shape == (2 * 3, 8)
+    # every input value appears exactly once
+    assert torch.equal(out.flatten().sort().values, rect.flatten())
+
+
+def test_patchify_rejects_odd_grids_and_counts_tubelet_patches():
+    patches, rows, cols = patchify(torch.randn(2, 3, 64, 96), 16)
+    assert (rows, cols) == (4, 6) and patches.shape == (24, 2 * 3 * 16 * 16)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        patchify(torch.randn(1, 3, 48, 64), 16)
+
+
+def test_image_grid_always_fits_the_budget():
+    for w in range(16, 6000, 173):
+        for h in range(16, 6000, 211):
+            rows, cols = tokens.image_grid(w, h)
+            assert rows % 2 == 0 and cols % 2 == 0, (w, h)
+            assert tokens.MIN_PATCHES <= rows * cols <= tokens.MAX_PATCHES, (w, h, rows, cols)
