@@ -113,3 +113,17 @@ def test_cli_rejects_bad_layout_before_launching():
     assert proc.returncode == 2
     assert "world size 3 is not divisible by tp x cp x pp" in proc.stderr
     assert "torch.distributed" not in proc.stderr  # never got as far as torchrun
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.mamba_num_groups=1", "model.mamba_num_groups=1 is not divisible by parallel.tp=2"),
+        ("model.vision.num_attention_heads=1", "model.vision.num_attention_heads=1"),
+        ("model.audio_projector_ffn_hidden_size=63", "model.audio_projector_ffn_hidden_size=63"),
+    ],
+)
+def test_tensor_parallel_dimensions_of_every_component_are_checked(override, message):
+    cfg = compose_job(["parallel=tp2", override])
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        validate(cfg, 2)

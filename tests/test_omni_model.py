@@ -75,3 +75,16 @@ def test_packed_three_samples_equal_one_by_one(probes):
 def test_cpe_eval_part_switches_off_the_random_crop(probes):
     assert probes[0]["cpe_random_in_train"]
     assert probes[0]["cpe_eval_part_equals_eval"]
+
+
+@pytest.mark.distributed
+def test_text_only_training_with_every_component_trainable(tmp_path):
+    """Absent modalities must not break DDP or the distributed optimizer: encoders that see no
+    media still get (zero) gradients, every rank steps the same parameter set."""
+    from launch import EXACT, launch
+
+    every = "stage.trainable=[llm,vision_encoder,vision_projector,audio_encoder,audio_projector]"
+    m = launch(2, tmp_path, *EXACT, "parallel=single", every)
+    assert m["status"] == "completed" and m["frozen_parameters"] == 0
+    assert all(loss == loss for loss in m["losses"]) and len(m["losses"]) == 3
+    assert m["parameters"]["audio_encoder"]["trainable"] > 0

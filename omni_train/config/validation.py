@@ -28,10 +28,31 @@ def check_layout(cfg: JobConfig, world_size: int) -> None:
             f"model.num_query_groups={cfg.model.num_query_groups} is not divisible by "
             f"parallel.tp={p.tp}; use a tp that divides it"
         )
+    check_tp_divides(cfg)
     if "*" not in cfg.model.hybrid_pattern and p.cp > 1:
         raise ValueError(
             f"parallel.cp={p.cp} but the layer pattern has no attention layer; set parallel.cp=1"
         )
+
+
+def check_tp_divides(cfg: JobConfig) -> None:
+    """Every tensor-parallel dimension of every component splits evenly over TP ranks."""
+    m, tp = cfg.model, cfg.parallel.tp
+    dims = {"model.num_attention_heads": m.num_attention_heads}
+    if "M" in m.hybrid_pattern:
+        dims |= {"model.mamba_num_heads": m.mamba_num_heads}
+        dims |= {"model.mamba_num_groups": m.mamba_num_groups}
+    if m.vision is not None:
+        dims |= {"model.vision.num_attention_heads": m.vision.num_attention_heads}
+        dims |= {"model.vision.ffn_hidden_size": m.vision.ffn_hidden_size}
+        dims |= {"model.vision_projector_ffn_hidden_size": m.vision_projector_ffn_hidden_size}
+    if m.audio is not None:
+        dims |= {"model.audio_projector_ffn_hidden_size": m.audio_projector_ffn_hidden_size}
+    for name, value in dims.items():
+        if value % tp:
+            raise ValueError(
+                f"{name}={value} is not divisible by parallel.tp={tp}; use a tp that divides it"
+            )
 
 
 def check_moe(cfg: JobConfig) -> None:

@@ -27,8 +27,7 @@ from omni_train.data import tokens
 from omni_train.data.media import Media
 
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
-# Named parts a stage may run in eval mode while they train (the CPE's random crop off); the
-# CPE's parameters are RadioEncoder.CPE_PARAMS.
+# Named parts a stage may run in eval mode while they train (the CPE's random crop off).
 PARTS = ("vision_encoder.cpe",)
 
 

@@ -61,11 +61,10 @@ def patchify(pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, int, int]:
 class RadioEncoder(RADIOViTModel):
     """RADIO ViT over a packed list of images and video tubelets.
 
-    Component parts for the freezing policy: :attr:`CPE_PARAMS` (the patch generator: patch
-    and tubelet embedders, position-embedding grid, class/register tokens) and everything else.
+    Its ``cpe`` part (RADIO's patch generator: the patch and tubelet embedders, the
+    position-embedding grid and the class/register tokens) can run in eval mode while it trains
+    (``cpe_eval``): the only train/eval difference in those layers is the random crop.
     """
-
-    CPE_PARAMS = ("embedder.", "video_embedder.", "position_embeddings", "class_token")
 
     def __init__(
         self,
