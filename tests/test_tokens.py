@@ -101,3 +101,12 @@ def test_image_grid_always_fits_the_budget():
             rows, cols = tokens.image_grid(w, h)
             assert rows % 2 == 0 and cols % 2 == 0, (w, h)
             assert tokens.MIN_PATCHES <= rows * cols <= tokens.MAX_PATCHES, (w, h, rows, cols)
+
+
+def test_media_items_must_come_in_sample_order():
+    from omni_train.data.media import Media
+
+    with pytest.raises(ValueError, match="image items must be in sample order"):
+        Media(images=[torch.zeros(3, 32, 32)] * 2, image_sample=[1, 0])
+    with pytest.raises(ValueError, match="2 audio streams but 1"):
+        Media(audio=[torch.zeros(10)] * 2, audio_sample=[0])

@@ -35,6 +35,11 @@ class Media:
                 raise ValueError(f"Media: {len(items)} {kind}s but {len(owners)} owners")
         if len(self.audio) != len(self.audio_sample):
             raise ValueError(f"Media: {len(self.audio)} audio streams but {len(self.audio_sample)}")
+        for kind in ("image", "video", "audio"):
+            owners = getattr(self, kind + "_sample")
+            if owners != sorted(owners):
+                # features fill placeholders in token order, so items must come sample by sample
+                raise ValueError(f"Media: {kind} items must be in sample order, got {owners}")
 
     def name(self, sample: int) -> str:
         if self.sample_names and sample < len(self.sample_names):

@@ -25,6 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from omni_train.config import ModelConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
+from omni_train.model.cpu_attention import segment_ids  # pure PyTorch; used on both platforms
 
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
 # Named parts a stage may run in eval mode while they train (the CPE's random crop off).
@@ -36,8 +37,6 @@ def sample_index(input_ids: torch.Tensor, packed: PackedSeqParams | None) -> tor
     b, s = input_ids.shape
     if packed is None:
         return torch.arange(b, device=input_ids.device)[:, None].expand(b, s)
-    from omni_train.model.cpu_attention import segment_ids
-
     cu = packed.cu_seqlens_q_padded
     if cu is None:
         cu = packed.cu_seqlens_q
