@@ -32,9 +32,11 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m slow
 
-# Parallel-layout equivalence figures (about 3 minutes on 2 cores); results in benchmarks/results/.
+# Parallel-layout equivalence and the CPU Mamba2 scan (about 5 minutes on 2 cores); results in
+# benchmarks/results/.
 bench: setup
 	$(BIN)/python benchmarks/equivalence.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mamba_scan.py --out benchmarks/results/mamba_scan_cpu.md
 
 lint: setup
 	$(BIN)/ruff check omni_train tests benchmarks

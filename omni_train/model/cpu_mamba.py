@@ -234,15 +234,21 @@ def ssd_chunk_scan(
     # 3. Inter-chunk state passing: end-state of chunk i = sum_{j<=i} exp(total decay of
     #    chunks j+1..i) * chunk_states[j], kept only if no sample boundary lies in between.
     #    This is a small c x c quadratic form rather than a loop over chunks.
-    totals = da_cs[..., -1]  # (b, c, g, r)
-    chunk_mask = torch.ones(nchunks, nchunks, dtype=torch.bool, device=x.device).tril()
+    # Inter-chunk state passing as a recurrence over chunks (linear in their number; the
+    # quadratic all-pairs form of ssd_minimal dominates the run time at long contexts on CPU):
+    # end_state[c] = chunk_state[c] + exp(total decay of c) * end_state[c - 1], where a packed
+    # sample boundary inside chunk c cuts the carried state off.
+    carry = torch.exp(da_cs[..., -1])  # (b, c, g, r)
     if seg is not None:
         end_seg = seg[..., -1]  # (b, c)
-        chunk_mask = chunk_mask & (end_seg[:, :, None] == end_seg[:, None, :])[:, None, None]
-    chunk_decay = _masked_exp(_segsum(rearrange(totals, "b c g r -> b g r c")), chunk_mask)
-    end_states = torch.einsum("bgrij,bjgrpn->bigrpn", chunk_decay, chunk_states)
-    # The state entering chunk i is the end state of chunk i - 1 (zero for the first chunk).
-    start_states = torch.cat([torch.zeros_like(end_states[:, :1]), end_states[:, :-1]], dim=1)
+        same = F.pad(end_seg[:, 1:] == end_seg[:, :-1], (1, 0), value=False)
+        carry = torch.where(same[:, :, None, None], carry, 0.0)
+    state = torch.zeros_like(chunk_states[:, 0])  # (b, g, r, p, n)
+    starts = []
+    for c in range(nchunks):
+        starts.append(state)
+        state = chunk_states[:, c] + carry[:, c, :, :, None, None] * state
+    start_states = torch.stack(starts, dim=1)  # (b, c, g, r, p, n)
 
     # 4. Inter-chunk output (off-diagonal blocks): y[t] += exp(da_cs[t]) * C_t . start_state,
     #    only for tokens still in the sample that was running when the chunk began.
