@@ -147,6 +147,7 @@ def reference(model, cfg, out: Path, result: dict) -> None:
     for what, tokens_, m in (
         ("extra_image_placeholder", bad, media),
         ("audio_without_placeholders", x[:1], Media(audio=[torch.zeros(16000)], audio_sample=[0])),
+        ("audio_too_short", x[:1], Media(audio=[torch.zeros(100)], audio_sample=[0])),
     ):
         try:
             model(tokens_, labels=y[: tokens_.shape[0]], media=m)

@@ -54,6 +54,8 @@ def test_placeholder_mismatch_names_sample_and_modality(probes):
     assert "yield 10 features" in extra
     missing = errors["audio_without_placeholders"]
     assert missing and "sample 0" in missing and "0 audio placeholder" in missing
+    short = errors["audio_too_short"]
+    assert short and "100 samples is shorter than one encoder frame" in short
 
 
 @pytest.mark.distributed

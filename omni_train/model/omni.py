@@ -135,6 +135,12 @@ class OmniModel(MegatronModule):
 
     def _audio_features(self, media: Media, ids, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
         counts = [tokens.audio_tokens_for_samples(a.shape[0], self.cfg.audio) for a in media.audio]
+        for wav, owner, n in zip(media.audio, media.audio_sample, counts, strict=True):
+            if n == 0:  # (a tail clip is never this short: it joins the previous clip)
+                raise ValueError(
+                    f"{media.name(owner)}: an audio stream of {wav.shape[0]} samples is shorter "
+                    "than one encoder frame; the data pipeline must skip it"
+                )
         t = self.cfg.media_tokens
         mask = self._check_counts("audio", t.audio, media.audio_sample, counts, ids, where, media)
         feats = self.audio_encoder(media.audio)
