@@ -148,8 +148,9 @@ def projector_transformer_config(
 def build_omni_model(
     cfg: JobConfig, ps: ParallelState, platform: Platform, leaves: Leaves, init: bool = True
 ) -> tuple[OmniModel, TransformerConfig]:
-    """All components, on the CPU (the caller moves them). ``init=False`` skips megatron's
-    weight initialisation (for meta-device builds)."""
+    """All components: megatron's on the CPU (CPU platform) or the current CUDA device, NeMo's
+    on the CPU; the caller moves the model to the platform device. ``init=False`` skips
+    megatron's weight initialisation (for meta-device builds)."""
     m = cfg.model
     tf_config = transformer_config(cfg, platform, init)
     llm = MambaModel(
