@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from omni_train.stage.launch import torchrun
 
 PROBE = Path(__file__).with_name("omni_probe.py")
 
 
 def _torchrun(nproc: int, mode: str, out: Path, *overrides: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", str(PROBE), mode, str(out), *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(nproc, str(PROBE), mode, str(out), *overrides)
     return json.loads((out / f"{mode}.json").read_text())
 
 

@@ -13,26 +13,32 @@ import sys
 from pathlib import Path
 
 
-def launch_stage(nproc: int, output_dir: str | os.PathLike, *overrides: str, timeout: int = 1800):
-    """``torchrun --nproc-per-node nproc -m omni_train.train`` with ``overrides``; the run's
-    ``manifest.json`` as a dict. Raises ``RuntimeError`` with the run's output tail on failure."""
+def torchrun(nproc: int, *target: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node nproc TARGET...`` (a script path or ``-m
+    module``, then its arguments), one thread per rank. Raises ``RuntimeError`` with the run's
+    output tail on failure."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        "-m",
-        "omni_train.train",
-        *overrides,
-        f"checkpoint.output_dir={output_dir}",
+        *target,
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: one thread each
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"stage run failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"run failed ({proc.returncode}): {' '.join(cmd)}\n"
             f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
         )
+    return proc
+
+
+def launch_stage(nproc: int, output_dir: str | os.PathLike, *overrides: str, timeout: int = 1800):
+    """``torchrun --nproc-per-node nproc -m omni_train.train`` with ``overrides``; the run's
+    ``manifest.json`` as a dict. Raises ``RuntimeError`` with the run's output tail on failure."""
+    target = ["-m", "omni_train.train", *overrides, f"checkpoint.output_dir={output_dir}"]
+    torchrun(nproc, *target, timeout=timeout)
     return json.loads((Path(output_dir) / "manifest.json").read_text())
