@@ -45,15 +45,3 @@ class Media:
         if self.sample_names and sample < len(self.sample_names):
             return f"sample {sample} ({self.sample_names[sample]!r})"
         return f"sample {sample}"
-
-    def to(self, device: torch.device) -> Media:
-        move = lambda xs: [x.to(device, non_blocking=True) for x in xs]  # noqa: E731
-        return Media(
-            move(self.images),
-            list(self.image_sample),
-            move(self.videos),
-            list(self.video_sample),
-            move(self.audio),
-            list(self.audio_sample),
-            self.sample_names,
-        )

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 
-from omni_train.config.schema import AudioConfig
+from omni_train.config.schema import AudioConfig, VisionConfig
 
-PATCH = 16
-MIN_PATCHES = 1024
-MAX_PATCHES = 13312
+_PUBLISHED = VisionConfig()  # the defaults below are the published model's, from one place
+PATCH = _PUBLISHED.patch_size
+MIN_PATCHES = _PUBLISHED.min_patches
+MAX_PATCHES = _PUBLISHED.max_patches
+TUBELET_FRAMES = _PUBLISHED.tubelet_frames
 SHUFFLE = 2  # pixel shuffle factor per side
 MIN_TAIL_SECONDS = 0.5  # the shortest audio the encoder is trained on
 
@@ -80,7 +82,9 @@ def frame_grid(width: int, height: int, patch_budget: int, *, patch: int = PATCH
     return image_grid(width, height, patch=patch, min_patches=SHUFFLE**2, max_patches=patch_budget)
 
 
-def video_groups(num_frames: int, tubelet: bool = True, tubelet_frames: int = 2) -> int:
+def video_groups(
+    num_frames: int, tubelet: bool = True, tubelet_frames: int = TUBELET_FRAMES
+) -> int:
     """Frame groups that go through the ViT: tubelets (odd last frame duplicated) or frames."""
     if num_frames <= 0:
         raise ValueError(f"a video needs at least one frame, got {num_frames}")
@@ -95,7 +99,7 @@ def video_tokens(
     *,
     patch_budget: int = 1024,
     patch: int = PATCH,
-    tubelet_frames: int = 2,
+    tubelet_frames: int = TUBELET_FRAMES,
 ) -> int:
     """LM tokens of one video's frames (media tokens only: no timestamps, no markers)."""
     rows, cols = frame_grid(width, height, patch_budget, patch=patch)
