@@ -6,6 +6,12 @@ omni-train config [overrides]
     prints the composed, validated config as YAML.
 omni-train model summary model=NAME [--json]
     parameters per component, total and active per token (meta device, no weight memory).
+omni-train data synth --out DIR --samples N --seed S
+    writes one energon dataset per synthetic category (every modality, real encoded media).
+omni-train data convert FILE.jsonl --media DIR --out DIR
+    turns JSONL conversations plus a media folder into a prepared energon dataset.
+omni-train data tokenizer --out DIR
+    rebuilds the tiny test tokenizer that ships with omni-train.
 """
 
 from __future__ import annotations
@@ -58,6 +64,32 @@ def _model(args: argparse.Namespace, overrides: list[str]) -> int:
     return subprocess.call(cmd + (["--json"] if args.json else []), env=env)
 
 
+def _data(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ValueError(f"omni-train data takes no overrides, got {overrides}")
+    from omni_train.data import prepare
+
+    if args.action == "synth":
+        counts = prepare.synthesize(args.out, args.samples, args.seed)
+        print(f"wrote {sum(counts.values())} samples in {len(counts)} datasets under {args.out}")
+    elif args.action == "convert":
+        if not args.jsonl or not args.media:
+            raise ValueError("data convert needs FILE.jsonl and --media DIR")
+        counts = prepare.convert_jsonl(
+            args.jsonl,
+            args.media,
+            args.out,
+            val_fraction=args.val_fraction,
+            samples_per_shard=args.samples_per_shard,
+        )
+        print(f"{args.out}: {counts}")
+    else:
+        from omni_train.data.tokenizer import build_tiny_tokenizer
+
+        print(build_tiny_tokenizer(args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="omni-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("action", choices=["summary"])
     model.add_argument("--json", action="store_true", help="machine-readable output")
     model.set_defaults(func=_model)
+    data = sub.add_parser("data", help="make or convert datasets")
+    data.add_argument("action", choices=["synth", "convert", "tokenizer"])
+    data.add_argument("jsonl", nargs="?", help="convert: the JSONL file")
+    data.add_argument("--out", required=True, help="output folder")
+    data.add_argument("--samples", type=int, default=64, help="synth: samples per category")
+    data.add_argument("--seed", type=int, default=0, help="synth: random seed")
+    data.add_argument("--media", help="convert: folder the JSONL's media paths are relative to")
+    data.add_argument("--val-fraction", type=float, default=0.02, help="convert: val share")
+    data.add_argument("--samples-per-shard", type=int, default=1000, help="convert")
+    data.set_defaults(func=_data)
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:

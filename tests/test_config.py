@@ -86,7 +86,10 @@ PER_FIELD = [
     ("trainer.precision=fp16", "precision='fp16'"),
     ("trainer.micro_batch_size=0", "micro_batch_size must be > 0"),
     ("checkpoint.resume=maybe", "checkpoint.resume='maybe'"),
-    ("data.kind=energon", "data.kind='energon'"),
+    ("data.kind=webdataset", "data.kind='webdataset'; valid: synthetic, energon"),
+    ("data.kind=energon", "data.kind=energon needs exactly one of data.blend"),
+    ("data.max_skip_fraction=1.5", "data.max_skip_fraction=1.5 must be in"),
+    ("data.video_fps=0", "data.video_fps must be > 0"),
 ]
 
 

@@ -43,7 +43,8 @@ class TrainState:
     """Everything besides model/optimizer tensors that a resume restores."""
 
     step: int = 0
-    data: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # data position and totals, same on every rank
+    data_rank: bytes | None = None  # this rank's loader state (energon), None if not needed
     losses: list[float] = field(default_factory=list)  # per-step training losses so far
     grad_norms: list[float] = field(default_factory=list)  # per-step global grad norms
     wall_time_s: float = 0.0  # training time accumulated over earlier (interrupted) runs
@@ -83,19 +84,22 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _rng_sharded(ps: ParallelState, value) -> ShardedObject:
-    # One RNG stream per rank: the object's global shape is the world size.
-    return ShardedObject("rng_state", value, (ps.world_size,), (ps.rank,), replica_id=0)
+def _per_rank(name: str, ps: ParallelState, value) -> ShardedObject:
+    # One object per rank (RNG streams, data loader positions): global shape = world size.
+    return ShardedObject(name, value, (ps.world_size,), (ps.rank,), replica_id=0)
 
 
-def _sharded_state(model, optimizer, ps: ParallelState, *, is_loading: bool) -> dict:
+def _sharded_state(
+    model, optimizer, ps: ParallelState, *, is_loading: bool, data_rank: bytes | None = None
+) -> dict:
     model_sd = model.sharded_state_dict()
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA
         ),
-        "rng": _rng_sharded(ps, _rng_state() if not is_loading else None),
+        "rng": _per_rank("rng_state", ps, _rng_state() if not is_loading else None),
+        "data_rank": _per_rank("data_rank_state", ps, data_rank),
     }
 
 
@@ -115,14 +119,14 @@ def save_checkpoint(
             shutil.rmtree(path)
         path.mkdir(parents=True)
     dist.barrier()
-    sharded = _sharded_state(model, optimizer, ps, is_loading=False)
+    sharded = _sharded_state(model, optimizer, ps, is_loading=False, data_rank=state.data_rank)
     sharded["scheduler"] = scheduler.state_dict()
     sharded["train_state"] = {
         "step": state.step,
         "data": state.data,
         "losses": list(state.losses),
         "grad_norms": list(state.grad_norms),
-        "wall_time_s": state.wall_time_s,
+        "wall_time_s": _on_all_ranks(state.wall_time_s),
         "world_size": ps.world_size,
     }
     dist_checkpointing.save(sharded, str(path))
@@ -135,6 +139,14 @@ def save_checkpoint(
         _prune(checkpoints_dir(output_dir), keep_last)
     dist.barrier()
     return path
+
+
+def _on_all_ranks(value):
+    """Rank 0's value: the common state must be identical on every rank, and per-rank
+    timings differ slightly."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -170,6 +182,7 @@ def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) 
     return TrainState(
         step=ts["step"],
         data=ts["data"],
+        data_rank=loaded["data_rank"],
         losses=ts["losses"],
         grad_norms=ts["grad_norms"],
         wall_time_s=ts["wall_time_s"],

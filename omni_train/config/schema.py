@@ -423,14 +423,76 @@ class CheckpointConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """A Hugging Face tokenizer folder and the spelling of the special tokens the chat
+    template uses. Each name must be one token of the tokenizer (checked at start-up)."""
+
+    path: str = "tiny"  # a local tokenizer folder, or "tiny": the test tokenizer omni-train ships
+    im_start: str = "<|im_start|>"
+    im_end: str = "<|im_end|>"
+    pad: str = "<pad>"
+    # one placeholder per projected media feature; ids must equal model.media_tokens
+    image: str = "<image>"
+    video: str = "<video>"
+    audio: str = "<audio>"
+    # markers around each placeholder run
+    image_start: str = "<img>"
+    image_end: str = "</img>"
+    video_start: str = "<vid>"
+    video_end: str = "</vid>"
+    audio_start: str = "<sound>"
+    audio_end: str = "</sound>"
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+
+
+@dataclass
 class DataConfig:
-    """Where micro-batches come from. The energon-backed omni data arrives with the data issue."""
+    """Where micro-batches come from.
+
+    ``kind: synthetic``: learnable token sequences, no files (the text-only smoke stage).
+    ``kind: energon``: conversations with media from megatron-energon datasets, chosen by
+    ``blend`` (a file in ``data_blends/``) whose ``${...}`` dataset variables are set in
+    ``paths``, or by ``path`` (one prepared energon dataset or metadataset).
+    """
 
     kind: str = "synthetic"
+    blend: str | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    # Dataset root of `omni-train data synth`; with `blend`, every blend variable not in
+    # `paths` points at the matching synthetic category under it (data_blends/synthetic.yaml).
+    synthetic_root: str | None = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    num_workers: int = 2  # decoding processes per data-parallel rank (0: in the main process)
+    shuffle_buffer_size: int = 100  # samples; 0 reads shards in order
+    max_samples_per_sequence: int = 100  # samples read in a row from one shard; 0: whole shard
+    video_fps: float = 2.0  # frames sampled per second of video
+    max_video_frames: int = 64  # more frames than this: spread evenly over the video
+    # A sample is skipped (and counted, per reason) when it cannot be used; the stage stops
+    # when the skipped share of samples read exceeds this, once `skip_check_min_samples` have
+    # been read (a few early bad samples must not stop a stage).
+    max_skip_fraction: float = 0.01
+    skip_check_min_samples: int = 200
+    eval_split: str = "val"
 
     def __post_init__(self) -> None:
-        if self.kind != "synthetic":
-            raise ValueError(f"data.kind={self.kind!r}; valid: synthetic")
+        if self.kind not in ("synthetic", "energon"):
+            raise ValueError(f"data.kind={self.kind!r}; valid: synthetic, energon")
+        if self.kind == "energon" and (self.blend is None) == (self.path is None):
+            raise ValueError(
+                "data.kind=energon needs exactly one of data.blend (a data_blends/ name) and "
+                "data.path (a prepared energon dataset or metadataset)"
+            )
+        if self.num_workers < 0 or self.shuffle_buffer_size < 0:
+            raise ValueError("data.num_workers and data.shuffle_buffer_size must be >= 0")
+        if self.max_samples_per_sequence < 0 or self.skip_check_min_samples < 0:
+            raise ValueError(
+                "data.max_samples_per_sequence and data.skip_check_min_samples must be >= 0"
+            )
+        _positive("data", video_fps=self.video_fps, max_video_frames=self.max_video_frames)
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"data.max_skip_fraction={self.max_skip_fraction} must be in [0, 1]")
 
 
 @dataclass

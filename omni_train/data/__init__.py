@@ -1,7 +1,20 @@
-"""Data: where micro-batches come from. Synthetic token sequences now; energon-backed omni data
-(and sequence packing) plug in behind the same ``MicroBatches`` interface."""
+"""Data: where micro-batches come from.
+
+Synthetic token sequences (``data.kind=synthetic``), or conversations with media read by
+megatron-energon (``data.kind=energon``): conversation -> task encoder (chat template, media
+decoding, token accounting) -> micro-batches. Both sit behind one stream interface
+(:func:`build_data`).
+"""
 
 from omni_train.data.batches import MicroBatches, build_data
+from omni_train.data.conversation import REASONS, SampleError, SkipLimitError
 from omni_train.data.synthetic import SyntheticTokens
 
-__all__ = ["MicroBatches", "SyntheticTokens", "build_data"]
+__all__ = [
+    "REASONS",
+    "MicroBatches",
+    "SampleError",
+    "SkipLimitError",
+    "SyntheticTokens",
+    "build_data",
+]

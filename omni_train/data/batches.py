@@ -70,20 +70,51 @@ class MicroBatches:
         }
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def end_step(self) -> dict:
+        """Per-step data report for the log (nothing to report for synthetic tokens)."""
+        return {}
+
+    def restart(self) -> None:
+        """Back to the first sample (evaluation reads the same samples every time)."""
+        self.consumed_samples = 0
+        self._queue = []
+
     def state_dict(self) -> dict:
+        """The data position, identical on every rank."""
         if self._queue:
             raise RuntimeError("data state taken mid-step; save only between optimizer steps")
-        return {"consumed_samples": self.consumed_samples}
+        seq = self.source.seq_length
+        return {
+            "consumed_samples": self.consumed_samples,
+            "num_samples": self.consumed_samples,
+            "num_tokens": self.consumed_samples * seq,
+        }
 
-    def load_state_dict(self, state: dict) -> None:
+    def rank_state(self) -> None:
+        """Nothing per rank: any rank can compute any sample."""
+        return None
+
+    def load_state_dict(self, state: dict, rank_state: bytes | None = None) -> None:
         self.consumed_samples = int(state["consumed_samples"])
         self._queue = []
 
 
-def build_data(
-    cfg: JobConfig, dp_size: int, dp_rank: int, device: torch.device
-) -> tuple[MicroBatches, MicroBatches]:
-    """(train, eval) micro-batch streams for this rank. Eval samples are a disjoint split."""
+def build_data(cfg: JobConfig, ps, device: torch.device):
+    """(train, eval) micro-batch streams for this rank (``ps``: the parallel state).
+
+    Both kinds share one interface: iteration yields the forward step's batch dict;
+    ``end_step()`` after every optimizer step; ``restart()`` (eval); ``state_dict()`` (global)
+    and ``rank_state()`` (per rank) for checkpoints, ``load_state_dict(state, rank_state)``.
+    """
+    if cfg.data.kind == "energon":
+        from omni_train.data.loader import build_energon_data  # imports energon
+
+        return build_energon_data(cfg, ps, device)
+    return _synthetic(cfg, ps.dp, ps.dp_rank, device)
+
+
+def _synthetic(cfg: JobConfig, dp_size: int, dp_rank: int, device: torch.device):
+    """Eval samples are a disjoint split of the synthetic token sequences."""
     t = cfg.trainer
     media_ids = cfg.model.media_tokens
     first_id = max(media_ids.image, media_ids.video, media_ids.audio) + 1  # text only

@@ -41,6 +41,18 @@ class Media:
                 # features fill placeholders in token order, so items must come sample by sample
                 raise ValueError(f"Media: {kind} items must be in sample order, got {owners}")
 
+    def to(self, device) -> Media:
+        move = lambda xs: [x.to(device, non_blocking=True) for x in xs]  # noqa: E731
+        return Media(
+            move(self.images),
+            list(self.image_sample),
+            move(self.videos),
+            list(self.video_sample),
+            move(self.audio),
+            list(self.audio_sample),
+            self.sample_names,
+        )
+
     def name(self, sample: int) -> str:
         if self.sample_names and sample < len(self.sample_names):
             return f"sample {sample} ({self.sample_names[sample]!r})"

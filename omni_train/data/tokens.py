@@ -138,3 +138,19 @@ def audio_tokens(seconds: float, audio: AudioConfig | None = None) -> int:
     """LM tokens of one audio stream of ``seconds`` (all its clips)."""
     audio = audio or AudioConfig()
     return audio_tokens_for_samples(round(seconds * audio.sample_rate), audio)
+
+
+MARKERS_PER_RUN = 2  # every placeholder run is wrapped in a start and an end marker
+
+
+def audio_token_seconds(audio: AudioConfig | None = None) -> float:
+    """Seconds of audio one encoder output token covers (80 ms for Parakeet)."""
+    audio = audio or AudioConfig()
+    return audio.subsampling_factor * audio.hop_samples / audio.sample_rate
+
+
+def sample_tokens(text_tokens: int, runs: list[int]) -> int:
+    """Whole-sample length: template and text tokens (timestamps included) plus every
+    non-empty placeholder run (one image, one video frame group, one audio chunk) with its two
+    markers. The chat template lays a sample out as exactly these pieces."""
+    return text_tokens + sum(n + MARKERS_PER_RUN for n in runs if n)

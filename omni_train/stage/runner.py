@@ -27,7 +27,7 @@ from omni_train.checkpoint import (
     write_manifest,
 )
 from omni_train.config import JobConfig, config_hash, validate
-from omni_train.data import build_data
+from omni_train.data import SkipLimitError, build_data
 from omni_train.log import get_logger
 from omni_train.model import build_model
 from omni_train.parallel import ParallelState, destroy_parallel, init_parallel
@@ -60,7 +60,7 @@ def resume_point(cfg: JobConfig, world_size: int) -> Path | None:
 
 
 def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt) -> dict:
-    tokens_per_step = cfg.trainer.global_batch_size * cfg.trainer.seq_length
+    data = state.data
     return {
         "stage": cfg.stage.name,
         "status": status,
@@ -73,7 +73,15 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         "final_loss": state.losses[-1] if state.losses else None,
         "eval_loss": evals.get("end"),
         "eval_loss_at_start": evals.get("start"),
-        "tokens": state.step * tokens_per_step,
+        "tokens": data.get("num_tokens", 0),  # real (unpadded) tokens trained on
+        "data": {
+            "kind": cfg.data.kind,
+            "blend": cfg.data.blend,
+            "num_samples": data.get("num_samples", 0),
+            "num_read": data.get("num_read", data.get("num_samples", 0)),
+            "skipped": data.get("skipped", {}),
+            "num_skipped": sum(data.get("skipped", {}).values()),
+        },
         "parameters": {
             name: {"trainable": c.trainable, "frozen": c.frozen} for name, c in built.counts.items()
         },
@@ -112,13 +120,13 @@ def run_stage(cfg: JobConfig) -> dict:
             load_weights(cfg.checkpoint.init_from, built.module)
         model = wrap_ddp(cfg, built.module, built.tf_config)
         optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
-        train_data, eval_data = build_data(cfg, ps.dp, ps.dp_rank, platform.device)
+        train_data, eval_data = build_data(cfg, ps, platform.device)
 
         state = TrainState()
         if resumed_from is not None:
             log.info("resuming from %s", resumed_from)
             state = load_for_resume(resumed_from, built.module, optimizer, scheduler, ps)
-            train_data.load_state_dict(state.data)
+            train_data.load_state_dict(state.data, state.data_rank)
         evals: dict[str, float | None] = {}
         if cfg.trainer.eval_at_start:
             evals["start"] = evaluate(cfg, model, eval_data)
@@ -141,7 +149,15 @@ def run_stage(cfg: JobConfig) -> dict:
                     ),
                 )
 
-        state = train(cfg, model, optimizer, scheduler, train_data, state, save)
+        try:
+            state = train(cfg, model, optimizer, scheduler, train_data, state, save)
+        except SkipLimitError as e:
+            state.data = train_data.state_dict()
+            if ps.is_main:
+                m = _manifest(cfg, ps, built, state, evals, "failed", started, resumed_from, None)
+                write_manifest(out, {**m, "error": str(e)})
+            log.error("stage %s stopped: %s", cfg.stage.name, e)
+            raise
         finished = state.step >= cfg.trainer.train_steps
         if finished:
             evals["end"] = evaluate(cfg, model, eval_data)

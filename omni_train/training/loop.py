@@ -15,7 +15,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from omni_train.checkpoint import TrainState
 from omni_train.config import JobConfig
-from omni_train.data import MicroBatches
 from omni_train.log import get_logger
 from omni_train.platform import detect
 from omni_train.training.forward_step import forward_step
@@ -41,7 +40,7 @@ def train(
     model,
     optimizer,
     scheduler,
-    data: MicroBatches,
+    data,
     state: TrainState,
     save: Callable[[TrainState], None],
 ) -> TrainState:
@@ -76,10 +75,11 @@ def train(
         state.losses.append(loss)
         state.grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
         state.wall_time_s += elapsed
-        state.data = data.state_dict()
+        data_report = data.end_step()  # collective; raises when too many samples were bad
+        state.data, state.data_rank = data.state_dict(), data.rank_state()
         if state.step % t.log_interval == 0 or state.step == t.train_steps:
             log.info(
-                "step %d/%d | loss %.6f | grad_norm %s | lr %.3e | tokens/s %.0f%s",
+                "step %d/%d | loss %.6f | grad_norm %s | lr %.3e | tokens/s %.0f%s%s",
                 state.step,
                 t.train_steps,
                 loss,
@@ -87,6 +87,7 @@ def train(
                 lr,
                 num_tokens / elapsed,
                 "" if update_ok else " | step skipped (non-finite gradients)",
+                "".join(f" | {k} {v}" for k, v in data_report.items()),
             )
         if t.save_interval and state.step % t.save_interval == 0 and state.step < last:
             save(state)
@@ -94,7 +95,7 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(cfg: JobConfig, model, data: MicroBatches) -> float | None:
+def evaluate(cfg: JobConfig, model, data) -> float | None:
     """Mean token loss over ``trainer.eval_iters`` held-out micro-batches per rank."""
     if cfg.trainer.eval_iters == 0:
         return None
@@ -109,5 +110,5 @@ def evaluate(cfg: JobConfig, model, data: MicroBatches) -> float | None:
         forward_only=True,
     )
     model.train()
-    data.load_state_dict({"consumed_samples": 0})  # evaluate the same samples every time
+    data.restart()  # evaluate the same samples every time
     return _reduce_loss(reports)[0]

@@ -1,0 +1,238 @@
+"""Micro-batches from megatron-energon: per data-parallel rank, resumable, with skip accounting.
+
+Each rank builds an energon savable loader over the stage's metadataset (``data.blend``, with
+its dataset variables resolved, or ``data.path``), sharded by data-parallel rank; tensor- and
+context-parallel peers of a rank read the identical stream (energon is deterministic for a
+given rank, world size and seed), as megatron's own energon examples do.
+
+Checkpoints hold two parts (:meth:`EnergonBatches.state_dict` / :meth:`rank_state`): the
+global totals (samples read, skipped per reason, tokens), identical on every rank, and each
+rank's energon loader state, so a resumed stage continues at the same sample.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.energon import (
+    WorkerConfig,
+    get_loader,
+    get_savable_loader,
+    get_train_dataset,
+    get_val_dataset,
+    reraise_exception,
+)
+
+from omni_train.config import JobConfig
+from omni_train.data import blends
+from omni_train.data.conversation import REASONS, SkipLimitError
+from omni_train.data.task_encoder import OmniBatch, OmniTaskEncoder
+from omni_train.data.tokenizer import check_media_ids, load_tokenizer
+from omni_train.log import get_logger
+
+log = get_logger()
+
+
+def metadataset_path(cfg: JobConfig) -> Path:
+    """The energon dataset or metadataset this job reads (a blend is resolved and written
+    under ``<output_dir>/data/``; identical content on every rank, written atomically)."""
+    d = cfg.data
+    if d.path is not None:
+        return Path(d.path)
+    paths = dict(d.paths)
+    if d.synthetic_root is not None:
+        synth = blends.synthetic_paths(d.blend, d.synthetic_root)
+        paths = {**{k: v for k, v in synth.items() if k not in paths}, **paths}
+    return blends.write_metadataset(d.blend, paths, Path(cfg.checkpoint.output_dir) / "data")
+
+
+def task_encoder(cfg: JobConfig, *, training: bool, pad_multiple: int) -> OmniTaskEncoder:
+    return OmniTaskEncoder(
+        tokenizer=cfg.data.tokenizer,
+        vision=cfg.model.vision,
+        audio=cfg.model.audio,
+        context_length=cfg.trainer.seq_length,
+        pad_multiple=pad_multiple,
+        video_fps=cfg.data.video_fps,
+        max_video_frames=cfg.data.max_video_frames,
+        training=training,
+        seed=cfg.trainer.seed,
+    )
+
+
+def to_device(batch: OmniBatch, device: torch.device) -> dict:
+    """The dict the forward step reads."""
+    out = {
+        k: getattr(batch, k).to(device, non_blocking=True)
+        for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
+    out["media"] = batch.media.to(device)
+    out["categories"] = list(batch.categories)  # bookkeeping; the forward step ignores it
+    return out
+
+
+class EnergonBatches:
+    """Training micro-batches of one data-parallel rank (see :class:`MicroBatches`)."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        dp_size: int,
+        dp_rank: int,
+        dp_group,
+        device: torch.device,
+        pad_multiple: int,
+    ):
+        t, d = cfg.trainer, cfg.data
+        self.cfg = cfg
+        self.device = device
+        self.dp_group = dp_group
+        self.num_microbatches = t.global_batch_size // dp_size // t.micro_batch_size
+        self.path = metadataset_path(cfg)
+        worker_config = WorkerConfig(
+            rank=dp_rank,
+            world_size=dp_size,
+            num_workers=d.num_workers,
+            seed_offset=t.seed,
+            global_error_handler=reraise_exception,  # our bad samples are SkipSample; bugs raise
+        )
+        dataset = get_train_dataset(
+            self.path,
+            split_part="train",
+            worker_config=worker_config,
+            batch_size=t.micro_batch_size,
+            shuffle_buffer_size=d.shuffle_buffer_size or None,
+            max_samples_per_sequence=d.max_samples_per_sequence or None,
+            task_encoder=task_encoder(cfg, training=True, pad_multiple=pad_multiple),
+        )
+        self.loader = get_savable_loader(dataset)
+        self._iter = None
+        self.totals = {"num_read": 0, "num_samples": 0, "num_tokens": 0, "skipped": {}}
+        self._step = Counter()  # this rank, since the last end_step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        batch: OmniBatch = next(self._iter)
+        self._step["num_read"] += batch.num_read
+        self._step["num_samples"] += len(batch.keys)
+        self._step["num_tokens"] += batch.num_real_tokens
+        for reason, n in batch.skipped.items():
+            self._step["skip:" + reason] += n
+        return to_device(batch, self.device)
+
+    def end_step(self) -> dict:
+        """Add this step's counts of all data-parallel ranks to the totals; raise
+        :class:`SkipLimitError` when the skipped share passes ``data.max_skip_fraction``.
+        Returns what the step log shows. Collective over the data-parallel group."""
+        keys = ["num_read", "num_samples", "num_tokens"] + ["skip:" + r for r in REASONS]
+        counts = torch.tensor([self._step[k] for k in keys], dtype=torch.float64)
+        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts, group=self.dp_group)
+        self._step = Counter()
+        step = dict(zip(keys, (int(c) for c in counts.tolist()), strict=True))
+        for k in ("num_read", "num_samples", "num_tokens"):
+            self.totals[k] += step[k]
+        skipped = Counter(self.totals["skipped"])
+        for r in REASONS:
+            skipped[r] += step["skip:" + r]
+        self.totals["skipped"] = {r: n for r, n in sorted(skipped.items()) if n}
+        self._check_skips()
+        new = {r: step["skip:" + r] for r in REASONS if step["skip:" + r]}
+        return {"skipped": new} if new else {}
+
+    def _check_skips(self) -> None:
+        d = self.cfg.data
+        read, skipped = self.totals["num_read"], sum(self.totals["skipped"].values())
+        if read >= max(d.skip_check_min_samples, 1) and skipped > d.max_skip_fraction * read:
+            raise SkipLimitError(
+                f"{skipped} of {read} samples read were skipped ({skipped / read:.1%}), more "
+                f"than data.max_skip_fraction={d.max_skip_fraction}: "
+                f"{self.totals['skipped']}. Fix the data (the log names every skipped "
+                "sample), or raise data.max_skip_fraction"
+            )
+
+    def state_dict(self) -> dict:
+        """Global totals (identical on every rank)."""
+        return {"num_workers": self.cfg.data.num_workers, **self.totals}
+
+    def rank_state(self) -> bytes:
+        """This rank's energon loader state (taken between optimizer steps)."""
+        return pickle.dumps(self.loader.save_state_rank())
+
+    def load_state_dict(self, state: dict, rank_state: bytes | None) -> None:
+        if state.get("num_workers") != self.cfg.data.num_workers or rank_state is None:
+            raise ValueError(
+                f"the checkpoint's data position was saved with data.num_workers="
+                f"{state.get('num_workers')} and this run has {self.cfg.data.num_workers}; "
+                "energon resumes only with the same worker count: set it back"
+            )
+        self.totals = {k: state[k] for k in ("num_read", "num_samples", "num_tokens", "skipped")}
+        self.loader.restore_state_rank(pickle.loads(rank_state))  # noqa: S301 (our own file)
+        self._iter = None
+
+
+class EnergonEvalBatches:
+    """Held-out micro-batches: the split ``data.eval_split``, in order, without workers; every
+    evaluation starts from its beginning and wraps around when it runs out."""
+
+    def __init__(self, cfg: JobConfig, *, dp_size: int, dp_rank: int, device, pad_multiple):
+        self.device = device
+        self._make = lambda: get_loader(
+            get_val_dataset(
+                metadataset_path(cfg),
+                split_part=cfg.data.eval_split,
+                worker_config=WorkerConfig(
+                    rank=dp_rank,
+                    world_size=dp_size,
+                    num_workers=0,
+                    global_error_handler=reraise_exception,
+                ),
+                batch_size=cfg.trainer.micro_batch_size,
+                task_encoder=task_encoder(cfg, training=False, pad_multiple=pad_multiple),
+            )
+        )
+        self.restart()
+
+    def restart(self) -> None:
+        self._iter = iter(self._make())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.restart()
+            batch = next(self._iter)
+        return to_device(batch, self.device)
+
+
+def build_energon_data(cfg: JobConfig, ps, device: torch.device):
+    """(train, eval) streams for this rank; checks the tokenizer against the model first."""
+    tok = load_tokenizer(cfg.data.tokenizer)
+    check_media_ids(tok, cfg.model.media_tokens, cfg.model.vocab_size)
+    pad_multiple = cfg.parallel.tp if cfg.parallel.sp else 1
+    train = EnergonBatches(
+        cfg,
+        dp_size=ps.dp,
+        dp_rank=ps.dp_rank,
+        dp_group=mpu.get_data_parallel_group(),
+        device=device,
+        pad_multiple=pad_multiple,
+    )
+    evals = EnergonEvalBatches(
+        cfg, dp_size=ps.dp, dp_rank=ps.dp_rank, device=device, pad_multiple=pad_multiple
+    )
+    return train, evals
