@@ -117,7 +117,7 @@ def epoch_mode(data: str, out: str, num_batches: str) -> dict:
         "unused",
         out,
         f"data.path={data}",
-        "~data.blend",
+        "data.blend=null",
         "data.num_workers=0",
         "data.shuffle_buffer_size=0",
         "data.max_samples_per_sequence=0",

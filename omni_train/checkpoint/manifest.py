@@ -18,6 +18,7 @@ MANIFEST = "manifest.json"
 
 def write_manifest(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     path = Path(output_dir) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)  # a run can stop before its first checkpoint
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)

@@ -6,6 +6,8 @@ Split by topic; :func:`validate` runs them all.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omni_train.config.schema import JobConfig
 
 
@@ -123,6 +125,38 @@ def check_checkpoint(cfg: JobConfig) -> None:
         )
 
 
+def check_data(cfg: JobConfig) -> None:
+    """The blend resolves and every local dataset folder exists (energon data only)."""
+    d = cfg.data
+    if d.kind != "energon":
+        return
+    from omni_train.data import blends  # OmegaConf only: cheap
+
+    if d.path is not None:
+        dirs = [d.path]
+    else:
+        if d.blend not in blends.available_blends():
+            raise ValueError(
+                f"data.blend={d.blend!r} is not in {blends.BLENDS_DIR}; valid: "
+                f"{', '.join(blends.available_blends())}"
+            )
+        paths = blends.job_paths(d.blend, d.paths, d.synthetic_root)
+        dirs = blends.dataset_dirs(blends.resolve_blend(d.blend, paths))
+    hint = (
+        f"; create it with: omni-train data synth --out {d.synthetic_root}"
+        if d.synthetic_root
+        else ""
+    )
+    for path in dirs:
+        if "://" not in path and not Path(path).exists():
+            raise ValueError(f"dataset {path} (data.blend={d.blend}) does not exist{hint}")
+    if cfg.model.vision is None and cfg.model.audio is None:
+        raise ValueError(
+            f"data.kind=energon feeds conversations with media, but model={cfg.model.name} has "
+            "neither model.vision nor model.audio; use an omni model or data.kind=synthetic"
+        )
+
+
 def validate(cfg: JobConfig, world_size: int) -> None:
     """All cross-field checks for a job on ``world_size`` processes."""
     if world_size < 1:
@@ -132,3 +166,4 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     check_sequence(cfg)
     check_batch(cfg, world_size)
     check_checkpoint(cfg)
+    check_data(cfg)

@@ -124,6 +124,26 @@ def synthetic_paths(name: str, root: str | Path) -> dict[str, str]:
     return out
 
 
+def job_paths(name: str, paths: Mapping[str, str], synthetic_root: str | None) -> dict[str, str]:
+    """The variables a job gives blend ``name``: ``data.paths``, and for every variable not
+    set there, the synthetic category under ``data.synthetic_root`` (when set)."""
+    out = dict(paths)
+    if synthetic_root is not None:
+        for var, path in synthetic_paths(name, synthetic_root).items():
+            out.setdefault(var, path)
+    return out
+
+
+def dataset_dirs(resolved: dict[str, Any]) -> list[str]:
+    """Every dataset path of a resolved blend (both splits, without duplicates)."""
+    found: list[str] = []
+    for split in resolved.get("splits", {}).values():
+        for entry in split.get("blend", []):
+            if entry["path"] not in found:
+                found.append(entry["path"])
+    return found
+
+
 class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True

@@ -44,10 +44,7 @@ def metadataset_path(cfg: JobConfig) -> Path:
     d = cfg.data
     if d.path is not None:
         return Path(d.path)
-    paths = dict(d.paths)
-    if d.synthetic_root is not None:
-        synth = blends.synthetic_paths(d.blend, d.synthetic_root)
-        paths = {**{k: v for k, v in synth.items() if k not in paths}, **paths}
+    paths = blends.job_paths(d.blend, d.paths, d.synthetic_root)
     return blends.write_metadataset(d.blend, paths, Path(cfg.checkpoint.output_dir) / "data")
 
 
@@ -74,6 +71,16 @@ def to_device(batch: OmniBatch, device: torch.device) -> dict:
     out["media"] = batch.media.to(device)
     out["categories"] = list(batch.categories)  # bookkeeping; the forward step ignores it
     return out
+
+
+def _isolated(fn, *args):
+    """``fn(*args)`` without touching the training RNG. Data loading must not consume the
+    global generator that the model's random ops (the CPE's random crop, the mel dither) draw
+    from: torch's DataLoader draws a worker seed when an iterator starts (at step k in a
+    resumed run, at step 0 in an uninterrupted one), and energon running in the main process
+    (``num_workers=0``) restores and iterates differently after a resume."""
+    with torch.random.fork_rng(devices=[]):
+        return fn(*args)
 
 
 class EnergonBatches:
@@ -121,8 +128,8 @@ class EnergonBatches:
 
     def __next__(self) -> dict:
         if self._iter is None:
-            self._iter = iter(self.loader)
-        batch: OmniBatch = next(self._iter)
+            self._iter = _isolated(iter, self.loader)
+        batch: OmniBatch = _isolated(next, self._iter)
         self._step["num_read"] += batch.num_read
         self._step["num_samples"] += len(batch.keys)
         self._step["num_tokens"] += batch.num_real_tokens
@@ -178,7 +185,7 @@ class EnergonBatches:
                 "energon resumes only with the same worker count: set it back"
             )
         self.totals = {k: state[k] for k in ("num_read", "num_samples", "num_tokens", "skipped")}
-        self.loader.restore_state_rank(pickle.loads(rank_state))  # noqa: S301 (our own file)
+        _isolated(self.loader.restore_state_rank, pickle.loads(rank_state))
         self._iter = None
 
 
@@ -205,17 +212,17 @@ class EnergonEvalBatches:
         self.restart()
 
     def restart(self) -> None:
-        self._iter = iter(self._make())
+        self._iter = _isolated(lambda: iter(self._make()))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         try:
-            batch = next(self._iter)
+            batch = _isolated(next, self._iter)
         except StopIteration:
             self.restart()
-            batch = next(self._iter)
+            batch = _isolated(next, self._iter)
         return to_device(batch, self.device)
 
 

@@ -44,6 +44,11 @@ def build_nemo_encoder(audio: AudioConfig) -> torch.nn.Module:
         dropout_pre_encoder=audio.dropout,
         dropout_emb=0.0,
         dropout_att=audio.dropout,
+        # NeMo all-reduces the longest input over the *default* process group on every forward
+        # to size its relative-position table. Ranks without audio in a micro-batch never call
+        # the encoder, so that collective would hang data-parallel training; the table is
+        # computed analytically, so a per-rank size gives identical values.
+        sync_max_audio_length=False,
     )
 
 

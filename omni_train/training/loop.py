@@ -35,6 +35,33 @@ def _reduce_loss(reports: list[dict]) -> tuple[float, int]:
     return loss_sum / max(count, 1.0), int(count)
 
 
+def average_running_stats(model) -> None:
+    """Average BatchNorm running statistics (the FastConformer's conv modules) over the
+    data-parallel ranks. Each rank updates them from its own micro-batches and megatron's DDP
+    reduces gradients only, so without this the ranks' copies drift apart, and a checkpoint
+    (which stores one copy) would resume a different model on every rank but one."""
+    group = mpu.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) == 1:
+        return
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms:
+        return
+    stats = [t for m in norms for t in (m.running_mean, m.running_var)]
+    flat = torch.cat([t.reshape(-1).float() for t in stats])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    for t, v in zip(stats, flat.split([t.numel() for t in stats]), strict=True):
+        t.copy_(v.view_as(t))
+    counts = torch.stack([m.num_batches_tracked for m in norms])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+    for m, c in zip(norms, counts, strict=True):
+        m.num_batches_tracked.copy_(c)
+
+
 def train(
     cfg: JobConfig,
     model,
@@ -69,6 +96,8 @@ def train(
         update_ok, grad_norm, _ = optimizer.step()
         if update_ok:
             scheduler.step(increment=1)
+        with torch.no_grad():
+            average_running_stats(model)
         loss, num_tokens = _reduce_loss(reports)
         elapsed = time.perf_counter() - start
         state.step += 1

@@ -1,0 +1,330 @@
+"""The energon data pipeline end to end: synth -> energon prepare -> task encoder -> loader on
+real ranks -> stage. Exact token counts, bad-sample accounting, loader-state restore."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from launch import launch
+
+from omni_train.config import compose_job
+from omni_train.data import REASONS, tokens
+from omni_train.data.chat import AudioPlan, ImagePlan, VideoPlan, layout
+from omni_train.data.conversation import parse_conversation
+from omni_train.data.loader import task_encoder
+from omni_train.data.media_io import VideoInfo, encode_png, sample_video_timestamps
+from omni_train.data.prepare import RawSample, read_raw, synthesize, write_dataset
+from omni_train.data.synth_media import CATEGORIES, synth_samples
+from omni_train.data.task_encoder import cook_raw
+from omni_train.stage.launch import torchrun
+
+NUM_SYNTH = 16
+PROBE = str(Path(__file__).parent / "data_probe.py")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, NUM_SYNTH, seed=0)
+    return root
+
+
+def probe(nproc: int, mode: str, *args) -> list[dict]:
+    out = Path(args[1])
+    torchrun(nproc, PROBE, mode, *map(str, args), timeout=600)
+    return [json.loads((out / f"{mode}_rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def test_synth_is_deterministic_and_idempotent(synth, tmp_path):
+    again = tmp_path / "again"
+    synthesize(again, NUM_SYNTH, seed=0)
+    for category in CATEGORIES:
+        shards = sorted(p.name for p in (synth / category).glob("*.tar"))
+        assert shards and shards == sorted(p.name for p in (again / category).glob("*.tar"))
+        for name in shards:
+            assert (synth / category / name).read_bytes() == (again / category / name).read_bytes()
+    stamp = (again / "text" / "train-000000.tar").stat().st_mtime_ns
+    synthesize(again, NUM_SYNTH, seed=0)  # same arguments: nothing is rewritten
+    assert (again / "text" / "train-000000.tar").stat().st_mtime_ns == stamp
+
+
+def _plans_from_truth(te, key: str, conversation: dict, truth: dict) -> list:
+    """What the encoder must plan for a sample, from what the generator encoded (not from
+    probing the files)."""
+    v, a, rate = te.vision, te.audio_cfg, te.audio_cfg.sample_rate
+    images, videos, audio = iter(truth["images"]), iter(truth["videos"]), iter(truth["audio"])
+    plans = []
+    for turn in conversation["conversation"]:
+        for part in turn["content"] if isinstance(turn["content"], list) else []:
+            if part["type"] == "image":
+                w, h = next(images)
+                plans.append(
+                    ImagePlan(*tokens.image_grid(w, h, patch=16, min_patches=4, max_patches=64))
+                )
+            elif part["type"] == "audio":
+                t = next(audio)
+                n = round(t["num_samples"] * rate / t["sample_rate"])
+                plans.append(AudioPlan(n, tokens.audio_tokens_for_samples(n, a)))
+            elif part["type"] == "video":
+                t = next(videos)
+                info = VideoInfo(
+                    t["num_frames"],
+                    t["fps"],
+                    t["num_frames"] / t["fps"],
+                    t["width"],
+                    t["height"],
+                    t["has_audio"],
+                )
+                stamps = sample_video_timestamps(info, te.video_fps, te.max_video_frames)
+                budget = te._patch_budget(key, part["member"])
+                rows, cols = tokens.frame_grid(t["width"], t["height"], budget)
+                n_audio = 0
+                if part.get("audio"):
+                    n = round(t["audio_samples"] * rate / t["audio_rate"])
+                    n_audio = tokens.audio_tokens_for_samples(n, a)
+                plans.append(VideoPlan(tuple(stamps), rows, cols, v.tubelet_frames, n_audio))
+    return plans
+
+
+def test_encoded_length_equals_accounting_for_every_synthetic_sample(synth):
+    """Every synthetic sample: the task encoder's real output (tokens, decoded media shapes)
+    equals the accounting computed from what the generator wrote."""
+    cfg = compose_job(["stage=smoke_omni", "model=tiny"])
+    te = task_encoder(cfg, training=True, pad_multiple=1)
+    ids = cfg.model.media_tokens
+    by_key = {s.key: s for c in CATEGORIES for s in synth_samples(c, NUM_SYNTH, 0)}
+    seen = 0
+    for category in CATEGORIES:
+        for split in ("train", "val"):
+            for key, members in read_raw(synth / category, split):
+                truth = by_key[key]
+                sample = te.encode(cook_raw(key, members, category))
+                plans = _plans_from_truth(te, key, truth.conversation, truth.truth)
+                turns = parse_conversation(members["json"], set(members) - {"json"})
+                assert len(sample.tokens) == layout(turns, plans, te.tok).num_tokens, key
+                images = [p for p in plans if isinstance(p, ImagePlan)]
+                videos = [p for p in plans if isinstance(p, VideoPlan)]
+                assert [tuple(x.shape) for x in sample.images] == [
+                    (3, p.rows * 16, p.cols * 16) for p in images
+                ]
+                assert [tuple(x.shape) for x in sample.videos] == [
+                    (len(p.timestamps), 3, p.rows * 16, p.cols * 16) for p in videos
+                ]
+                n_img = sum(p.num_tokens for p in images)
+                n_vid = sum(p.num_groups * p.tokens_per_group for p in videos)
+                n_aud = sum(p.num_tokens for p in plans if isinstance(p, AudioPlan))
+                n_aud += sum(p.audio_tokens for p in videos)
+                counts = [
+                    int((sample.tokens == i).sum()) for i in (ids.image, ids.video, ids.audio)
+                ]
+                assert counts == [n_img, n_vid, n_aud], key
+                assert sample.loss_mask.sum() > 0
+                seen += 1
+    assert seen == NUM_SYNTH * len(CATEGORIES)
+
+
+def test_real_encoders_output_one_feature_per_placeholder(synth, tmp_path):
+    """All synthetic samples through the tiny model's RADIO and FastConformer encoders."""
+    (result,) = probe(1, "encoders", synth, tmp_path)
+    assert result == {c: NUM_SYNTH for c in CATEGORIES}
+
+
+def test_all_stage_blends_round_trip_on_two_ranks(synth, tmp_path):
+    """synth -> prepare -> each stage's metadataset -> loader on 2 ranks -> batches whose
+    placeholders match their media; the ranks read disjoint samples."""
+    r0, r1 = probe(2, "blends", synth, tmp_path)
+    assert sorted(r0) == [f"stage{i}" for i in range(7)]
+    for name in r0:
+        assert len(r0[name]["keys"]) == len(r1[name]["keys"]) == 12
+        assert not set(r0[name]["keys"]) & set(r1[name]["keys"]), name
+        assert r0[name]["categories"], name
+    assert r0["stage2"]["categories"] == ["ASR"]
+    assert set(r0["stage6"]["categories"]) <= {
+        "long-context vision (long documents)",
+        "text",
+        "long-context text",
+        "vision",
+    }
+
+
+def test_loader_state_restores_the_identical_next_batch(synth, tmp_path):
+    r0, r1 = probe(2, "restore", synth, tmp_path)
+    for r in (r0, r1):
+        assert r["same_tokens"] and r["same_media"]
+        assert r["keys"] == r["restored_keys"]
+    assert r0["totals"] == r1["totals"]  # global totals: identical on every rank
+    assert r0["totals"]["num_samples"] == 3 * 4  # three steps of global batch 4
+
+
+# -- bad samples ---------------------------------------------------------------------------
+
+GOOD_PER_SHARD = 6
+
+
+def _conv(*turns) -> dict:
+    return {"conversation": list(turns)}
+
+
+def _bad_samples(shard: int, png: bytes) -> list[RawSample]:
+    """One sample per skip reason, keyed ``bad<shard>_<reason>``. The undecodable image is
+    a valid PNG here; _corrupt damages it inside the written shard."""
+    ok = {"role": "assistant", "content": "ok"}
+    ask = lambda kind, m: {"role": "user", "content": [{"type": kind, "member": m}]}  # noqa: E731
+    garbage_mp4 = b"\x00\x00\x00\x18ftypmp42" + b"\x07" * 3000
+    cases = {
+        "bad_json": ({"turns": []}, {}),
+        "unknown_role": (_conv({"role": "bot", "content": "x"}, ok), {}),
+        "bad_content": (_conv({"role": "user", "content": [{"type": "smell"}]}, ok), {}),
+        "no_assistant_turn": (_conv({"role": "user", "content": "hi"}), {}),
+        "missing_member": (_conv(ask("image", "x.png"), ok), {"y.png": png}),
+        "placeholder_mismatch": (_conv({"role": "user", "content": "see <image>"}, ok), {}),
+        "undecodable_image": (_conv(ask("image", "a.png"), ok), {"a.png": png}),
+        "undecodable_video": (_conv(ask("video", "v.mp4"), ok), {"v.mp4": garbage_mp4}),
+        "undecodable_audio": (_conv(ask("audio", "a.wav"), ok), {"a.wav": b"RIFF\0\0junk" * 9}),
+        "too_long": (
+            _conv({"role": "user", "content": "hi"}, dict(ok, content="word " * 2000)),
+            {},
+        ),
+    }
+    assert sorted(cases) == sorted(REASONS)
+    return [RawSample(f"bad{shard}_{r}", doc, members) for r, (doc, members) in cases.items()]
+
+
+def _corrupt(shard: Path) -> None:
+    """Overwrite the pixel data of every ``*undecodable_image.a.png`` member in the tar file
+    itself (its header stays intact): bit rot in a shard, not a bad sample at write time."""
+    with tarfile.open(shard) as tar:
+        spots = [(m.offset_data, m.size) for m in tar if m.name.endswith("undecodable_image.a.png")]
+    with shard.open("r+b") as f:
+        for offset, size in spots:
+            f.seek(offset + 60)
+            f.write(b"\xff" * (size - 80))
+
+
+@pytest.fixture(scope="module")
+def corrupted(synth, tmp_path_factory) -> tuple[Path, list[str]]:
+    """2 train shards, each: the 10 bad samples first, then 6 good ones (images, text,
+    audio, video). Bad samples come first so a full pass over the good samples has met every
+    bad one (energon reads a shard in order without a shuffle buffer)."""
+    import numpy as np
+
+    png = encode_png(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8))
+    good = [
+        RawSample(f"good_{c}_{k}", json.loads(m.pop("json")), m)
+        for c in ("image", "text", "audio", "video")
+        for k, m in list(read_raw(synth / c))[:3]
+    ]
+    shards = [
+        _bad_samples(i, png) + good[i * GOOD_PER_SHARD : (i + 1) * GOOD_PER_SHARD] for i in range(2)
+    ]
+    val = [
+        RawSample(f"val_{k}", json.loads(m.pop("json")), m)
+        for k, m in read_raw(synth / "text", "val")
+    ]
+    out = tmp_path_factory.mktemp("corrupted") / "ds"
+    write_dataset(out, shards[0] + shards[1], val, samples_per_shard=len(shards[0]))
+    for shard in out.glob("train-*.tar"):
+        _corrupt(shard)  # in place, same sizes: energon's index still holds
+    return out, [s.key for s in good[: 2 * GOOD_PER_SHARD]]
+
+
+def test_corrupted_shard_one_epoch_two_ranks_exact_skips_no_good_sample_lost(corrupted, tmp_path):
+    data, good = corrupted
+    r0, r1 = probe(2, "epoch", data, tmp_path, GOOD_PER_SHARD // 2)  # micro-batches of 2
+    assert sorted(r0["keys"] + r1["keys"]) == sorted(good)  # every good sample, once
+    assert r0["totals"] == r1["totals"]
+    assert r0["totals"]["skipped"] == {reason: 2 for reason in REASONS}
+    assert r0["totals"]["num_read"] == 2 * (len(REASONS) + GOOD_PER_SHARD)
+
+
+def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp_path):
+    data, good = corrupted
+    stage = [
+        "stage=smoke_omni",
+        "model=tiny",
+        "parallel=single",
+        f"data.path={data}",
+        "data.blend=null",
+        "data.synthetic_root=null",
+        "data.num_workers=0",
+        "data.shuffle_buffer_size=0",
+        "data.max_samples_per_sequence=0",
+        "trainer.seq_length=512",
+        "trainer.train_steps=3",  # 3 steps x global batch 4 = the 12 good samples
+        "trainer.save_interval=0",
+        "trainer.eval_iters=1",
+    ]
+    m = launch(2, tmp_path / "ok", *stage, "data.max_skip_fraction=0.7")
+    assert m["status"] == "completed"
+    assert m["data"]["skipped"] == {reason: 2 for reason in REASONS}
+    assert m["data"]["num_samples"] == len(good) and m["data"]["num_read"] == 32
+    # the same data with a stricter limit stops the stage with the reasons in the message
+    with pytest.raises(RuntimeError, match=r"samples read were skipped .* data.max_skip_fraction"):
+        launch(
+            2,
+            tmp_path / "strict",
+            *stage,
+            "data.max_skip_fraction=0.1",
+            "data.skip_check_min_samples=10",
+        )
+    failed = json.loads((tmp_path / "strict" / "manifest.json").read_text())
+    assert failed["status"] == "failed" and "too_long" in failed["error"]
+
+
+def test_stage_resume_on_energon_data_equals_uninterrupted(synth, tmp_path):
+    """2 + 2 steps == 4 steps on the omni data: the checkpoint's loader state continues at the
+    same sample (DP=2, one decoding worker per rank)."""
+    stage = [
+        "stage=smoke_omni",
+        "model=tiny",
+        "parallel=single",
+        f"data.synthetic_root={synth}",
+        "trainer.train_steps=4",
+        "trainer.save_interval=0",
+        "trainer.eval_iters=1",
+    ]
+    whole = launch(2, tmp_path / "whole", *stage)
+    first = launch(2, tmp_path / "split", *stage, "trainer.exit_after_steps=2")
+    assert first["status"] == "interrupted"
+    second = launch(2, tmp_path / "split", *stage)
+    assert second["losses"] == whole["losses"]
+    assert second["data"] == whole["data"] and second["tokens"] == whole["tokens"]
+    assert torch.isfinite(torch.tensor(whole["losses"])).all()
+
+
+def test_convert_jsonl_with_media_folder(tmp_path):
+    """The users' layout (JSONL + media folder) -> a prepared dataset the task encoder reads;
+    a line with bad JSON or a missing file is counted, not converted."""
+    from omni_train.data.prepare import convert_jsonl
+
+    media = tmp_path / "media"
+    (media / "imgs").mkdir(parents=True)
+    sample = synth_samples("image", 1, 0)[0]
+    (data,) = sample.members.values()
+    (media / "imgs" / "cat.png").write_bytes(data)
+
+    def ask(path: str) -> dict:
+        parts = [{"type": "text", "text": "What?"}, {"type": "image", "member": path}]
+        return _conv({"role": "user", "content": parts}, {"role": "assistant", "content": "A."})
+
+    lines = [
+        json.dumps({"key": "first", **ask("imgs/cat.png")}),
+        "{not json",
+        json.dumps(ask("imgs/missing.png")),
+        json.dumps(ask("imgs/cat.png")),  # no key: one is made from the line number
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    counts = convert_jsonl(tmp_path / "train.jsonl", media, tmp_path / "ds", val_fraction=0.0)
+    assert counts == {"converted": 2, "skipped": 2, "train": 2, "val": 0}
+    assert (tmp_path / "ds" / ".nv-meta" / "split.yaml").is_file()
+    raw = dict(read_raw(tmp_path / "ds"))
+    assert sorted(raw) == ["first", "train_000000004"]
+    cfg = compose_job(["stage=smoke_omni", "model=tiny"])
+    te = task_encoder(cfg, training=True, pad_multiple=1)
+    for key, members in raw.items():
+        assert set(members) == {"json", "m0.png"} and members["m0.png"] == data
+        assert len(te.encode(cook_raw(key, members)).images) == 1
