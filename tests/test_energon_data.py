@@ -328,3 +328,32 @@ def test_convert_jsonl_with_media_folder(tmp_path):
     for key, members in raw.items():
         assert set(members) == {"json", "m0.png"} and members["m0.png"] == data
         assert len(te.encode(cook_raw(key, members)).images) == 1
+
+
+def test_data_config_errors_before_any_process_starts(synth, tmp_path):
+    from omni_train.config import validate
+
+    def check(*overrides: str) -> None:
+        validate(compose_job(["stage=smoke_omni", "model=tiny", *overrides]), 1)
+
+    check(f"data.synthetic_root={synth}")  # the good case
+    with pytest.raises(ValueError, match=r"does not exist; create it with: omni-train data synth"):
+        check(f"data.synthetic_root={tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match=r"data.blend='stage9' is not in .* valid: stage0"):
+        check(f"data.synthetic_root={synth}", "data.blend=stage9")
+    with pytest.raises(ValueError, match=r"missing dataset path variable\(s\) .*\+data.paths"):
+        check("data.synthetic_root=null")
+    with pytest.raises(ValueError, match=r"is not prepared for energon"):
+        check("data.blend=null", "data.synthetic_root=null", f"data.path={tmp_path}")
+    (tmp_path / "ds").mkdir()
+    synthesize_one = write_dataset(tmp_path / "ds", [RawSample("a", {"conversation": []}, {})], [])
+    with pytest.raises(ValueError, match=r"no 'val' shards but trainer.eval_iters=2; set"):
+        check("data.blend=null", "data.synthetic_root=null", f"data.path={synthesize_one}")
+    check(
+        "data.blend=null",
+        "data.synthetic_root=null",
+        f"data.path={synthesize_one}",
+        "trainer.eval_iters=0",
+    )
+    with pytest.raises(ValueError, match=r"data.kind=energon feeds conversations with media"):
+        check(f"data.synthetic_root={synth}", "model.vision=null", "model.audio=null")

@@ -150,10 +150,35 @@ def check_data(cfg: JobConfig) -> None:
     for path in dirs:
         if "://" not in path and not Path(path).exists():
             raise ValueError(f"dataset {path} (data.blend={d.blend}) does not exist{hint}")
+        _check_splits(Path(path), cfg)
     if cfg.model.vision is None and cfg.model.audio is None:
         raise ValueError(
             f"data.kind=energon feeds conversations with media, but model={cfg.model.name} has "
             "neither model.vision nor model.audio; use an omni model or data.kind=synthetic"
+        )
+
+
+def _check_splits(path: Path, cfg: JobConfig) -> None:
+    """A prepared dataset has training shards, and validation shards when the stage
+    evaluates (energon would fail later, inside the loader)."""
+    split_file = path / ".nv-meta" / "split.yaml"
+    if not split_file.is_file():
+        if path.is_dir():
+            raise ValueError(
+                f"dataset {path} is not prepared for energon (no .nv-meta/split.yaml); run "
+                "omni-train data convert, or energon prepare on it"
+            )
+        return  # a metadataset file: energon checks its entries
+    import yaml
+
+    parts = (yaml.safe_load(split_file.read_text()) or {}).get("split_parts", {})
+    if not parts.get("train"):
+        raise ValueError(f"dataset {path} has no 'train' shards ({split_file})")
+    split = cfg.data.eval_split
+    if cfg.trainer.eval_iters > 0 and not parts.get(split):
+        raise ValueError(
+            f"dataset {path} has no {split!r} shards but trainer.eval_iters="
+            f"{cfg.trainer.eval_iters}; set trainer.eval_iters=0 or prepare a {split!r} split"
         )
 
 

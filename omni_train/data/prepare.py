@@ -12,6 +12,7 @@ media files in a folder - into such a dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -89,10 +90,12 @@ def energon_prepare(out_dir: Path, splits: list[str]) -> None:
     for split in splits:
         # a regex over shard paths; a split without shards stays empty
         args += ["--split-parts", f"{split}:{split}-[0-9]+\\.tar"]
+    said = io.StringIO()  # energon prints its findings; keep them for an error message
     try:
-        energon_cli(args, standalone_mode=False)
+        with contextlib.redirect_stdout(said):
+            energon_cli(args, standalone_mode=False)
     except (Exception, SystemExit) as e:  # click exits; energon raises on bad shards
-        raise RuntimeError(f"energon prepare {out_dir} failed: {e}") from e
+        raise RuntimeError(f"energon prepare {out_dir} failed: {e}\n{said.getvalue()}") from e
 
 
 def write_dataset(
@@ -213,7 +216,7 @@ def synthesize(out_dir: str | Path, num_samples: int, seed: int, val_every: int 
     if num_samples < 2:
         raise ValueError(f"--samples={num_samples}: need at least 2 (train and val)")
     out = Path(out_dir)
-    args = {"samples": num_samples, "seed": seed, "val_every": val_every, "format": 1}
+    args = {"samples": num_samples, "seed": seed, "val_every": val_every, "format": 2}
     stamp = out / SYNTH_STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == args:
         log.info("%s already holds this synthetic dataset (%s)", out, args)
@@ -225,8 +228,11 @@ def synthesize(out_dir: str | Path, num_samples: int, seed: int, val_every: int 
             RawSample(s.key, s.conversation, s.members)
             for s in synth_samples(category, num_samples, seed)
         ]
-        val = [s for i, s in enumerate(samples) if i % val_every == val_every - 1]
-        train = [s for i, s in enumerate(samples) if i % val_every != val_every - 1]
+        # every val_every-th sample, and at least one, goes to val
+        in_val = {i for i in range(len(samples)) if i % val_every == val_every - 1}
+        in_val = in_val or {len(samples) - 1}
+        val = [s for i, s in enumerate(samples) if i in in_val]
+        train = [s for i, s in enumerate(samples) if i not in in_val]
         write_dataset(out / category, train, val, samples_per_shard=max(1, len(train) // 4))
         counts[category] = len(samples)
         log.info("%s: %d train, %d val samples", out / category, len(train), len(val))

@@ -137,6 +137,7 @@ def run_stage(cfg: JobConfig) -> dict:
 
         def save(s: TrainState) -> None:
             nonlocal last_ckpt
+            s.data_rank = train_data.rank_state()  # between steps: nothing is in flight
             last_ckpt = save_checkpoint(
                 out, built.module, optimizer, scheduler, s, ps, cfg.checkpoint.keep_last
             )

@@ -105,7 +105,7 @@ def train(
         state.grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
         state.wall_time_s += elapsed
         data_report = data.end_step()  # collective; raises when too many samples were bad
-        state.data, state.data_rank = data.state_dict(), data.rank_state()
+        state.data = data.state_dict()  # (the per-rank loader state is taken when saving)
         if state.step % t.log_interval == 0 or state.step == t.train_steps:
             log.info(
                 "step %d/%d | loss %.6f | grad_norm %s | lr %.3e | tokens/s %.0f%s%s",
