@@ -21,7 +21,6 @@ the whole-sample count.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from omni_train.data import tokens
@@ -158,7 +157,3 @@ def layout(turns: list[Turn], plans: list[Plan], tok: Tokenizer) -> Layout:
     if next(todo, None) is not None:
         raise AssertionError("more media plans than media parts")
     return out
-
-
-def num_frame_groups(num_frames: int, tubelet_frames: int) -> int:
-    return math.ceil(num_frames / tubelet_frames)

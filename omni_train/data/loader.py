@@ -193,11 +193,14 @@ class EnergonEvalBatches:
     """Held-out micro-batches: the split ``data.eval_split``, in order, without workers; every
     evaluation starts from its beginning and wraps around when it runs out."""
 
-    def __init__(self, cfg: JobConfig, *, dp_size: int, dp_rank: int, device, pad_multiple):
+    def __init__(
+        self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, device, pad_multiple
+    ):
+        """``path``: the metadataset the training stream resolved (written once)."""
         self.device = device
         self._make = lambda: get_loader(
             get_val_dataset(
-                metadataset_path(cfg),
+                path,
                 split_part=cfg.data.eval_split,
                 worker_config=WorkerConfig(
                     rank=dp_rank,
@@ -240,6 +243,11 @@ def build_energon_data(cfg: JobConfig, ps, device: torch.device):
         pad_multiple=pad_multiple,
     )
     evals = EnergonEvalBatches(
-        cfg, dp_size=ps.dp, dp_rank=ps.dp_rank, device=device, pad_multiple=pad_multiple
+        cfg,
+        train.path,
+        dp_size=ps.dp,
+        dp_rank=ps.dp_rank,
+        device=device,
+        pad_multiple=pad_multiple,
     )
     return train, evals
