@@ -32,9 +32,7 @@ from omni_train.data.synth_media import CATEGORIES
 
 def measure(cfg, num_batches: int) -> tuple[float, float]:
     """(samples/s, tokens/s) over ``num_batches`` micro-batches after 2 warm-up batches."""
-    data = EnergonBatches(
-        cfg, dp_size=1, dp_rank=0, dp_group=None, device=torch.device("cpu"), pad_multiple=1
-    )
+    data = EnergonBatches(cfg, dp_size=1, dp_rank=0, dp_group=None, device=torch.device("cpu"))
     for _ in range(2):  # worker start-up and first decodes
         next(data)
     data.end_step()

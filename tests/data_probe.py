@@ -36,16 +36,13 @@ def stream(root: str, out: str, *overrides: str, gbs: int = 4) -> EnergonBatches
         ]
     )
     r, w = dist.get_rank(), dist.get_world_size()
-    return EnergonBatches(
-        cfg, dp_size=w, dp_rank=r, dp_group=dist.group.WORLD, device="cpu", pad_multiple=2
-    )
+    return EnergonBatches(cfg, dp_size=w, dp_rank=r, dp_group=dist.group.WORLD, device="cpu")
 
 
 def check_batch(batch: dict, cfg) -> None:
     """Placeholders per row and modality == the accounting of that row's media."""
     media, ids = batch["media"], batch["tokens"]
     v, a = cfg.model.vision, cfg.model.audio
-    assert ids.shape[1] % 2 == 0, ids.shape  # pad_multiple
     for row in range(ids.shape[0]):
         img = [x for x, o in zip(media.images, media.image_sample, strict=True) if o == row]
         vid = [x for x, o in zip(media.videos, media.video_sample, strict=True) if o == row]
@@ -144,7 +141,7 @@ def encoders_mode(root: str, out: str) -> dict:
     platform = setup()
     ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
     model = build_model(cfg, ps, platform).module.eval()
-    te = task_encoder(cfg, training=True, pad_multiple=1)
+    te = task_encoder(cfg, training=True)
     ids = cfg.model.media_tokens
     checked = {}
     with torch.no_grad():

@@ -166,3 +166,42 @@ def test_bad_conversations_have_reasons(doc, members, reason):
     with pytest.raises(SampleError) as e:
         parse_conversation(doc, members)
     assert e.value.reason == reason
+
+
+def test_truncate_cuts_text_only_and_keeps_media_whole(tok):
+    """data.over_long=truncate: the prefix ends inside text; a media part is kept whole or
+    dropped, never cut; materialized tokens are exactly the prefix of the full layout."""
+    s = tok.specials
+    turns = parse_conversation(
+        conv(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look at these"},
+                    {"type": "image", "member": "a.png"},
+                    {"type": "text", "text": "and"},
+                    {"type": "audio", "member": "b.wav"},
+                ],
+            },
+            {"role": "assistant", "content": "word " * 40},
+        ),
+        {"a.png", "b.wav"},
+    )
+    full = layout(turns, [ImagePlan(4, 4), AudioPlan(16000, 12)], tok)
+    ids, loss = full.materialize()
+    image_end = ids.index(s.image_end) + 1
+    audio_start = ids.index(s.audio_start)
+    for limit in (full.num_tokens - 7, audio_start + 5, image_end + 1, image_end - 3, 3):
+        cut, kept = full.truncate(limit)
+        got_ids, got_loss = cut.materialize()
+        assert cut.num_tokens == len(got_ids) <= limit
+        n = len(got_ids)
+        assert (got_ids, got_loss) == (ids[:n], loss[:n])  # a prefix of the sample
+        assert got_ids.count(s.image) in (0, 4)  # grid_tokens(4, 4) = 4 tokens, or none
+        assert got_ids.count(s.audio) in (0, 12)
+        assert kept == (got_ids.count(s.image) > 0) + (got_ids.count(s.audio) > 0)
+        if limit == audio_start + 5:  # inside the audio part: cut before its first marker
+            assert n == audio_start and kept == 1
+        if limit == image_end - 3:  # inside the image part: back to the text before it
+            assert kept == 0 and n == ids.index(s.image_start)
+    assert full.truncate(full.num_tokens)[0].materialize() == (ids, loss)

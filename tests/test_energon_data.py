@@ -94,7 +94,7 @@ def test_encoded_length_equals_accounting_for_every_synthetic_sample(synth):
     """Every synthetic sample: the task encoder's real output (tokens, decoded media shapes)
     equals the accounting computed from what the generator wrote."""
     cfg = compose_job(["stage=smoke_omni", "model=tiny"])
-    te = task_encoder(cfg, training=True, pad_multiple=1)
+    te = task_encoder(cfg, training=True)
     ids = cfg.model.media_tokens
     by_key = {s.key: s for c in CATEGORIES for s in synth_samples(c, NUM_SYNTH, 0)}
     seen = 0
@@ -324,7 +324,7 @@ def test_convert_jsonl_with_media_folder(tmp_path):
     raw = dict(read_raw(tmp_path / "ds"))
     assert sorted(raw) == ["first", "train_000000004"]
     cfg = compose_job(["stage=smoke_omni", "model=tiny"])
-    te = task_encoder(cfg, training=True, pad_multiple=1)
+    te = task_encoder(cfg, training=True)
     for key, members in raw.items():
         assert set(members) == {"json", "m0.png"} and members["m0.png"] == data
         assert len(te.encode(cook_raw(key, members)).images) == 1

@@ -447,6 +447,40 @@ class TokenizerConfig:
 
 
 @dataclass
+class PackingConfig:
+    """Online sequence packing (issue #5; docs/packing.md): samples become THD packed sequences
+    of ``trainer.seq_length`` tokens, one per micro-batch (``trainer.micro_batch_size=1``;
+    ``trainer.global_batch_size`` counts packed sequences).
+
+    ``balance``: ``global`` (every data-parallel rank plans the same sample stream and packs the
+    same bins, then keeps only the bins dealt to it, so the bins of one step cost the same on
+    every rank; each sample is *decoded* once, by its rank, but every rank reads and plans
+    every sample); ``local`` (each rank packs its own share of the stream, no cross-rank
+    balance, no extra reading).
+    """
+
+    enabled: bool = False
+    buffer_size: int = 1000  # samples planned ahead, per data worker (not decoded: small)
+    balance: str = "global"
+    min_fill: float = 0.95  # a bin is emitted once this full; emptier ones wait for samples
+    max_wait: int = 4  # repacks a sample may wait before its bin is emitted however full
+    # relative compute per sample (omni_train.data.packing.CostWeights; production defaults)
+    attention_weight: float = 7.7e-6  # per token^2 of a sample
+    vision_weight: float = 0.83  # per image/video token
+    audio_weight: float = 0.19  # per audio token
+
+    def __post_init__(self) -> None:
+        if self.balance not in ("global", "local"):
+            raise ValueError(f"data.packing.balance={self.balance!r}; valid: global, local")
+        _positive("data.packing", buffer_size=self.buffer_size, max_wait=self.max_wait)
+        if not 0.0 < self.min_fill <= 1.0:
+            raise ValueError(f"data.packing.min_fill={self.min_fill} must be in (0, 1]")
+        for name in ("attention_weight", "vision_weight", "audio_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.packing.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
 class DataConfig:
     """Where micro-batches come from.
 
@@ -475,8 +509,14 @@ class DataConfig:
     max_skip_fraction: float = 0.01
     skip_check_min_samples: int = 200
     eval_split: str = "val"
+    # A sample longer than trainer.seq_length: "skip" it (counted as too_long), or "truncate" it
+    # at a text boundary (media items past the cut are dropped, never cut in half).
+    over_long: str = "skip"
+    packing: PackingConfig = field(default_factory=PackingConfig)
 
     def __post_init__(self) -> None:
+        if self.over_long not in ("skip", "truncate"):
+            raise ValueError(f"data.over_long={self.over_long!r}; valid: skip, truncate")
         if self.kind not in ("synthetic", "energon"):
             raise ValueError(f"data.kind={self.kind!r}; valid: synthetic, energon")
         if self.kind == "energon" and (self.blend is None) == (self.path is None):

@@ -117,6 +117,23 @@ def check_batch(cfg: JobConfig, world_size: int) -> None:
         )
 
 
+def check_packing(cfg: JobConfig) -> None:
+    pk, t = cfg.data.packing, cfg.trainer
+    if not pk.enabled:
+        return
+    if cfg.data.kind != "energon":
+        raise ValueError(
+            "data.packing.enabled=true packs conversations read by energon; set data.kind=energon"
+            " (synthetic token sequences are already full length)"
+        )
+    if t.micro_batch_size != 1:
+        raise ValueError(
+            f"trainer.micro_batch_size={t.micro_batch_size} with data.packing.enabled: a packed "
+            "micro-batch is one THD sequence of trainer.seq_length tokens; set "
+            "trainer.micro_batch_size=1 (global_batch_size counts packed sequences)"
+        )
+
+
 def check_checkpoint(cfg: JobConfig) -> None:
     if cfg.checkpoint.resume == "true" and cfg.checkpoint.init_from:
         raise ValueError(
@@ -192,3 +209,4 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     check_batch(cfg, world_size)
     check_checkpoint(cfg)
     check_data(cfg)
+    check_packing(cfg)

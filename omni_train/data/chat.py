@@ -89,16 +89,20 @@ class Layout:
 
     pieces: list[list[int] | tuple[int, int]] = field(default_factory=list)  # ids | (id, n)
     loss: list[bool] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)  # media part index per piece; -1: text
+    current_part: int = -1  # set by layout() while it lays out a media part
 
     def text(self, ids: list[int], loss: bool = False) -> None:
         self.pieces.append(ids)
         self.loss.append(loss)
+        self.owner.append(self.current_part)
 
     def run(self, start: int, placeholder: int, n: int, end: int) -> None:
         if n:
             self.text([start])
             self.pieces.append((placeholder, n))
             self.loss.append(False)
+            self.owner.append(self.current_part)
             self.text([end])
 
     @property
@@ -107,6 +111,38 @@ class Layout:
         runs = [p[1] for p in self.pieces if isinstance(p, tuple)]
         # each run's two markers were added as text pieces: count them on the run's side
         return tokens.sample_tokens(text - tokens.MARKERS_PER_RUN * len(runs), runs)
+
+    def truncate(self, limit: int) -> tuple[Layout, int]:
+        """The longest prefix of at most ``limit`` tokens that cuts only text: a media part
+        (an image's run, a video's frame labels and runs, an audio run) is kept whole or not at
+        all. Returns the prefix and how many media parts it keeps (parts come in order)."""
+        out = Layout()
+        used, kept, i = 0, 0, 0
+        size = lambda p: len(p) if isinstance(p, list) else p[1]  # noqa: E731
+        while i < len(self.pieces):
+            part = self.owner[i]
+            if part >= 0:
+                j = i
+                while j < len(self.pieces) and self.owner[j] == part:
+                    j += 1
+                n = sum(size(p) for p in self.pieces[i:j])
+                if used + n > limit:
+                    break
+                for k in range(i, j):
+                    out.pieces.append(self.pieces[k])
+                    out.loss.append(self.loss[k])
+                    out.owner.append(part)
+                used, kept, i = used + n, part + 1, j
+                continue
+            piece = self.pieces[i]
+            take = piece[: limit - used]
+            if take:
+                out.text(list(take), self.loss[i])
+                used += len(take)
+            if len(take) < len(piece):
+                break
+            i += 1
+        return out, kept
 
     def materialize(self) -> tuple[list[int], list[bool]]:
         """Token ids and, per token, whether it carries loss."""
@@ -132,6 +168,7 @@ def layout(turns: list[Turn], plans: list[Plan], tok: Tokenizer) -> Layout:
     s = tok.specials
     out = Layout()
     todo = iter(plans)
+    num_parts = 0
     for turn in turns:
         learn = turn.role == "assistant"
         out.text([s.im_start] + tok.encode(f"{turn.role}\n"))
@@ -142,6 +179,7 @@ def layout(turns: list[Turn], plans: list[Plan], tok: Tokenizer) -> Layout:
                 out.text(tok.encode(part.text), learn)
                 continue
             plan = next(todo)
+            out.current_part, num_parts = num_parts, num_parts + 1
             if isinstance(plan, ImagePlan):
                 out.run(s.image_start, s.image, plan.num_tokens, s.image_end)
             elif isinstance(plan, AudioPlan):
@@ -152,6 +190,7 @@ def layout(turns: list[Turn], plans: list[Plan], tok: Tokenizer) -> Layout:
                     out.text(tok.encode(frame_label(plan, g)))
                     out.run(s.video_start, s.video, plan.tokens_per_group, s.video_end)
                     out.run(s.audio_start, s.audio, chunks[g], s.audio_end)
+            out.current_part = -1
         out.text([s.im_end], learn)
         out.text(tok.encode("\n"))
     if next(todo, None) is not None:

@@ -48,29 +48,76 @@ def metadataset_path(cfg: JobConfig) -> Path:
     return blends.write_metadataset(d.blend, paths, Path(cfg.checkpoint.output_dir) / "data")
 
 
-def task_encoder(cfg: JobConfig, *, training: bool, pad_multiple: int) -> OmniTaskEncoder:
+def pad_multiples(cfg: JobConfig) -> tuple[int, int]:
+    """(per sample, per micro-batch) token multiples megatron-core needs: context parallel's
+    load-balanced split cuts every sample into 2 x cp chunks (x tp under sequence parallel);
+    sequence parallel splits the whole sequence over tp ranks."""
+    p = cfg.parallel
+    tp_sp = p.tp if p.sp else 1
+    return (2 * p.cp * tp_sp if p.cp > 1 else 1), tp_sp
+
+
+def global_packing(cfg: JobConfig, training: bool) -> bool:
+    pk = cfg.data.packing
+    return training and pk.enabled and pk.balance == "global"
+
+
+def task_encoder(
+    cfg: JobConfig, *, training: bool, dp_size: int = 1, dp_rank: int = 0
+) -> OmniTaskEncoder:
+    """The encoder of this rank's stream. Training with global packing: bins are dealt over
+    the ``dp_size`` ranks; evaluation packs each rank's own stream (its balance is moot)."""
+    pk = cfg.data.packing
+    dealt = global_packing(cfg, training)
+    per_sample, per_batch = pad_multiples(cfg)
     return OmniTaskEncoder(
         tokenizer=cfg.data.tokenizer,
         vision=cfg.model.vision,
         audio=cfg.model.audio,
         context_length=cfg.trainer.seq_length,
-        pad_multiple=pad_multiple,
+        pad_multiple=per_batch,
         video_fps=cfg.data.video_fps,
         max_video_frames=cfg.data.max_video_frames,
         training=training,
         seed=cfg.trainer.seed,
+        over_long=cfg.data.over_long,
+        packing=pk if pk.enabled else None,
+        num_ranks=dp_size if dealt else 1,
+        rank=dp_rank if dealt else 0,
+        sample_pad_multiple=per_sample if pk.enabled else 1,
+        count_reads=dp_rank == 0 or not dealt,
     )
 
 
 def to_device(batch: OmniBatch, device: torch.device) -> dict:
-    """The dict the forward step reads."""
+    """The dict the forward step reads (``packed_seq_params`` for a packed micro-batch)."""
     out = {
         k: getattr(batch, k).to(device, non_blocking=True)
         for k in ("tokens", "labels", "loss_mask", "position_ids")
     }
     out["media"] = batch.media.to(device)
     out["categories"] = list(batch.categories)  # bookkeeping; the forward step ignores it
+    if batch.cu_seqlens is not None:
+        out["packed_seq_params"] = packed_seq_params(
+            batch.cu_seqlens.to(device), batch.cu_seqlens_padded.to(device)
+        )
     return out
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor):
+    """megatron-core's THD description of one packed sequence (int32 boundaries [n+1])."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    longest = int((cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_seqlens_padded,
+        cu_seqlens_kv_padded=cu_seqlens_padded,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
 
 
 def _isolated(fn, *args):
@@ -94,7 +141,6 @@ class EnergonBatches:
         dp_rank: int,
         dp_group,
         device: torch.device,
-        pad_multiple: int,
     ):
         t, d = cfg.trainer, cfg.data
         self.cfg = cfg
@@ -102,9 +148,11 @@ class EnergonBatches:
         self.dp_group = dp_group
         self.num_microbatches = t.global_batch_size // dp_size // t.micro_batch_size
         self.path = metadataset_path(cfg)
+        dealt = global_packing(cfg, training=True)
         worker_config = WorkerConfig(
-            rank=dp_rank,
-            world_size=dp_size,
+            # global packing: every rank reads the whole stream, the packer deals the bins
+            rank=0 if dealt else dp_rank,
+            world_size=1 if dealt else dp_size,
             num_workers=d.num_workers,
             seed_offset=t.seed,
             global_error_handler=reraise_exception,  # our bad samples are SkipSample; bugs raise
@@ -116,7 +164,7 @@ class EnergonBatches:
             batch_size=t.micro_batch_size,
             shuffle_buffer_size=d.shuffle_buffer_size or None,
             max_samples_per_sequence=d.max_samples_per_sequence or None,
-            task_encoder=task_encoder(cfg, training=True, pad_multiple=pad_multiple),
+            task_encoder=task_encoder(cfg, training=True, dp_size=dp_size, dp_rank=dp_rank),
         )
         self.loader = get_savable_loader(dataset)
         self._iter = None
@@ -193,9 +241,7 @@ class EnergonEvalBatches:
     """Held-out micro-batches: the split ``data.eval_split``, in order, without workers; every
     evaluation starts from its beginning and wraps around when it runs out."""
 
-    def __init__(
-        self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, device, pad_multiple
-    ):
+    def __init__(self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, device):
         """``path``: the metadataset the training stream resolved (written once)."""
         self.device = device
         self._make = lambda: get_loader(
@@ -209,7 +255,7 @@ class EnergonEvalBatches:
                     global_error_handler=reraise_exception,
                 ),
                 batch_size=cfg.trainer.micro_batch_size,
-                task_encoder=task_encoder(cfg, training=False, pad_multiple=pad_multiple),
+                task_encoder=task_encoder(cfg, training=False),
             )
         )
         self.restart()
@@ -233,14 +279,12 @@ def build_energon_data(cfg: JobConfig, ps, device: torch.device):
     """(train, eval) streams for this rank; checks the tokenizer against the model first."""
     tok = load_tokenizer(cfg.data.tokenizer)
     check_media_ids(tok, cfg.model.media_tokens, cfg.model.vocab_size)
-    pad_multiple = cfg.parallel.tp if cfg.parallel.sp else 1
     train = EnergonBatches(
         cfg,
         dp_size=ps.dp,
         dp_rank=ps.dp_rank,
         dp_group=mpu.get_data_parallel_group(),
         device=device,
-        pad_multiple=pad_multiple,
     )
     evals = EnergonEvalBatches(
         cfg,
@@ -248,6 +292,5 @@ def build_energon_data(cfg: JobConfig, ps, device: torch.device):
         dp_size=ps.dp,
         dp_rank=ps.dp_rank,
         device=device,
-        pad_multiple=pad_multiple,
     )
     return train, evals

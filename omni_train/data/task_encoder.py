@@ -3,11 +3,15 @@
 Flow per sample (in energon's worker processes):
 
 1. cook: the crude webdataset sample (member name -> bytes) becomes a :class:`Conversation`;
-2. ``encode_sample``: parse the conversation, probe media headers, plan every media item
-   (image grid, video frames and patch budget, audio clips), lay the sample out and check its
-   length against the context *before* decoding; then decode and normalise the media;
-3. ``batch``: pad a micro-batch to a common length (a multiple of ``pad_multiple``) and gather
-   the media with the row each item belongs to.
+2. ``preencode_sample`` (plan): parse the conversation, probe media headers, plan every media
+   item (image grid, video frames and patch budget, audio clips), lay the sample out and check
+   its length against the context (skip, or truncate at a text boundary) -- no pixel decoded;
+3. ``postencode_sample`` (decode): decode and normalise the media of a planned sample;
+4. unpacked: ``batch`` pads a micro-batch to a common length (a multiple of ``pad_multiple``)
+   and gathers the media with the row each item belongs to; packed (``packing`` set): the
+   online packer (:mod:`omni_train.data.packed`) buffers *planned* samples, decodes only the
+   samples of the bins it emits, and ``pack_selected_samples`` concatenates a bin into one THD
+   sequence.
 
 A bad sample raises :class:`~omni_train.data.conversation.SampleError`; it is skipped
 (energon's ``SkipSample``), logged with its key and counted per reason. The counts travel to the
@@ -17,6 +21,7 @@ workers and the trainer because a batch is the only way data reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import Counter
@@ -33,12 +38,14 @@ from megatron.energon import (
     stateless,
 )
 from megatron.energon.edataclass import edataclass
+from megatron.energon.wrappers.batch_dataset import BatchDataset
 
-from omni_train.config.schema import AudioConfig, TokenizerConfig, VisionConfig
+from omni_train.config.schema import AudioConfig, PackingConfig, TokenizerConfig, VisionConfig
 from omni_train.data import media_io, tokens
 from omni_train.data.chat import AudioPlan, ImagePlan, Layout, Plan, VideoPlan, layout
 from omni_train.data.conversation import SampleError, parse_conversation
 from omni_train.data.media import Media
+from omni_train.data.packing import CostWeights, sample_cost
 from omni_train.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("omni_train.data")
@@ -74,6 +81,20 @@ def cook_raw(key: str, members: dict[str, bytes], category: str = "") -> Convers
 
 
 @edataclass
+class PlannedSample(Sample):
+    """A sample laid out from media metadata, not yet decoded: what the packer buffers."""
+
+    members: dict  # member name -> bytes
+    parts: list  # the media parts (conversation.Part), in order
+    plans: list  # one Plan per media part
+    layout: Layout
+    category: str
+    num_tokens: int
+    vision_tokens: int  # image + video placeholder tokens
+    audio_tokens: int
+
+
+@edataclass
 class OmniSample(Sample):
     """One encoded conversation. ``tokens``/``labels``/``loss_mask``: [L]; ``labels[i]`` is
     ``tokens[i+1]`` (the last label is padding without loss)."""
@@ -88,11 +109,35 @@ class OmniSample(Sample):
 
 
 @edataclass
+class PackedSample(Sample):
+    """One THD packed sequence of ``T`` tokens (a multiple of the total pad multiple).
+
+    ``tokens``/``labels``/``position_ids`` int64 [T], ``loss_mask`` float32 [T] (0 on padding
+    and on each sample's last token), ``position_ids`` restart at 0 for every sample;
+    ``cu_seqlens`` int32 [n+1] real sample boundaries, ``cu_seqlens_padded`` int32 [n+1] the
+    boundaries with each sample padded to the per-sample multiple (the tail padding belongs to
+    the last sample); ``media`` items owned by segment index.
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cu_seqlens_padded: torch.Tensor
+    media: Media
+    keys: list
+    categories: list
+    num_real_tokens: int
+
+
+@edataclass
 class OmniBatch(Batch):
     """A micro-batch: ``tokens``/``labels``/``position_ids`` int64 [b, s], ``loss_mask`` float32
-    [b, s] (0 on padding); ``media`` with the row of each item; bookkeeping of skipped samples
-    (``skipped``: reason -> count since this worker's previous batch; ``num_read``: samples
-    read, skipped ones included)."""
+    [b, s] (0 on padding); ``media`` with the row (or packed segment) of each item; bookkeeping
+    of skipped samples (``skipped``: reason -> count since this worker's previous batch;
+    ``num_read``: samples read, skipped ones included). Packed: ``b = 1`` and ``cu_seqlens`` /
+    ``cu_seqlens_padded`` (int32 [n+1]) mark the samples; None when unpacked."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -104,11 +149,19 @@ class OmniBatch(Batch):
     num_real_tokens: int
     skipped: dict
     num_read: int
+    cu_seqlens: torch.Tensor | None = None
+    cu_seqlens_padded: torch.Tensor | None = None
 
 
 class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, OmniBatch]):
     """Encodes conversations for a model with ``vision``/``audio`` configs (None: that modality
-    is not accepted; samples using it are an error of the blend, not of the sample)."""
+    is not accepted; samples using it are an error of the blend, not of the sample).
+
+    ``packing``: pack into THD sequences, dealing bins over ``num_ranks`` ranks of which this
+    is ``rank`` (global balance: every rank plans the same stream), each sample padded to
+    ``sample_pad_multiple`` tokens. ``count_reads``: count samples read and planning skips
+    (false on all but one rank when every rank plans the same stream, so totals add up).
+    """
 
     decoder = None  # media stay bytes: decoding errors must be ours to classify and count
     cookers = [Cooker(cook_conversation)]
@@ -126,6 +179,12 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         max_video_frames: int = 64,
         training: bool = True,
         seed: int = 0,
+        over_long: str = "skip",
+        packing: PackingConfig | None = None,
+        num_ranks: int = 1,
+        rank: int = 0,
+        sample_pad_multiple: int = 1,
+        count_reads: bool = True,
     ):
         super().__init__()
         self.tokenizer_cfg = tokenizer
@@ -138,8 +197,14 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         self.training = training
         self.seed = seed
         self._pad_id = pad_id
+        self.over_long = over_long
+        self.packing = packing
+        self.num_ranks, self.rank = num_ranks, rank
+        self.sample_pad_multiple = sample_pad_multiple
+        self.count_reads = count_reads
         self._skipped: Counter[str] = Counter()
         self._num_read = 0
+        self._quiet = False
 
     @property
     def tok(self):
@@ -149,17 +214,46 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
     # -- per sample ------------------------------------------------------------------------
 
     @stateless
-    def encode_sample(self, sample: Conversation) -> OmniSample:
-        self._num_read += 1
+    def preencode_sample(self, sample: Conversation) -> PlannedSample:
+        counting = self.count_reads and not self._quiet
+        if counting:
+            self._num_read += 1
         try:
-            return self.encode(sample)
+            return self.plan(sample)
         except SampleError as e:
-            self._skipped[e.reason] += 1
-            log.warning("skipping sample %s: %s", sample.__key__, e)
+            if counting:
+                self._skip(sample.__key__, e)
             raise SkipSample() from e
 
+    @stateless
+    def postencode_sample(self, sample: PlannedSample) -> OmniSample:
+        try:
+            return self.decode(sample)
+        except SampleError as e:
+            if not self._quiet:
+                self._skip(sample.__key__, e)
+            raise SkipSample() from e
+
+    def _skip(self, key: str, e: SampleError) -> None:
+        self._skipped[e.reason] += 1
+        log.warning("skipping sample %s: %s", key, e)
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """Samples re-read inside the block (the packer fetching a planned sample again) are
+        not counted a second time."""
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
+
     def encode(self, sample: Conversation) -> OmniSample:
-        """Encode one sample or raise SampleError (no counting: see ``encode_sample``)."""
+        """Plan and decode one sample or raise SampleError (no counting)."""
+        return self.decode(self.plan(sample))
+
+    def plan(self, sample: Conversation) -> PlannedSample:
+        """Lay a sample out from media metadata (decodes audio only, to measure it)."""
         turns = parse_conversation(sample.conversation, set(sample.members))
         for turn in turns:
             for part in turn.parts:
@@ -169,30 +263,56 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
                         "placeholder_mismatch", f"text contains media token strings {forged}"
                     )
         parts = [p for t in turns for p in t.parts if p.kind != "text"]
-        plans, audio = [], {}
-        for part in parts:
-            plan, wav = self._plan(sample, part)
-            plans.append(plan)
-            if wav is not None:
-                audio[id(part)] = wav
+        plans = [self._plan(sample, part) for part in parts]
         lay = layout(turns, plans, self.tok)
         if lay.num_tokens > self.context_length:
-            raise SampleError(
+            too_long = SampleError(
                 "too_long",
                 f"{lay.num_tokens} tokens exceed the context length {self.context_length}",
             )
+            if self.over_long != "truncate":
+                raise too_long
+            lay, kept = lay.truncate(self.context_length)
+            if not any(lay.loss):
+                raise too_long  # nothing left to learn from before the cut
+            parts, plans = parts[:kept], plans[:kept]
+        vision = audio = 0
+        for plan in plans:
+            if isinstance(plan, ImagePlan):
+                vision += plan.num_tokens
+            elif isinstance(plan, VideoPlan):
+                vision += plan.num_groups * plan.tokens_per_group
+                audio += plan.audio_tokens
+            else:
+                audio += plan.num_tokens
+        return PlannedSample.derive_from(
+            sample,
+            members=sample.members,
+            parts=parts,
+            plans=plans,
+            layout=lay,
+            category=(sample.__subflavors__ or {}).get("category", ""),
+            num_tokens=lay.num_tokens,
+            vision_tokens=vision,
+            audio_tokens=audio,
+        )
+
+    def decode(self, sample: PlannedSample) -> OmniSample:
+        """Decode the media of a planned sample or raise SampleError."""
         images, videos, streams = [], [], []
-        for part, plan in zip(parts, plans, strict=True):
+        for part, plan in zip(sample.parts, sample.plans, strict=True):
             data = sample.members[part.member]
             if isinstance(plan, ImagePlan):
                 images.append(self._decode(media_io.decode_image, "image", data, plan))
             elif isinstance(plan, VideoPlan):
                 videos.append(self._decode(media_io.decode_video_frames, "video", data, plan))
-            if id(part) in audio:
-                streams.append(audio[id(part)])
-        return self._finish(sample, lay, images, videos, streams)
+                if part.audio_member:
+                    streams.append(self._track(sample.members, part))
+            else:
+                streams.append(self._audio(data, media_io.decode_audio))
+        return self._finish(sample, sample.layout, images, videos, streams)
 
-    def _finish(self, sample: Conversation, lay: Layout, images, videos, audio) -> OmniSample:
+    def _finish(self, sample: PlannedSample, lay: Layout, images, videos, audio) -> OmniSample:
         ids, loss = lay.materialize()
         assert len(ids) == lay.num_tokens  # the accounting and the layout agree by construction
         t = torch.tensor(ids, dtype=torch.int64)
@@ -206,7 +326,7 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             images=images,
             videos=videos,
             audio=audio,
-            category=(sample.__subflavors__ or {}).get("category", ""),
+            category=sample.category,
         )
 
     @property
@@ -222,9 +342,9 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         except media_io.MediaError as e:
             raise SampleError(f"undecodable_{kind}", str(e)) from None
 
-    def _plan(self, sample: Conversation, part) -> tuple[Plan, torch.Tensor | None]:
-        """Metadata-only plan of one media part (+ its decoded audio: audio is cheap to
-        decode and its exact length after resampling decides its token count)."""
+    def _plan(self, sample: Conversation, part) -> Plan:
+        """Metadata-only plan of one media part (audio is decoded to measure it: its exact
+        length after resampling decides its token count; the waveform is not kept)."""
         data = sample.members[part.member]
         if part.kind in ("image", "video") and self.vision is None:
             raise ValueError(f"sample {sample.__key__} has {part.kind} but the model has no vision")
@@ -237,27 +357,18 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
                 rows, cols = tokens.image_grid(
                     w, h, patch=v.patch_size, min_patches=v.min_patches, max_patches=v.max_patches
                 )
-                return ImagePlan(rows, cols), None
+                return ImagePlan(rows, cols)
             if part.kind == "audio":
                 wav = self._audio(data, media_io.decode_audio)
-                return AudioPlan(wav.shape[0], self._audio_tokens(wav)), wav
+                return AudioPlan(wav.shape[0], self._audio_tokens(wav))
             info = media_io.probe_video(data)
         except media_io.MediaError as e:
             raise SampleError(f"undecodable_{e.kind}", str(e)) from None
         stamps = media_io.sample_video_timestamps(info, self.video_fps, self.max_video_frames)
         budget = self._patch_budget(sample.__key__, part.member)
         rows, cols = tokens.frame_grid(info.width, info.height, budget, patch=v.patch_size)
-        wav, n_audio = None, 0
-        if part.audio_member:
-            src = sample.members[part.audio_member]
-            decode = (
-                media_io.decode_video_audio
-                if part.audio_member == part.member
-                else media_io.decode_audio
-            )
-            wav = self._audio(src, decode)
-            n_audio = self._audio_tokens(wav)
-        plan = VideoPlan(
+        n_audio = self._audio_tokens(self._track(sample.members, part)) if part.audio_member else 0
+        return VideoPlan(
             tuple(stamps),
             rows,
             cols,
@@ -265,7 +376,12 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             n_audio,
             tokens.audio_token_seconds(self.audio_cfg) if self.audio_cfg else 0.08,
         )
-        return plan, wav
+
+    def _track(self, members: dict, part) -> torch.Tensor:
+        """The audio of a video part: its own track, or a separate audio member."""
+        own = part.audio_member == part.member
+        decode = media_io.decode_video_audio if own else media_io.decode_audio
+        return self._audio(members[part.audio_member], decode)
 
     def _audio(self, data: bytes, decode) -> torch.Tensor:
         try:
@@ -291,7 +407,77 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
 
     # -- per micro-batch -------------------------------------------------------------------
 
-    def batch(self, samples: list[OmniSample]) -> OmniBatch:
+    def pack_selected_samples(self, samples: list[OmniSample]) -> PackedSample:
+        """One bin's decoded samples -> one THD sequence (see :class:`PackedSample`). Each
+        sample is padded to ``sample_pad_multiple`` (context parallel splits every sample), the
+        whole to ``pad_multiple`` (sequence parallel); an empty bin (every sample of it failed
+        to decode) becomes one all-padding segment, so the rank still takes its step."""
+        q, m = self.sample_pad_multiple, self.pad_multiple
+        toks, labels, mask, pos, media = [], [], [], [], Media()
+        cu, cu_padded = [0], [0]
+        for k, smp in enumerate(samples):
+            n = smp.tokens.shape[0]
+            pad = -n % q
+            toks += [smp.tokens, smp.tokens.new_full((pad,), self.pad_id)]
+            labels += [smp.labels, smp.labels.new_full((pad,), self.pad_id)]
+            mask += [smp.loss_mask, smp.loss_mask.new_zeros(pad)]
+            pos.append(torch.arange(n + pad, dtype=torch.int64))
+            cu.append(cu_padded[-1] + n)
+            cu_padded.append(cu_padded[-1] + n + pad)
+            _add_media(media, smp, k)
+        tail = -cu_padded[-1] % m if samples else max(m, q)
+        if tail:
+            toks.append(torch.full((tail,), self.pad_id, dtype=torch.int64))
+            labels.append(torch.full((tail,), self.pad_id, dtype=torch.int64))
+            mask.append(torch.zeros(tail, dtype=torch.float32))
+            start = pos[-1].shape[0] if samples else 0
+            pos.append(torch.arange(start, start + tail, dtype=torch.int64))
+            if not samples:
+                cu.append(tail)  # one padding "sample" without loss
+                cu_padded.append(tail)
+            else:
+                cu_padded[-1] += tail
+        media.sample_names = [s.__key__ for s in samples]
+        return PackedSample(
+            __key__="+".join(s.__key__ for s in samples),
+            __restore_key__=(),
+            __subflavors__={},
+            tokens=torch.cat(toks),
+            labels=torch.cat(labels),
+            loss_mask=torch.cat(mask),
+            position_ids=torch.cat(pos),
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+            cu_seqlens_padded=torch.tensor(cu_padded, dtype=torch.int32),
+            media=media,
+            keys=[s.__key__ for s in samples],
+            categories=[s.category for s in samples],
+            num_real_tokens=sum(s.tokens.shape[0] for s in samples),
+        )
+
+    def _bookkeeping(self) -> tuple[dict, int]:
+        skipped, self._skipped = dict(self._skipped), Counter()
+        num_read, self._num_read = self._num_read, 0
+        return skipped, num_read
+
+    def batch(self, samples: list[OmniSample] | list[PackedSample]) -> OmniBatch:
+        if isinstance(samples[0], PackedSample):
+            (p,) = samples  # one packed sequence per micro-batch
+            skipped, num_read = self._bookkeeping()
+            return OmniBatch.from_samples(
+                samples,
+                tokens=p.tokens[None],
+                labels=p.labels[None],
+                loss_mask=p.loss_mask[None],
+                position_ids=p.position_ids[None],
+                media=p.media,
+                keys=p.keys,
+                categories=p.categories,
+                num_real_tokens=p.num_real_tokens,
+                skipped=skipped,
+                num_read=num_read,
+                cu_seqlens=p.cu_seqlens,
+                cu_seqlens_padded=p.cu_seqlens_padded,
+            )
         lengths = [s.tokens.shape[0] for s in samples]
         s_max = -(-max(lengths) // self.pad_multiple) * self.pad_multiple
         b = len(samples)
@@ -301,15 +487,8 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         media = Media(sample_names=[s.__key__ for s in samples])
         for row, (smp, n) in enumerate(zip(samples, lengths, strict=True)):
             toks[row, :n], labels[row, :n], mask[row, :n] = smp.tokens, smp.labels, smp.loss_mask
-            for items, owners, new in (
-                (media.images, media.image_sample, smp.images),
-                (media.videos, media.video_sample, smp.videos),
-                (media.audio, media.audio_sample, smp.audio),
-            ):
-                items += new
-                owners += [row] * len(new)
-        skipped, self._skipped = dict(self._skipped), Counter()
-        num_read, self._num_read = self._num_read, 0
+            _add_media(media, smp, row)
+        skipped, num_read = self._bookkeeping()
         return OmniBatch.from_samples(
             samples,
             tokens=toks,
@@ -322,7 +501,51 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             num_real_tokens=sum(lengths),
             skipped=skipped,
             num_read=num_read,
+            cu_seqlens=None,
+            cu_seqlens_padded=None,
         )
 
     def encode_batch(self, batch: OmniBatch) -> OmniBatch:
         return batch
+
+    # -- packing ---------------------------------------------------------------------------
+
+    def packed_length(self, sample: PlannedSample) -> int:
+        """Tokens a planned sample takes in a bin (its per-sample padding included)."""
+        return -(-sample.num_tokens // self.sample_pad_multiple) * self.sample_pad_multiple
+
+    def cost(self, sample: PlannedSample) -> float:
+        pk = self.packing
+        weights = CostWeights(pk.attention_weight, pk.vision_weight, pk.audio_weight)
+        return sample_cost(sample.num_tokens, sample.vision_tokens, sample.audio_tokens, weights)
+
+    def build_batch(self, dataset, *, batch_size, batch_drop_last=False, worker_config, **kw):
+        """Unpacked: energon's (decode, then batch). Packed: the online packer, then one packed
+        sequence per micro-batch."""
+        if self.packing is None:
+            return super().build_batch(
+                dataset,
+                batch_size=batch_size,
+                batch_drop_last=batch_drop_last,
+                worker_config=worker_config,
+                **kw,
+            )
+        from omni_train.data.packed import OnlinePackingDataset
+
+        return BatchDataset(
+            OnlinePackingDataset(dataset, encoder=self, worker_config=worker_config),
+            batch_size=1,
+            batcher=self.batch,
+            batcher_stateless=False,  # batch() hands over the skip counts
+            worker_config=worker_config,
+        )
+
+
+def _add_media(media: Media, sample: OmniSample, owner: int) -> None:
+    for items, owners, new in (
+        (media.images, media.image_sample, sample.images),
+        (media.videos, media.video_sample, sample.videos),
+        (media.audio, media.audio_sample, sample.audio),
+    ):
+        items += new
+        owners += [owner] * len(new)
