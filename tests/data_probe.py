@@ -5,6 +5,8 @@
     data_probe.py epoch   DATA OUT N one epoch (N batches) of a dataset with bad samples
     data_probe.py encoders ROOT OUT  every synthetic sample through the tiny model's real
                                      encoders: features per item == placeholders (1 rank)
+    data_probe.py packed DATA OUT    one pass over a dataset with bad samples, packed with
+                                     global balance: the bins each rank trains on
 
 Each rank writes ``OUT/<mode>_rank<r>.json``; the test reads and asserts.
 """
@@ -22,7 +24,12 @@ from omni_train.config import compose_job
 from omni_train.data import blends, tokens
 from omni_train.data.loader import EnergonBatches
 
-BASE = ["stage=smoke_omni", "model=tiny", "trainer.micro_batch_size=2"]
+BASE = [
+    "stage=smoke_omni",
+    "model=tiny",
+    "trainer.micro_batch_size=2",
+    "data.packing.enabled=false",
+]
 
 
 def stream(root: str, out: str, *overrides: str, gbs: int = 4) -> EnergonBatches:
@@ -128,6 +135,49 @@ def epoch_mode(data: str, out: str, num_batches: str) -> dict:
     return {"keys": keys, "totals": s.state_dict()}
 
 
+def packed_mode(data: str, out: str) -> dict:
+    """Global packing over a finite stream (energon's val pipeline reads the train split
+    once): every rank plans every sample and keeps the bins dealt to it."""
+    from megatron.energon import WorkerConfig, get_loader, get_val_dataset, reraise_exception
+
+    from omni_train.data.loader import task_encoder
+
+    cfg = compose_job(
+        [
+            *BASE,
+            f"data.path={data}",
+            "data.blend=null",
+            "trainer.seq_length=512",
+            "trainer.micro_batch_size=1",
+            "data.packing.enabled=true",
+            "data.packing.buffer_size=5",  # several refills within the pass
+            f"checkpoint.output_dir={out}",
+        ]
+    )
+    r, w = dist.get_rank(), dist.get_world_size()
+    loader = get_loader(
+        get_val_dataset(
+            data,
+            split_part="train",
+            worker_config=WorkerConfig(
+                rank=0, world_size=1, num_workers=0, global_error_handler=reraise_exception
+            ),
+            batch_size=1,
+            task_encoder=task_encoder(cfg, training=True, dp_size=w, dp_rank=r),
+        )
+    )
+    bins, skipped, num_read, fills = [], {}, 0, []
+    for batch in loader:
+        assert batch.cu_seqlens is not None and batch.tokens.shape[0] == 1
+        assert batch.tokens.shape[1] <= 512
+        bins.append(batch.keys)
+        fills.append(batch.num_real_tokens)
+        num_read += batch.num_read
+        for reason, n in batch.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {"bins": bins, "skipped": skipped, "num_read": num_read, "fills": fills}
+
+
 def encoders_mode(root: str, out: str) -> dict:
     from omni_train.data.loader import task_encoder
     from omni_train.data.prepare import read_raw
@@ -170,7 +220,12 @@ if __name__ == "__main__":
     if mode != "encoders":  # encoders builds the model: init_parallel makes the group
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    modes = {"blends": blends_mode, "restore": restore_mode, "epoch": epoch_mode}
+    modes = {
+        "blends": blends_mode,
+        "restore": restore_mode,
+        "epoch": epoch_mode,
+        "packed": packed_mode,
+    }
     result = {**modes, "encoders": encoders_mode}[mode](*args)
     out = Path(args[1])
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,24 @@ def test_corrupted_shard_one_epoch_two_ranks_exact_skips_no_good_sample_lost(cor
     assert r0["totals"]["num_read"] == 2 * (len(REASONS) + GOOD_PER_SHARD)
 
 
+def test_global_packing_one_pass_two_ranks_every_good_sample_once(corrupted, tmp_path):
+    """Both ranks plan the same stream and keep disjoint bins: every good sample is trained on
+    exactly once across ranks, every bad one counted exactly once, none lost."""
+    data, good = corrupted
+    r0, r1 = probe(2, "packed", data, tmp_path)
+    keys0 = [k for b in r0["bins"] for k in b]
+    keys1 = [k for b in r1["bins"] for k in b]
+    assert not set(keys0) & set(keys1)
+    assert sorted(keys0 + keys1) == sorted(good)
+    assert len(r0["bins"]) == len(r1["bins"])  # one bin per rank per round: ranks in step
+    # planning skips are counted by rank 0 only; a sample that fails to decode (the corrupted
+    # image: its header is intact) by the rank its bin was dealt to
+    total = Counter(r0["skipped"]) + Counter(r1["skipped"])
+    assert total == {reason: 2 for reason in REASONS}
+    assert set(r1["skipped"]) <= {"undecodable_image"}
+    assert r0["num_read"] == 2 * (len(REASONS) + GOOD_PER_SHARD) and r1["num_read"] == 0
+
+
 def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp_path):
     data, good = corrupted
     stage = [
@@ -254,6 +273,8 @@ def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp
         "data.shuffle_buffer_size=0",
         "data.max_samples_per_sequence=0",
         "trainer.seq_length=512",
+        "data.packing.enabled=false",
+        "trainer.micro_batch_size=2",
         "trainer.train_steps=3",  # 3 steps x global batch 4 = the 12 good samples
         "trainer.save_interval=0",
         "trainer.eval_iters=1",
@@ -275,9 +296,19 @@ def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp
     assert failed["status"] == "failed" and "too_long" in failed["error"]
 
 
-def test_stage_resume_on_energon_data_equals_uninterrupted(synth, tmp_path):
+PACKED = [
+    "data.packing.enabled=true",
+    "trainer.micro_batch_size=1",
+    "trainer.global_batch_size=2",
+    "data.packing.buffer_size=24",
+]
+
+
+@pytest.mark.parametrize("packing", ["unpacked", "packed"])
+def test_stage_resume_on_energon_data_equals_uninterrupted(synth, tmp_path, packing):
     """2 + 2 steps == 4 steps on the omni data: the checkpoint's loader state continues at the
-    same sample (DP=2, one decoding worker per rank)."""
+    same sample (DP=2, one decoding worker per rank). Packed: the checkpoint falls in the
+    middle of the packer's buffer (24 planned samples, ~7 per bin, one bin per rank a step)."""
     stage = [
         "stage=smoke_omni",
         "model=tiny",
@@ -286,6 +317,7 @@ def test_stage_resume_on_energon_data_equals_uninterrupted(synth, tmp_path):
         "trainer.train_steps=4",
         "trainer.save_interval=0",
         "trainer.eval_iters=1",
+        *(PACKED if packing == "packed" else ["data.packing.enabled=false"]),
     ]
     whole = launch(2, tmp_path / "whole", *stage)
     first = launch(2, tmp_path / "split", *stage, "trainer.exit_after_steps=2")
