@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/equivalence.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mamba_scan.py --out benchmarks/results/mamba_scan_cpu.md
 	$(BIN)/python benchmarks/data_throughput.py --data $(SYNTH) --out benchmarks/results/data_throughput_cpu.md
+	$(BIN)/python benchmarks/packing.py
 
 lint: setup
 	$(BIN)/ruff check omni_train tests benchmarks
