@@ -21,6 +21,7 @@ Usage: python benchmarks/packing.py [--samples 20000] [--ranks 8] [--buffer 1000
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 
@@ -84,7 +85,7 @@ def stream(stage: str, n: int, seed: int) -> tuple[int, list[tuple[int, float]]]
     for _ in range(n):
         _, _, mean, vis, aud = rng.choices(cats, weights)[0]
         sigma = 0.8
-        mu = __import__("math").log(mean) - sigma * sigma / 2  # the lognormal's mean = mean
+        mu = math.log(mean) - sigma * sigma / 2  # the lognormal's mean = mean
         length = min(context, max(32, int(rng.lognormvariate(mu, sigma))))
         out.append((length, sample_cost(length, int(length * vis), int(length * aud))))
     return context, out

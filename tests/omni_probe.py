@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from omni_train.config import compose_job
 from omni_train.data import tokens
+from omni_train.data.loader import packed_seq_params
 from omni_train.data.media import Media
 from omni_train.model import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
@@ -107,15 +107,7 @@ def pack(samples, multiple: int):
     ys = torch.cat([ys, torch.ones(1, pad, dtype=ys.dtype)], dim=1)
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     cu_padded = torch.cat([cu[:-1], torch.tensor([xs.shape[1]], dtype=torch.int32)])
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu_padded,
-        cu_seqlens_kv_padded=cu_padded,
-        max_seqlen_q=max(lengths) + pad,
-        max_seqlen_kv=max(lengths) + pad,
-    )
+    params = packed_seq_params(cu, cu_padded)  # the loader's THD description
     media = Media(sample_names=["text", "image", "audio+video"])
     for k, (_, _, m) in enumerate(samples):
         media.images += m.images

@@ -199,6 +199,11 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         self._pad_id = pad_id
         self.over_long = over_long
         self.packing = packing
+        self.cost_weights = (
+            CostWeights(packing.attention_weight, packing.vision_weight, packing.audio_weight)
+            if packing
+            else None
+        )
         self.num_ranks, self.rank = num_ranks, rank
         self.sample_pad_multiple = sample_pad_multiple
         self.count_reads = count_reads
@@ -515,9 +520,9 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         return -(-sample.num_tokens // self.sample_pad_multiple) * self.sample_pad_multiple
 
     def cost(self, sample: PlannedSample) -> float:
-        pk = self.packing
-        weights = CostWeights(pk.attention_weight, pk.vision_weight, pk.audio_weight)
-        return sample_cost(sample.num_tokens, sample.vision_tokens, sample.audio_tokens, weights)
+        return sample_cost(
+            sample.num_tokens, sample.vision_tokens, sample.audio_tokens, self.cost_weights
+        )
 
     def build_batch(self, dataset, *, batch_size, batch_drop_last=False, worker_config, **kw):
         """Unpacked: energon's (decode, then batch). Packed: the online packer, then one packed
