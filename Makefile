@@ -11,7 +11,7 @@ TORCH_PIN := $(shell grep '^torch==' $(CONSTRAINTS))
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup smoke smoke-text test test-slow bench lint format lock clean
+.PHONY: setup curriculum smoke smoke-text test test-slow bench lint format lock clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 SYNTH := runs/data/synthetic
 
-# The main job: synthetic omni data (every modality, energon datasets; made once), then the
-# tiny omni model trains on it with every component trainable, 2 ranks (TP=2 + SP), on CPU.
+# The main job: the seven-stage curriculum with the tiny model on CPU (2 ranks, TP=2 + SP), each
+# stage from the previous one's weights, on synthetic omni data it makes once; about 4 minutes.
+# A re-run skips completed stages; FROM=<stage> re-runs from there.
+curriculum: setup
+	$(BIN)/omni-train curriculum --nproc-per-node 2 model=tiny $(if $(FROM),--from $(FROM))
+
+# One stage: synthetic omni data (every modality, energon datasets; made once), then the tiny
+# omni model trains on it with every component trainable, 2 ranks (TP=2 + SP), on CPU.
 smoke: setup
 	$(BIN)/omni-train data synth --out $(SYNTH) --samples 64 --seed 0
 	$(BIN)/omni-train run --nproc-per-node 2 stage=smoke_omni model=tiny parallel=tp2 data.synthetic_root=$(SYNTH)

@@ -2,6 +2,9 @@
 
 omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
     launches ``torchrun -m omni_train.train`` with the same overrides (same code path);
+omni-train curriculum [--nproc-per-node 2] [--name N] [--from STAGE] [--plan] [overrides]
+    runs every stage in order into runs/<name>/stage<k>_<name>/, each from the previous
+    stage's weights (default model=tiny: the CPU overlay); completed stages are skipped;
 omni-train config [overrides]
     prints the composed, validated config as YAML.
 omni-train model summary model=NAME [--json]
@@ -41,6 +44,24 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     cmd += ["--standalone"] if args.nnodes == 1 else [f"--rdzv-endpoint={args.rdzv_endpoint}"]
     cmd += ["-m", "omni_train.train", *overrides]
     return subprocess.call(cmd, env=env)
+
+
+def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from omni_train.stage import curriculum
+
+    if not any(o.split("=", 1)[0] == "model" for o in overrides):
+        overrides = ["model=tiny", *overrides]  # the CPU default: the tiny overlay
+    model = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model")
+    run_dir = Path(args.runs_dir) / (args.name or model)
+    if args.plan:
+        for s in curriculum.plan(run_dir, overrides, args.nproc_per_node, args.from_stage):
+            print(f"{s.action:7s} {s.name:34s} {' '.join(s.overrides)}")
+        return 0
+    manifests = curriculum.run(run_dir, overrides, args.nproc_per_node, args.from_stage)
+    print(curriculum.summary_table(manifests))
+    return 0
 
 
 def _config(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -100,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--nnodes", type=int, default=1)
     run.add_argument("--rdzv-endpoint", default="", help="host:port of node 0 when nnodes > 1")
     run.set_defaults(func=_run)
+    cur = sub.add_parser("curriculum", help="run every stage in order (launches torchrun)")
+    cur.add_argument("--nproc-per-node", type=int, default=2)
+    cur.add_argument("--name", default="", help="run name: runs/<name>/ (default: the model)")
+    cur.add_argument("--runs-dir", default="runs")
+    cur.add_argument("--from", dest="from_stage", help="re-run from this stage (name or index)")
+    cur.add_argument("--plan", action="store_true", help="print what would run, run nothing")
+    cur.set_defaults(func=_curriculum)
     show = sub.add_parser("config", help="print the composed config")
     show.add_argument("--world-size", type=int, default=0, help="also validate for this size")
     show.set_defaults(func=_config)

@@ -190,6 +190,24 @@ def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) 
 
 
 @torch.no_grad()
+def load_component_weights(path: str | os.PathLike, model, component: str) -> None:
+    """Load one component's weights (keys ``<component>.*``) from a torch_dist checkpoint,
+    e.g. a pretrained LM or encoder for stage 0; the rest of ``model`` is left as it is."""
+    prefix = f"{component}."
+    wanted = {k: v for k, v in model.sharded_state_dict().items() if k.startswith(prefix)}
+    if not wanted:
+        raise ValueError(f"the model has no weights under {prefix}*")
+    loaded = dist_checkpointing.load(wanted, str(path))
+    result = model.load_state_dict(loaded, strict=False)
+    missing = [k for k in result.missing_keys if k.startswith(prefix)]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not match component {component}: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+@torch.no_grad()
 def load_weights(path: str | os.PathLike, model) -> None:
     """Load model weights only (any parallel layout), e.g. from the previous stage."""
     path = Path(path)

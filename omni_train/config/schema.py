@@ -13,6 +13,8 @@ from omegaconf import MISSING
 
 # Layer symbols of the hybrid pattern (megatron.core.ssm.mamba_hybrid_layer_allocation.Symbols).
 LAYER_SYMBOLS = {"M": "Mamba2 mixer", "*": "self-attention", "-": "dense MLP", "E": "MoE"}
+# megatron-core selective-recompute modules the LM uses (TransformerConfig.recompute_modules)
+RECOMPUTE_LM_MODULES = ("core_attn", "mlp", "layernorm", "moe")
 
 
 def _positive(owner: str, **values: int | float) -> None:
@@ -293,6 +295,11 @@ class ModelConfig:
         return len(self.hybrid_pattern)
 
     @property
+    def parts(self) -> list[str]:
+        """Named parts a stage may run in eval mode while their component trains."""
+        return ["vision_encoder.cpe"] if self.vision is not None else []
+
+    @property
     def components(self) -> list[str]:
         """Component names this model declares, for the per-stage freezing policy."""
         names = ["llm"]
@@ -411,6 +418,13 @@ class CheckpointConfig:
 
     output_dir: str = "runs/${stage.name}"
     init_from: str | None = None
+    # Stage 0's pretrained components: component name -> a torch_dist checkpoint holding that
+    # component's weights under its own prefix (e.g. llm.*); every other component keeps its
+    # initialisation. Importing the published HF/NeMo checkpoints into this form comes later.
+    init_components: dict[str, str] = field(default_factory=dict)
+    # Before init_from: the source must be the completed final checkpoint of stage.previous
+    # with the same model fingerprint. false skips these checks (logged).
+    check_handoff: bool = True
     resume: str = "auto"  # "auto": resume if output_dir has a checkpoint; "true": must; "false"
     keep_last: int = 2  # older step checkpoints are deleted; 0 keeps all
 
@@ -537,9 +551,78 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
+    """What a stage is and what trains in it (the stage recipes in ``recipes/stage/``).
+
+    ``index``/``previous`` place a curriculum stage in its order: a stage with ``previous`` set
+    starts (``checkpoint.init_from``) from that stage's completed final checkpoint, and the
+    runner checks the name, the status and the model fingerprint before it loads anything.
+    """
+
     name: str = MISSING
     description: str = ""
+    index: int | None = None  # position in the curriculum (0-6); None: a stand-alone stage
+    previous: str | None = None  # the stage whose final weights this one starts from
+    # Components that train (a closed list: the names the model declares); the rest are
+    # frozen: no gradient, no optimizer state, no DDP buffer.
     trainable: list[str] = field(default_factory=lambda: ["llm"])
+    # Parts that run in eval mode while their component trains (e.g. vision_encoder.cpe: the
+    # CPE's random crop off). omni_train.model.omni.PARTS lists them.
+    eval_parts: list[str] = field(default_factory=list)
+    # Frozen encoders run in eval mode (no CPE crop, no dropout, BatchNorm on its running
+    # statistics, which then stay as loaded). false: train mode, as megatron's freeze does.
+    frozen_encoders_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if self.index is not None and self.index < 0:
+            raise ValueError(f"stage.index={self.index} must be >= 0")
+        if len(set(self.trainable)) != len(self.trainable):
+            raise ValueError(f"stage.trainable={self.trainable} lists a component twice")
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recompute per component (memory for compute; results are identical).
+
+    ``lm``: megatron-core selective recompute of the LM's ``core_attn``, ``mlp``, ``layernorm``
+    (the MoE layers' pre-MLP norm; attention and MLP norms are fused into their linears) and
+    ``moe`` (the whole MoE layer). ``vision_encoder``: megatron's full recompute of every ViT
+    block (``uniform``, one layer per unit). ``audio_encoder`` and ``projectors``: our own
+    per-layer checkpointing of the NeMo conformer layers and of the projector MLPs.
+    """
+
+    lm: list[str] = field(default_factory=list)
+    vision_encoder: bool = False
+    audio_encoder: bool = False
+    projectors: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.lm) - set(RECOMPUTE_LM_MODULES))
+        if unknown:
+            raise ValueError(
+                f"recompute.lm={self.lm} has unknown modules {unknown}; valid: "
+                f"{', '.join(RECOMPUTE_LM_MODULES)}"
+            )
+
+
+@dataclass
+class ClusterConfig:
+    """The machines a recipe is laid out for. With ``nodes`` set, the job must run on exactly
+    ``nodes x gpus_per_node`` ranks (the global batch and data-parallel size assume it);
+    ``nodes: null`` accepts any world size (local and CI runs)."""
+
+    name: str = "local"
+    nodes: int | None = None
+    gpus_per_node: int = 8
+    gpu: str = ""  # informational, e.g. H100-80GB
+
+    def __post_init__(self) -> None:
+        if self.nodes is not None:
+            _positive("cluster", nodes=self.nodes)
+        _positive("cluster", gpus_per_node=self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int | None:
+        return None if self.nodes is None else self.nodes * self.gpus_per_node
 
 
 @dataclass
@@ -551,3 +634,5 @@ class JobConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

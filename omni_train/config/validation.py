@@ -135,10 +135,70 @@ def check_packing(cfg: JobConfig) -> None:
 
 
 def check_checkpoint(cfg: JobConfig) -> None:
-    if cfg.checkpoint.resume == "true" and cfg.checkpoint.init_from:
+    c = cfg.checkpoint
+    if c.resume == "true" and (c.init_from or c.init_components):
         raise ValueError(
-            "checkpoint.resume=true and checkpoint.init_from are exclusive: resume continues "
-            "this stage, init_from starts it from another checkpoint's weights; pick one"
+            "checkpoint.resume=true and checkpoint.init_from/init_components are exclusive: "
+            "resume continues this stage, init_* starts it from other weights; pick one"
+        )
+    if c.init_from and c.init_components:
+        raise ValueError(
+            "checkpoint.init_from (a whole previous-stage checkpoint) and "
+            "checkpoint.init_components (per-component pretrained weights, stage 0) are "
+            "exclusive; set one"
+        )
+    unknown = sorted(set(c.init_components) - set(cfg.model.components))
+    if unknown:
+        raise ValueError(
+            f"checkpoint.init_components names {unknown}, which model={cfg.model.name} does "
+            f"not declare; valid: {', '.join(cfg.model.components)}"
+        )
+
+
+def check_stage(cfg: JobConfig) -> None:
+    """The freezing policy and eval parts name only what the model declares."""
+    s, m = cfg.stage, cfg.model
+    unknown = sorted(set(s.trainable) - set(m.components))
+    if unknown:
+        raise ValueError(
+            f"stage.trainable names {unknown}, which model={m.name} does not declare; "
+            f"valid: {', '.join(m.components)}"
+        )
+    if not s.trainable:
+        raise ValueError("stage.trainable is empty: nothing would train; name a component")
+    unknown = sorted(set(s.eval_parts) - set(m.parts))
+    if unknown:
+        raise ValueError(
+            f"stage.eval_parts names {unknown}; model={m.name} declares: "
+            f"{', '.join(m.parts) or 'none'}"
+        )
+
+
+def check_recompute(cfg: JobConfig) -> None:
+    r, m = cfg.recompute, cfg.model
+    for flag, present, component in (
+        (r.vision_encoder, m.vision is not None, "vision_encoder"),
+        (r.audio_encoder, m.audio is not None, "audio_encoder"),
+    ):
+        if flag and not present:
+            raise ValueError(
+                f"recompute.{component}=true but model={m.name} has no {component}; set "
+                f"recompute.{component}=false"
+            )
+    if "moe" in r.lm and "E" not in m.hybrid_pattern:
+        raise ValueError(
+            f"recompute.lm includes 'moe' but model={m.name} has no MoE layer; remove it"
+        )
+
+
+def check_cluster(cfg: JobConfig, world_size: int) -> None:
+    c = cfg.cluster
+    if c.world_size is not None and c.world_size != world_size:
+        raise ValueError(
+            f"stage {cfg.stage.name} is laid out for cluster {c.name}: {c.nodes} nodes x "
+            f"{c.gpus_per_node} GPUs = {c.world_size} ranks, but this job has {world_size}; "
+            f"launch on {c.nodes} nodes, or set cluster.nodes (and check that "
+            "trainer.global_batch_size still divides by the data-parallel size)"
         )
 
 
@@ -203,10 +263,13 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     """All cross-field checks for a job on ``world_size`` processes."""
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
+    check_cluster(cfg, world_size)
     check_layout(cfg, world_size)
     check_moe(cfg)
     check_sequence(cfg)
     check_batch(cfg, world_size)
     check_checkpoint(cfg)
+    check_stage(cfg)
+    check_recompute(cfg)
     check_data(cfg)
     check_packing(cfg)

@@ -14,7 +14,8 @@ from megatron.core.transformer import TransformerConfig
 from omni_train.config import JobConfig
 from omni_train.model.build import build_omni_model
 from omni_train.model.freeze import ComponentCounts, apply_freezing
-from omni_train.model.omni import OmniModel
+from omni_train.model.omni import EVAL_WHEN_FROZEN, OmniModel
+from omni_train.model.recompute import apply_recompute
 from omni_train.model.specs import platform_leaves
 from omni_train.parallel import ParallelState
 from omni_train.platform import Platform
@@ -55,4 +56,10 @@ def build_model(cfg: JobConfig, ps: ParallelState, platform: Platform) -> BuiltM
     model = model.to(platform.device)
     components = model.components()
     apply_freezing(components, cfg.stage.trainable)  # before DDP: frozen params get no buffers
+    frozen = [name for name in components if name not in cfg.stage.trainable]
+    eval_components = []
+    if cfg.stage.frozen_encoders_eval:
+        eval_components = [name for name in frozen if name in EVAL_WHEN_FROZEN]
+    model.set_mode_policy(eval_components, cfg.stage.eval_parts)
+    apply_recompute(model, cfg.recompute)
     return BuiltModel(model, tf_config, components, global_parameter_counts(model))

@@ -18,6 +18,7 @@ from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer import TransformerConfig
 
 from omni_train.config import JobConfig
+from omni_train.model import recompute
 from omni_train.model.omni import OmniModel
 from omni_train.model.specs import Leaves, lm_stack_spec, mlp_submodules, vit_layer_spec
 from omni_train.parallel import ParallelState
@@ -98,6 +99,7 @@ def transformer_config(cfg: JobConfig, platform: Platform, init: bool = True) ->
         expert_tensor_parallel_size=p.expert_tp,
         **_common(cfg, platform, init),
         **moe,
+        **recompute.lm_options(cfg.recompute),
     )
 
 
@@ -121,6 +123,7 @@ def vision_transformer_config(
         init_method_std=v.init_method_std,
         sequence_parallel=False,
         **_common(cfg, platform, init),
+        **recompute.vision_options(cfg.recompute),
     )
 
 

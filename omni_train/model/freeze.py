@@ -1,4 +1,15 @@
-"""Per-stage freezing: a closed policy over the component names the model declares."""
+"""Per-stage freezing: a closed policy over the component names the model declares.
+
+A frozen component is frozen entirely, not only its parameters:
+
+- ``requires_grad=False`` before DDP and the optimizer exist, so it gets no gradient, no DDP
+  buffer space and no optimizer state;
+- a frozen LM's MoE routers stop counting tokens per expert. megatron-core updates the
+  aux-loss-free expert bias (a buffer, not a parameter) from those counts in
+  ``finalize_model_grads`` whether or not the LM trains; with no counts the update is zero
+  and the routing stays as loaded;
+- frozen encoders run in eval mode (``OmniModel.set_mode_policy``; ``stage.frozen_encoders_eval``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +25,8 @@ class ComponentCounts:
 
 
 def apply_freezing(components: dict[str, torch.nn.Module], trainable: list[str]) -> None:
-    """Set ``requires_grad`` per component (``trainable`` lists component names).
+    """Set ``requires_grad`` per component (``trainable`` lists component names) and stop the
+    expert-bias updates of frozen MoE routers.
 
     Must run before DDP and the optimizer are built, so that frozen parameters get no gradient
     buffer and no optimizer state.
@@ -26,5 +38,10 @@ def apply_freezing(components: dict[str, torch.nn.Module], trainable: list[str])
             f"this model declares: {', '.join(components)}"
         )
     for name, module in components.items():
+        trains = name in trainable
         for param in module.parameters():
-            param.requires_grad_(name in trainable)
+            param.requires_grad_(trains)
+        for sub in module.modules():
+            if getattr(sub, "expert_bias", None) is not None and hasattr(sub, "enable_expert_bias"):
+                # megatron's TopKRouter reads this flag on every forward (_apply_expert_bias).
+                sub.enable_expert_bias = trains and sub.config.moe_router_enable_expert_bias

@@ -26,10 +26,16 @@ from omni_train.config import ModelConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
 from omni_train.model.cpu_attention import segment_ids  # pure PyTorch; used on both platforms
+from omni_train.model.recompute import recomputed
 
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
 # Named parts a stage may run in eval mode while they train (the CPE's random crop off).
 PARTS = ("vision_encoder.cpe",)
+# Components whose train mode changes what they compute (CPE crop; dropout and BatchNorm
+# statistics): frozen, they run in eval mode. The LM and the projectors have no such layers
+# (dropout 0, no BatchNorm) and stay in train mode when frozen, because megatron-core only
+# recomputes activations in train mode and the gradient of a frozen LM's input still needs them.
+EVAL_WHEN_FROZEN = ("vision_encoder", "audio_encoder")
 
 
 def sample_index(input_ids: torch.Tensor, packed: PackedSeqParams | None) -> torch.Tensor:
@@ -63,6 +69,7 @@ class OmniModel(MegatronModule):
         self.vision_projector = vision_projector
         self.audio_encoder = audio_encoder
         self.audio_projector = audio_projector
+        self.recompute_projectors = False  # omni_train.model.recompute.apply_recompute
 
     # ---- components -------------------------------------------------------------------------
 
@@ -76,6 +83,25 @@ class OmniModel(MegatronModule):
             raise ValueError(f"unknown model parts {unknown}; this model declares {list(PARTS)}")
         if self.vision_encoder is not None:
             self.vision_encoder.cpe_eval = "vision_encoder.cpe" in parts
+
+    def set_mode_policy(self, eval_components: list[str], eval_parts: list[str]) -> None:
+        """Which components (whole) and parts stay in eval mode when the model trains; applied
+        by every later ``train()`` call, so the training loop stays generic."""
+        unknown = sorted(set(eval_components) - set(self.components()))
+        if unknown:
+            raise ValueError(
+                f"unknown components {unknown}; this model declares {list(self.components())}"
+            )
+        self._eval_components = list(eval_components)
+        self.set_eval_parts(eval_parts)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for name in getattr(self, "_eval_components", ()):
+                getattr(self, name).eval()
+        return self
 
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
@@ -129,7 +155,7 @@ class OmniModel(MegatronModule):
         for mask, feats, counts in ((img_mask, images, img_n), (vid_mask, videos, vid_n)):
             if feats:
                 _assert_counts(feats, counts, "vision")
-                projected = self.vision_projector(torch.cat(feats).unsqueeze(1)).squeeze(1)
+                projected = self._project(self.vision_projector, torch.cat(feats))
                 out.append((mask, projected))
         return out
 
@@ -145,7 +171,7 @@ class OmniModel(MegatronModule):
         mask = self._check_counts("audio", t.audio, media.audio_sample, counts, ids, where, media)
         feats = self.audio_encoder(media.audio)
         _assert_counts(feats, counts, "audio")
-        return [(mask, self.audio_projector(torch.cat(feats).unsqueeze(1)).squeeze(1))]
+        return [(mask, self._project(self.audio_projector, torch.cat(feats)))]
 
     def embed(
         self, input_ids: torch.Tensor, media: Media | None, packed: PackedSeqParams | None
@@ -180,6 +206,12 @@ class OmniModel(MegatronModule):
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
+
+    def _project(self, projector: MultimodalProjector, feats: torch.Tensor) -> torch.Tensor:
+        """``[n, in]`` encoder features -> ``[n, h]`` LM embeddings (recomputed if asked)."""
+        x = feats.unsqueeze(1)
+        out = recomputed(projector, x) if self.recompute_projectors else projector(x)
+        return out.squeeze(1)
 
     def _require(self, component: str, modality: str) -> None:
         if getattr(self, component) is None:

@@ -506,6 +506,15 @@ SOURCE_PATCHES: tuple[SourcePatch, ...] = (
         "only patch the CPU platform)",
     ),
     SourcePatch(
+        "megatron.core.tensor_parallel.random",
+        "CheckpointWithoutOutput.__init__",
+        "self.fp8 = fp8 is not None",
+        "self.fp8 = fp8 not in (None, False)",
+        "tensor_parallel/random.py: CheckpointWithoutOutput() (fp8=False, as TransformerLayer "
+        "builds it for 'layernorm' recompute) sets self.fp8 = True and then calls Transformer "
+        "Engine's FP8GlobalStateManager, which exists only with TE; on GPU TE answers 'fp8 off'",
+    ),
+    SourcePatch(
         "megatron.core.optimizer.clip_grads",
         "clip_grad_by_total_norm_fp32",
         _CUDA_TYPE,

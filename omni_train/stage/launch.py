@@ -1,7 +1,7 @@
 """Run a stage in fresh processes (torchrun, one per rank) and return its manifest.
 
-Used where one Python process drives several stage runs: tests, benchmarks, and (later) the
-curriculum command, which runs stages back to back.
+Used where one Python process drives several stage runs: tests, benchmarks, and the curriculum
+command, which runs stages back to back (each a fresh job, as on a cluster).
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 
-def torchrun(nproc: int, *target: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, *target: str, timeout: int | None = 1800, capture: bool = True
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node nproc TARGET...`` (a script path or ``-m
-    module``, then its arguments), one thread per rank. Raises ``RuntimeError`` with the run's
-    output tail on failure."""
+    module``, then its arguments), one thread per rank. Raises ``RuntimeError`` on failure, with
+    the run's output tail when it was captured (``capture=False`` streams it instead)."""
     cmd = [
         sys.executable,
         "-m",
@@ -27,12 +29,10 @@ def torchrun(nproc: int, *target: str, timeout: int = 1800) -> subprocess.Comple
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: one thread each
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=capture, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"run failed ({proc.returncode}): {' '.join(cmd)}\n"
-            f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-        )
+        tail = f"\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}" if capture else ""
+        raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}{tail}")
     return proc
 
 

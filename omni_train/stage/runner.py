@@ -1,10 +1,13 @@
 """Run one stage: platform -> parallel state -> model (+freeze) -> data -> train -> checkpoint.
 
-Start-up decides between three cases, in this order:
+Start-up decides between four cases, in this order:
 1. resume: ``output_dir`` has a complete checkpoint and ``checkpoint.resume`` is auto/true ->
    restore everything of that run and continue;
-2. init: ``checkpoint.init_from`` is set -> load those weights only, fresh optimizer, step 0;
-3. fresh: random initialisation.
+2. handoff: ``checkpoint.init_from`` is set -> the previous stage's final weights only (after
+   the checks in :mod:`omni_train.stage.handoff`), fresh optimizer, step 0;
+3. pretrained components: ``checkpoint.init_components`` -> those components' weights, the rest
+   initialised (stage 0);
+4. fresh: random initialisation.
 """
 
 from __future__ import annotations
@@ -21,17 +24,19 @@ from omni_train.checkpoint import (
     TrainState,
     check_resumable,
     find_latest,
+    load_component_weights,
     load_for_resume,
     load_weights,
     save_checkpoint,
     write_manifest,
 )
-from omni_train.config import JobConfig, config_hash, validate
+from omni_train.config import JobConfig, config_hash, to_dict, validate
 from omni_train.data import SkipLimitError, build_data
 from omni_train.log import get_logger
 from omni_train.model import build_model
 from omni_train.parallel import ParallelState, destroy_parallel, init_parallel
 from omni_train.parallel.state import world_size_from_env
+from omni_train.stage.handoff import check_components, check_handoff
 from omni_train.training.loop import evaluate, train
 from omni_train.training.optimizer import build_optimizer, wrap_ddp
 
@@ -63,11 +68,16 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
     data = state.data
     return {
         "stage": cfg.stage.name,
+        "stage_index": cfg.stage.index,
+        "previous": cfg.stage.previous,
         "status": status,
         "step": state.step,
         "train_steps": cfg.trainer.train_steps,
         "config_hash": config_hash(cfg),
         "model_fingerprint": config_hash(cfg, sections=("model",)),
+        "model": to_dict(cfg)["model"],
+        "trainable": list(cfg.stage.trainable),
+        "recompute": to_dict(cfg)["recompute"],
         "losses": state.losses,
         "grad_norms": state.grad_norms,
         "final_loss": state.losses[-1] if state.losses else None,
@@ -91,6 +101,7 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         "job_time_s": round(time.time() - started, 3),
         "layout": {"world": ps.world_size, "tp": ps.tp, "cp": ps.cp, "dp": ps.dp, "ep": ps.ep},
         "init_from": cfg.checkpoint.init_from,
+        "init_components": dict(cfg.checkpoint.init_components),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "checkpoint": str(ckpt) if ckpt else None,
         "platform": omni_platform.detect().name,
@@ -108,6 +119,11 @@ def run_stage(cfg: JobConfig) -> dict:
     world_size = world_size_from_env()
     validate(cfg, world_size)  # before any process group or model exists
     resumed_from = resume_point(cfg, world_size)
+    handoff = components = None
+    if resumed_from is None and cfg.checkpoint.init_from:
+        handoff = check_handoff(cfg)
+    elif resumed_from is None:
+        components = check_components(cfg)
     platform = omni_platform.setup()
     ps: ParallelState = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
     try:
@@ -115,9 +131,12 @@ def run_stage(cfg: JobConfig) -> dict:
         built = build_model(cfg, ps, platform)
         for name, c in built.counts.items():
             log.info("component %-16s trainable %12d  frozen %12d", name, c.trainable, c.frozen)
-        if resumed_from is None and cfg.checkpoint.init_from:
-            log.info("initialising weights from %s (weights only)", cfg.checkpoint.init_from)
-            load_weights(cfg.checkpoint.init_from, built.module)
+        if handoff is not None:
+            log.info("initialising weights from %s (weights only)", handoff)
+            load_weights(handoff, built.module)
+        for name, path in (components or {}).items():
+            log.info("component %s: pretrained weights from %s", name, path)
+            load_component_weights(path, built.module, name)
         model = wrap_ddp(cfg, built.module, built.tf_config)
         optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
         train_data, eval_data = build_data(cfg, ps, platform.device)

@@ -46,7 +46,9 @@ def average_running_stats(model) -> None:
     norms = [
         m
         for m in model.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.training  # eval-mode norms (a frozen encoder's) keep their loaded statistics
     ]
     if not norms:
         return

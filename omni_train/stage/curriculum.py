@@ -1,0 +1,168 @@
+"""``omni-train curriculum``: every stage of the curriculum in order, each a fresh torchrun job
+(as each is its own job on a cluster), each starting from the previous stage's final weights.
+
+    runs/<name>/stage0_vision_projector_warmup/   checkpoint + manifest.json
+    runs/<name>/stage1_vision_sft_16k/            init_from: the stage-0 folder
+    ...
+
+The curriculum is the set of stage recipes with a ``stage.index``, linked by ``stage.previous``.
+Every stage is composed and validated before the first one starts. A stage whose manifest says
+``completed`` with the same config hash is skipped; an interrupted one resumes; ``--from``
+deletes that stage's folder and every later one, and runs them again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omni_train.checkpoint import read_manifest
+from omni_train.config import JobConfig, compose_job, config_hash, validate
+from omni_train.config.compose import available
+
+
+@dataclass
+class PlannedStage:
+    cfg: JobConfig
+    overrides: list[str]  # what the stage's torchrun gets
+    output_dir: Path
+    action: str  # "run" (fresh), "resume", "skip" (completed), "rerun" (--from)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.stage.name
+
+
+def _compose(name: str, overrides: list[str], out: Path, prev: Path | None) -> list[str]:
+    args = [f"stage={name}", *overrides, f"checkpoint.output_dir={out}"]
+    return args + ([f"checkpoint.init_from={prev}"] if prev is not None else [])
+
+
+def stage_names(overrides: list[str]) -> list[str]:
+    """The curriculum's stage recipes in order (checked: indices 0..n-1, each ``previous`` is
+    the stage before it)."""
+    indexed = {}
+    for name in available("stage"):
+        index = compose_job([f"stage={name}", *overrides]).stage.index
+        if index is not None:
+            if index in indexed:
+                raise ValueError(f"stages {indexed[index]} and {name} both have index {index}")
+            indexed[index] = name
+    if sorted(indexed) != list(range(len(indexed))) or not indexed:
+        raise ValueError(f"curriculum stage indices {sorted(indexed)} are not 0..n-1")
+    return [indexed[i] for i in range(len(indexed))]
+
+
+def _resolve_from(names: list[str], spec: str | None) -> int | None:
+    if spec is None:
+        return None
+    for i, name in enumerate(names):
+        if spec in (name, str(i), f"stage{i}"):
+            return i
+    raise ValueError(f"--from {spec!r} is not a curriculum stage; valid: {', '.join(names)}")
+
+
+def plan(
+    run_dir: Path, overrides: list[str], world_size: int, from_stage: str | None = None
+) -> list[PlannedStage]:
+    """Compose, validate and decide every stage's action; nothing is written or deleted."""
+    names = stage_names(overrides)
+    start = _resolve_from(names, from_stage)
+    stages: list[PlannedStage] = []
+    prev: Path | None = None
+    for i, name in enumerate(names):
+        out = run_dir / name
+        args = _compose(name, overrides, out, prev)
+        cfg = compose_job(args)
+        expected = names[i - 1] if i else None
+        if cfg.stage.previous != expected:
+            raise ValueError(
+                f"stage {name} declares previous={cfg.stage.previous}, but the curriculum "
+                f"order puts {expected} before it"
+            )
+        action = "run"
+        if start is not None and i >= start:
+            action = "rerun" if out.exists() else "run"
+        elif (out / "manifest.json").is_file():
+            manifest = read_manifest(out)
+            if manifest.get("status") == "completed":
+                if manifest.get("config_hash") != config_hash(cfg):
+                    raise ValueError(
+                        f"{out} completed with a different config (hash "
+                        f"{manifest.get('config_hash')}, now {config_hash(cfg)}); re-run it "
+                        f"and what follows with --from {name}, or use another --name"
+                    )
+                action = "skip"
+            else:
+                action = "resume"
+        stages.append(PlannedStage(cfg, args, out, action))
+        prev = out
+    for stage in stages:
+        _ensure_synthetic(stage.cfg)
+        validate(stage.cfg, world_size)
+    return stages
+
+
+def _ensure_synthetic(cfg: JobConfig) -> None:
+    """The tiny curriculum's synthetic datasets, made once (deterministic: seed 0)."""
+    root = cfg.data.synthetic_root
+    if cfg.data.kind == "energon" and root and not Path(root).exists():
+        from omni_train.data import prepare
+
+        print(f"omni-train curriculum: writing synthetic datasets to {root}", flush=True)
+        prepare.synthesize(root, 64, 0)
+
+
+def run(
+    run_dir: Path, overrides: list[str], nproc: int, from_stage: str | None = None
+) -> list[dict]:
+    """Run the curriculum; returns each stage's manifest (in order)."""
+    from omni_train.stage.launch import torchrun
+
+    stages = plan(run_dir, overrides, nproc, from_stage)
+    for stage in stages:
+        if stage.action == "rerun":
+            shutil.rmtree(stage.output_dir)
+    for stage in stages:
+        if stage.action == "skip":
+            print(f"omni-train curriculum: {stage.name} completed earlier; skipped", flush=True)
+            continue
+        print(f"omni-train curriculum: {stage.name} ({stage.action})", flush=True)
+        started = time.time()
+        torchrun(nproc, "-m", "omni_train.train", *stage.overrides, timeout=None, capture=False)
+        print(f"omni-train curriculum: {stage.name} took {time.time() - started:.0f} s", flush=True)
+    manifests = [read_manifest(s.output_dir) for s in stages]
+    for m, s in zip(manifests, stages, strict=True):
+        m["curriculum_action"] = s.action
+    return manifests
+
+
+def summary_table(manifests: list[dict]) -> str:
+    """One row per stage: steps, tokens, final and eval loss, trainable parameters, wall time."""
+    head = ("stage", "action", "steps", "tokens", "final loss", "eval loss", "trainable", "wall s")
+    rows = [head]
+    for m in manifests:
+        rows.append(
+            (
+                m["stage"],
+                m.get("curriculum_action", ""),
+                f"{m['step']}/{m['train_steps']}",
+                f"{m['tokens']:,}",
+                f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "-",
+                f"{m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "-",
+                f"{m['trainable_parameters']:,}",
+                f"{m['job_time_s']:.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
