@@ -102,6 +102,7 @@ def test_handoff_tp2_to_tp1_reproduces_the_saved_eval_loss(tmp_path, synth_root)
         f"stage={NAMES[0]}",
         *TINY,
         data,
+        "parallel=single",
         "trainer.seed=99",
         f"+checkpoint.init_components.llm={tmp_path / 's0'}",
     )

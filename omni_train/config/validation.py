@@ -269,7 +269,7 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     check_sequence(cfg)
     check_batch(cfg, world_size)
     check_checkpoint(cfg)
+    check_data(cfg)
     check_stage(cfg)
     check_recompute(cfg)
-    check_data(cfg)
     check_packing(cfg)
