@@ -95,13 +95,12 @@ def recompute(out: Path, on: list[str]) -> dict:
         "model=tiny",
         "stage.eval_parts=[]",
         "model.audio.dropout=0.1",  # RNG inside recomputed layers must replay exactly
-        *os.environ.get("PROBE_EXTRA", "").split(),
     ]
     platform = setup()
     runs = {}
     weights = None
     ps = None
-    for policy in (["recompute=none"], on or ["recompute=all"]):
+    for label, policy in (("none", ["recompute=none"]), ("on", on or ["recompute=all"])):
         cfg = compose_job([*common, *policy])
         if ps is None:
             ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
@@ -115,7 +114,7 @@ def recompute(out: Path, on: list[str]) -> dict:
         torch.manual_seed(7)  # same dropout / dither draws in both runs
         loss = model(input_ids=x, labels=y, media=media)
         loss.sum().backward()
-        runs["on" if weights is not None and runs else "none"] = (
+        runs[label] = (
             loss.detach(),
             {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             snapshot(model),

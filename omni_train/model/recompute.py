@@ -69,36 +69,24 @@ def _contexts(module: torch.nn.Module):
     return contextlib.nullcontext(), _running_stats_frozen(module)
 
 
-def recomputed(module: torch.nn.Module, *args, **kwargs):
-    """``module(*args, **kwargs)`` keeping only its inputs; the forward is re-run in backward.
-    Outside training (or without autograd) it is a plain call."""
-    if not (module.training and torch.is_grad_enabled()):
-        return module(*args, **kwargs)
+def _checkpointed(owner: torch.nn.Module, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` keeping only its inputs; the forward is re-run in backward with
+    ``owner``'s BatchNorm statistics held. Outside training (or without autograd) a plain call."""
+    if not (owner.training and torch.is_grad_enabled()):
+        return fn(*args, **kwargs)
     return checkpoint(
-        module,
-        *args,
-        use_reentrant=False,
-        context_fn=functools.partial(_contexts, module),
-        **kwargs,
+        fn, *args, use_reentrant=False, context_fn=functools.partial(_contexts, owner), **kwargs
     )
+
+
+def recomputed(module: torch.nn.Module, *args, **kwargs):
+    """``module(*args, **kwargs)``, recomputed in backward (see :func:`_checkpointed`)."""
+    return _checkpointed(module, module, *args, **kwargs)
 
 
 def _recompute_forward(layer: torch.nn.Module) -> None:
     """Make every call of ``layer`` recomputed, keeping the module (and its parameter names)."""
-    forward = layer.forward
-
-    def recomputed_forward(*args, **kwargs):
-        if not (layer.training and torch.is_grad_enabled()):
-            return forward(*args, **kwargs)
-        return checkpoint(
-            forward,
-            *args,
-            use_reentrant=False,
-            context_fn=functools.partial(_contexts, layer),
-            **kwargs,
-        )
-
-    layer.forward = recomputed_forward
+    layer.forward = functools.partial(_checkpointed, layer, layer.forward)
 
 
 def apply_recompute(model, r: RecomputeConfig) -> None:

@@ -66,6 +66,7 @@ def resume_point(cfg: JobConfig, world_size: int) -> Path | None:
 
 def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt) -> dict:
     data = state.data
+    sections = to_dict(cfg)
     return {
         "stage": cfg.stage.name,
         "stage_index": cfg.stage.index,
@@ -75,9 +76,9 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         "train_steps": cfg.trainer.train_steps,
         "config_hash": config_hash(cfg),
         "model_fingerprint": config_hash(cfg, sections=("model",)),
-        "model": to_dict(cfg)["model"],
+        "model": sections["model"],
         "trainable": list(cfg.stage.trainable),
-        "recompute": to_dict(cfg)["recompute"],
+        "recompute": sections["recompute"],
         "losses": state.losses,
         "grad_norms": state.grad_norms,
         "final_loss": state.losses[-1] if state.losses else None,
