@@ -97,12 +97,12 @@ def test_handoff_tp2_to_tp1_reproduces_the_saved_eval_loss(tmp_path, synth_root)
     # pretrained components (stage 0's interface): the LM from s0, the rest freshly drawn with
     # another seed; the LM is frozen in stage 0, so it must come out bit-identical
     c0 = launch(
-        1,
+        2,  # s0's layout: the checkpoint comparison below needs the same optimizer shards
         tmp_path / "c0",
         f"stage={NAMES[0]}",
         *TINY,
         data,
-        "parallel=single",
+        "parallel=tp2",
         "trainer.seed=99",
         f"+checkpoint.init_components.llm={tmp_path / 's0'}",
     )

@@ -197,7 +197,8 @@ def load_component_weights(path: str | os.PathLike, model, component: str) -> No
     wanted = {k: v for k, v in model.sharded_state_dict().items() if k.startswith(prefix)}
     if not wanted:
         raise ValueError(f"the model has no weights under {prefix}*")
-    loaded = dist_checkpointing.load(wanted, str(path))
+    # load() returns the sharded entries asked for plus the checkpoint's common state
+    loaded = dist_checkpointing.load({"model": wanted}, str(path))["model"]
     result = model.load_state_dict(loaded, strict=False)
     missing = [k for k in result.missing_keys if k.startswith(prefix)]
     if missing or result.unexpected_keys:
