@@ -169,9 +169,11 @@ def test_context_parallel_stages_wait_for_issue_7(full):
         ("recompute.lm=[core_attn,ffn]", r"unknown modules \['ffn'\]"),
     ],
 )
-def test_bad_stage_settings_fail_before_anything_runs(override, message):
+def test_bad_stage_settings_fail_before_anything_runs(override, message, synth_root):
+    # the data exists: the data check (which runs first) passes and the stage check speaks
+    data = f"data.synthetic_root={synth_root}"
     with pytest.raises(ValueError, match=message):
-        validate(compose_job(["stage=stage1_vision_sft_16k", "model=tiny", override]), 2)
+        validate(compose_job(["stage=stage1_vision_sft_16k", "model=tiny", data, override]), 2)
 
 
 def test_recompute_of_a_missing_encoder_is_an_error():
