@@ -113,3 +113,21 @@ def test_torch_proxy_maps_cuda_devices_to_cpu(device):
     t = cpu_patches.CPU_TORCH.zeros(2, device=device, pin_memory=True)
     assert t.device.type == "cpu"
     assert cpu_patches.CPU_TORCH.cuda.current_device() == torch.device("cpu")
+
+
+def test_cpu_rms_norm_is_one_autograd_node_with_exact_gradients():
+    """The CPU stand-in for TE's fused RMSNorm: F.rms_norm's values, gradcheck-exact gradients,
+    and a single backward node (what keeps selective recompute bit-identical: docs/curriculum.md).
+    """
+    import torch.nn.functional as F
+
+    from omni_train.model.cpu_layers import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x, w))
+    y = rms_norm(x, w, 1e-5)
+    assert torch.allclose(y, F.rms_norm(x, (16,), w, 1e-5), rtol=1e-12, atol=1e-12)
+    assert [type(f).__name__ for f, _ in y.grad_fn.next_functions] == ["AccumulateGrad"] * 2
+    assert rms_norm(x.detach().bfloat16(), w.detach().float(), 1e-5).dtype == torch.bfloat16
