@@ -2,6 +2,9 @@
 
 omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
     launches ``torchrun -m omni_train.train`` with the same overrides (same code path);
+omni-train run --dry-run stage=stage6_omni_sft_256k [--rank R] [--json]
+    resolves the stage's full-scale layout in one CPU process (fake process groups, meta
+    device): group sizes and per-rank parameter, gradient and optimizer memory;
 omni-train curriculum [--nproc-per-node 2] [--name N] [--from STAGE] [--plan] [overrides]
     runs every stage in order into runs/<name>/stage<k>_<name>/, each from the previous
     stage's weights (default model=tiny: the CPU overlay); completed stages are skipped;
@@ -30,6 +33,8 @@ from omegaconf import OmegaConf
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from omni_train.config import compose_job, validate
 
+    if args.dry_run:
+        return _dry_run(args, overrides)
     # Fail on a bad config here, in one process, before torchrun starts N of them.
     validate(compose_job(overrides), args.nproc_per_node * args.nnodes)
     env = dict(os.environ)
@@ -44,6 +49,19 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     cmd += ["--standalone"] if args.nnodes == 1 else [f"--rdzv-endpoint={args.rdzv_endpoint}"]
     cmd += ["-m", "omni_train.train", *overrides]
     return subprocess.call(cmd, env=env)
+
+
+def _dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omni_train.config import compose_job
+
+    compose_job(overrides)  # a bad override fails here with one line
+    # A fresh process on the CPU platform (CUDA hidden): the dry run needs no GPU, and a GPU
+    # host must not select the GPU path for a fake 512-rank world.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMNI_TRAIN_PLATFORM="cpu")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    cmd = [sys.executable, "-m", "omni_train.parallel.dry_run", *overrides]
+    cmd += [f"--world-size={args.nproc_per_node * args.nnodes}", f"--rank={args.rank}"]
+    return subprocess.call(cmd + (["--json"] if args.json else []), env=env)
 
 
 def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -120,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--nproc-per-node", type=int, default=1)
     run.add_argument("--nnodes", type=int, default=1)
     run.add_argument("--rdzv-endpoint", default="", help="host:port of node 0 when nnodes > 1")
+    run.add_argument(
+        "--dry-run", action="store_true", help="resolve the layout and memory; launch nothing"
+    )
+    run.add_argument("--rank", type=int, default=0, help="dry run: the rank to report")
+    run.add_argument("--json", action="store_true", help="dry run: machine-readable output")
     run.set_defaults(func=_run)
     cur = sub.add_parser("curriculum", help="run every stage in order (launches torchrun)")
     cur.add_argument("--nproc-per-node", type=int, default=2)
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         parser.error(f"unknown option(s) {bad}; overrides look like key=value")
-    if args.command == "run" and args.nnodes > 1 and not args.rdzv_endpoint:
+    if args.command == "run" and args.nnodes > 1 and not args.rdzv_endpoint and not args.dry_run:
         parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address)")
     try:
         return args.func(args, overrides)

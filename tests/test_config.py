@@ -53,7 +53,54 @@ INVALID = [
         2,
         "seq_length=63 is not divisible by parallel.tp=2 under sequence parallel",
     ),
-    (["parallel.cp=2", "trainer.seq_length=66"], 2, "not divisible by 2 x parallel.cp = 4"),
+    (["parallel.cp=2", "trainer.seq_length=66"], 2, "seq_length=66 is not divisible by 2 x cp = 4"),
+    (
+        ["parallel=tp2", "parallel.cp=2", "trainer.seq_length=68"],
+        4,
+        "not divisible by 2 x cp x tp (sequence parallel) = 8",
+    ),
+    (
+        [
+            "stage=stage4_omni_sft_16k",
+            "model=tiny",
+            "parallel.cp=2",
+            "data.packing.sample_pad_multiple=6",
+        ],
+        4,
+        "sample_pad_multiple=6 is not CP-compatible padding",
+    ),
+    (["parallel.cp=8", "trainer.seq_length=64"], 8, "Mamba heads per TP rank do not split"),
+    (
+        [
+            "stage=stage4_omni_sft_16k",
+            "model=tiny",
+            "parallel=single",
+            "parallel.ep=2",
+            "parallel.moe_token_dispatcher=allgather",
+        ],
+        2,
+        "data.packing.pad_to_capacity=true",
+    ),
+    (
+        ["stage=stage4_omni_sft_16k", "model=tiny", "data.packing.sample_pad_multiple=24"],
+        2,
+        "seq_length=1024 is not a multiple of data.packing.sample_pad_multiple=24",
+    ),
+    (
+        [
+            "parallel.cp=4",
+            "trainer.seq_length=64",
+            "model.mamba_num_groups=3",
+            "model.mamba_num_heads=12",
+        ],
+        4,
+        "one must divide the other",
+    ),
+    (
+        ["model.hybrid_pattern=M-ME", "parallel.cp=2", "trainer.seq_length=64"],
+        2,
+        "parallel.cp=2 but the layer pattern has no attention layer",
+    ),
     (["trainer.global_batch_size=6"], 4, "global_batch_size=6 is not divisible by"),
     (["parallel.tp=2", "parallel.sp=true", "parallel.etp=1"], 2, "parallel.etp=1 differs"),
     (["parallel.sp=true"], 1, "parallel.sp=true needs parallel.tp > 1"),
@@ -64,7 +111,6 @@ INVALID = [
         2,
         "no MoE layer",
     ),
-    (["parallel.cp=2", "trainer.seq_length=64"], 2, "context parallelism is not implemented"),
 ]
 
 

@@ -134,29 +134,14 @@ def test_tiny_overlay_scales_context_and_batch_and_keeps_the_rest(full, tiny, k)
         assert key not in changed
 
 
-@pytest.mark.parametrize("k", range(5))
+@pytest.mark.parametrize("k", range(7))
 def test_full_scale_stage_validates_on_its_cluster(full, k):
     """Every check but the data one (dataset paths are the user's: data.paths.*)."""
-    from omni_train.config import validation
-
     cfg = full[k]
-
     world = cfg.cluster.nodes * 8
-    for check in (validation.check_layout, validation.check_batch, validation.check_cluster):
-        check(cfg, world)
-    validation.check_moe(cfg)
-    validation.check_stage(cfg)
-    validation.check_recompute(cfg)
+    validate(cfg, world, data=False)
     with pytest.raises(ValueError, match=f"laid out for cluster h100_{cfg.cluster.nodes}n"):
-        validation.check_cluster(cfg, world // 2)
-
-
-def test_context_parallel_stages_wait_for_issue_7(full):
-    from omni_train.config import validation
-
-    for cfg in full[5:]:
-        with pytest.raises(ValueError, match="context parallelism is not implemented yet"):
-            validation.check_sequence(cfg)
+        validate(cfg, world // 2, data=False)
 
 
 @pytest.mark.parametrize(

@@ -245,6 +245,36 @@ def test_packed_sequence_layout_with_sp_and_cp_padding(encoded):
     te.sample_pad_multiple, te.pad_multiple = 1, 1
 
 
+def test_pad_to_capacity_gives_every_packed_sequence_the_context_length(encoded):
+    """Fixed shapes (the allgather MoE dispatcher under EP): the tail pads the last sample, so
+    per-sample boundaries stay multiples of the CP pad and the real tokens are unchanged."""
+    import dataclasses
+
+    from omni_train.config.schema import PackingConfig
+
+    te, samples = encoded
+    saved = (te.packing, te.sample_pad_multiple, te.pad_multiple)
+    te.packing = dataclasses.replace(PackingConfig(enabled=True), pad_to_capacity=True)
+    te.sample_pad_multiple, te.pad_multiple = 8, 2
+    try:
+        free = dataclasses.replace(te.packing, pad_to_capacity=False)
+        p = te.pack_selected_samples(samples)
+        te.packing = free
+        ref = te.pack_selected_samples(samples)
+        te.packing = dataclasses.replace(free, pad_to_capacity=True)
+        empty = te.pack_selected_samples([])
+    finally:
+        te.packing, te.sample_pad_multiple, te.pad_multiple = saved
+    assert p.tokens.shape[0] == te.context_length > ref.tokens.shape[0]
+    assert p.cu_seqlens_padded[-1] == te.context_length
+    assert p.cu_seqlens.tolist() == ref.cu_seqlens.tolist()
+    assert p.cu_seqlens_padded[:-1].tolist() == ref.cu_seqlens_padded[:-1].tolist()
+    assert all(int(n) % 8 == 0 for n in p.cu_seqlens_padded.diff())
+    n = ref.tokens.shape[0]
+    assert (p.tokens[:n] == ref.tokens).all() and p.loss_mask.sum() == ref.loss_mask.sum()
+    assert empty.tokens.shape[0] == te.context_length and empty.loss_mask.sum() == 0
+
+
 def test_over_long_sample_is_skipped_or_truncated_at_a_text_boundary(encoded):
     import json
 

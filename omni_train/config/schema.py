@@ -322,6 +322,9 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel: fixed at 1 for now
     moe_token_dispatcher: str = "alltoall"  # "alltoall" | "allgather"
     distributed_optimizer: bool = True
+    # How Transformer Engine's attention exchanges keys/values over the CP group (GPU):
+    # p2p (ring), all_gather, a2a (megatron-core's cp_comm_type). The CPU platform all-gathers.
+    cp_comm_type: str = "p2p"
 
     def __post_init__(self) -> None:
         _positive("parallel", tp=self.tp, cp=self.cp, ep=self.ep, etp=self.expert_tp, pp=self.pp)
@@ -331,6 +334,10 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel.moe_token_dispatcher={self.moe_token_dispatcher!r}; "
                 "valid: alltoall, allgather"
+            )
+        if self.cp_comm_type not in ("p2p", "all_gather", "a2a"):
+            raise ValueError(
+                f"parallel.cp_comm_type={self.cp_comm_type!r}; valid: p2p, all_gather, a2a"
             )
 
     @property
@@ -478,6 +485,14 @@ class PackingConfig:
     balance: str = "global"
     min_fill: float = 0.95  # a bin is emitted once this full; emptier ones wait for samples
     max_wait: int = 4  # repacks a sample may wait before its bin is emitted however full
+    # Every sample is padded to a multiple of this many tokens. None: what the layout needs
+    # (2 x cp, x tp under sequence parallel; 1 without CP). Set it to compare layouts on
+    # identical bins (padding changes what fits), or to keep bins fixed across a CP change.
+    sample_pad_multiple: int | None = None
+    # Pad every packed sequence to exactly trainer.seq_length tokens (fixed shapes). Needed by
+    # megatron's allgather MoE dispatcher under EP > 1: it gathers equal-sized token blocks from
+    # ranks that hold different packed sequences. Costs the padding's compute.
+    pad_to_capacity: bool = False
     # relative compute per sample (omni_train.data.packing.CostWeights; production defaults)
     attention_weight: float = 7.7e-6  # per token^2 of a sample
     vision_weight: float = 0.83  # per image/video token
@@ -487,6 +502,8 @@ class PackingConfig:
         if self.balance not in ("global", "local"):
             raise ValueError(f"data.packing.balance={self.balance!r}; valid: global, local")
         _positive("data.packing", buffer_size=self.buffer_size, max_wait=self.max_wait)
+        if self.sample_pad_multiple is not None:
+            _positive("data.packing", sample_pad_multiple=self.sample_pad_multiple)
         if not 0.0 < self.min_fill <= 1.0:
             raise ValueError(f"data.packing.min_fill={self.min_fill} must be in (0, 1]")
         for name in ("attention_weight", "vision_weight", "audio_weight"):

@@ -84,6 +84,15 @@ def check_moe(cfg: JobConfig) -> None:
             "MoE with parallel.tp > 1 does not support linear biases; "
             "set model.add_bias_linear=false"
         )
+    pk = cfg.data.packing
+    fixed_length = cfg.data.kind != "energon" or (pk.enabled and pk.pad_to_capacity)
+    if p.ep > 1 and p.moe_token_dispatcher == "allgather" and not fixed_length:
+        raise ValueError(
+            f"parallel.moe_token_dispatcher=allgather with parallel.ep={p.ep}: the allgather "
+            "dispatcher gathers equal-sized token blocks from the expert-parallel ranks, but "
+            "energon micro-batches differ in length per rank; use the alltoall dispatcher, or "
+            "packing with data.packing.pad_to_capacity=true (every sequence seq_length tokens)"
+        )
 
 
 def check_sequence(cfg: JobConfig) -> None:
@@ -95,15 +104,44 @@ def check_sequence(cfg: JobConfig) -> None:
             f"trainer.seq_length={seq} is not divisible by parallel.tp={p.tp} under sequence "
             f"parallelism; use a multiple of {p.tp}"
         )
-    if p.cp > 1 and seq % (2 * p.cp):
-        raise ValueError(
-            f"trainer.seq_length={seq} is not divisible by 2 x parallel.cp = {2 * p.cp} "
-            f"(load-balanced context parallel); use a multiple of {2 * p.cp}"
-        )
     if p.cp > 1:
+        check_context_parallel(cfg)
+
+
+def check_context_parallel(cfg: JobConfig) -> None:
+    """CP > 1: padding the load-balanced split can cut, and a model CP can split."""
+    p, m, seq = cfg.parallel, cfg.model, cfg.trainer.seq_length
+    tp_sp = p.tp if p.sp else 1
+    need = 2 * p.cp * tp_sp
+    what = f"2 x cp{' x tp (sequence parallel)' if p.sp else ''} = {need}"
+    if seq % need:
         raise ValueError(
-            f"parallel.cp={p.cp}: context parallelism is not implemented yet; set parallel.cp=1"
+            f"trainer.seq_length={seq} is not divisible by {what}: context parallel cuts every "
+            f"sequence into 2 x cp load-balanced chunks; use a multiple of {need}"
         )
+    pk = cfg.data.packing
+    if pk.enabled and pk.sample_pad_multiple is not None and pk.sample_pad_multiple % need:
+        raise ValueError(
+            f"data.packing.sample_pad_multiple={pk.sample_pad_multiple} is not CP-compatible "
+            f"padding: parallel.cp={p.cp} splits every packed sample into 2 x cp chunks, so "
+            f"samples must be padded to a multiple of {what}; set it to a multiple of {need} "
+            "(or leave it unset to derive it)"
+        )
+    if "M" in m.hybrid_pattern:
+        # megatron-core's Mamba CP: an all-to-all from sequence- to head-parallel.
+        heads, groups = m.mamba_num_heads // p.tp, m.mamba_num_groups // p.tp
+        if heads % p.cp:
+            raise ValueError(
+                f"model.mamba_num_heads={m.mamba_num_heads} / tp {p.tp} = {heads} Mamba heads "
+                f"per TP rank do not split over parallel.cp={p.cp} (Mamba context parallel "
+                "shards heads); use a cp that divides them"
+            )
+        if groups % p.cp and p.cp % groups:
+            raise ValueError(
+                f"model.mamba_num_groups={m.mamba_num_groups} / tp {p.tp} = {groups} groups per "
+                f"TP rank and parallel.cp={p.cp}: one must divide the other (Mamba context "
+                "parallel shards or replicates groups); choose cp accordingly"
+            )
 
 
 def check_batch(cfg: JobConfig, world_size: int) -> None:
@@ -131,6 +169,12 @@ def check_packing(cfg: JobConfig) -> None:
             f"trainer.micro_batch_size={t.micro_batch_size} with data.packing.enabled: a packed "
             "micro-batch is one THD sequence of trainer.seq_length tokens; set "
             "trainer.micro_batch_size=1 (global_batch_size counts packed sequences)"
+        )
+    if pk.sample_pad_multiple is not None and t.seq_length % pk.sample_pad_multiple:
+        raise ValueError(
+            f"trainer.seq_length={t.seq_length} is not a multiple of "
+            f"data.packing.sample_pad_multiple={pk.sample_pad_multiple}: a sample that fits "
+            "would not fit once padded; choose a pad multiple that divides the context"
         )
 
 
@@ -259,8 +303,9 @@ def _check_splits(path: Path, cfg: JobConfig) -> None:
         )
 
 
-def validate(cfg: JobConfig, world_size: int) -> None:
-    """All cross-field checks for a job on ``world_size`` processes."""
+def validate(cfg: JobConfig, world_size: int, *, data: bool = True) -> None:
+    """All cross-field checks for a job on ``world_size`` processes. ``data=False`` skips the
+    dataset checks (the dry run resolves a layout on a machine without the data)."""
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     check_cluster(cfg, world_size)
@@ -269,7 +314,8 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     check_sequence(cfg)
     check_batch(cfg, world_size)
     check_checkpoint(cfg)
-    check_data(cfg)
+    check_packing(cfg)
+    if data:
+        check_data(cfg)  # after the config-only checks: it reads the filesystem
     check_stage(cfg)
     check_recompute(cfg)
-    check_packing(cfg)

@@ -50,11 +50,17 @@ def metadataset_path(cfg: JobConfig) -> Path:
 
 def pad_multiples(cfg: JobConfig) -> tuple[int, int]:
     """(per sample, per micro-batch) token multiples megatron-core needs: context parallel's
-    load-balanced split cuts every sample into 2 x cp chunks (x tp under sequence parallel);
-    sequence parallel splits the whole sequence over tp ranks."""
+    load-balanced split cuts every packed sample (or an unpacked micro-batch's whole sequence)
+    into 2 x cp chunks, x tp under sequence parallel; sequence parallel splits the sequence over
+    tp ranks. ``data.packing.sample_pad_multiple`` overrides the per-sample multiple
+    (validation checks it is compatible)."""
     p = cfg.parallel
     tp_sp = p.tp if p.sp else 1
-    return (2 * p.cp * tp_sp if p.cp > 1 else 1), tp_sp
+    cp_multiple = 2 * p.cp * tp_sp if p.cp > 1 else 1
+    if cfg.data.packing.enabled:
+        explicit = cfg.data.packing.sample_pad_multiple
+        return (cp_multiple if explicit is None else explicit), tp_sp
+    return 1, max(cp_multiple, tp_sp)
 
 
 def global_packing(cfg: JobConfig, training: bool) -> bool:

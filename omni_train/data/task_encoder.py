@@ -415,9 +415,11 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
     def pack_selected_samples(self, samples: list[OmniSample]) -> PackedSample:
         """One bin's decoded samples -> one THD sequence (see :class:`PackedSample`). Each
         sample is padded to ``sample_pad_multiple`` (context parallel splits every sample), the
-        whole to ``pad_multiple`` (sequence parallel); an empty bin (every sample of it failed
-        to decode) becomes one all-padding segment, so the rank still takes its step."""
+        whole to ``pad_multiple`` (sequence parallel), or to exactly ``context_length`` with
+        ``packing.pad_to_capacity``; an empty bin (every sample of it failed to decode) becomes
+        one all-padding segment, so the rank still takes its step."""
         q, m = self.sample_pad_multiple, self.pad_multiple
+        fixed = self.packing is not None and self.packing.pad_to_capacity
         toks, labels, mask, pos, media = [], [], [], [], Media()
         cu, cu_padded = [0], [0]
         for k, smp in enumerate(samples):
@@ -430,7 +432,10 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             cu.append(cu_padded[-1] + n)
             cu_padded.append(cu_padded[-1] + n + pad)
             _add_media(media, smp, k)
-        tail = -cu_padded[-1] % m if samples else max(m, q)
+        if fixed:
+            tail = self.context_length - cu_padded[-1]
+        else:
+            tail = -cu_padded[-1] % m if samples else max(m, q)
         if tail:
             toks.append(torch.full((tail,), self.pad_id, dtype=torch.int64))
             labels.append(torch.full((tail,), self.pad_id, dtype=torch.int64))

@@ -95,6 +95,7 @@ def transformer_config(cfg: JobConfig, platform: Platform, init: bool = True) ->
         mamba_num_groups=m.mamba_num_groups,
         sequence_parallel=p.sp,
         context_parallel_size=p.cp,
+        cp_comm_type=p.cp_comm_type,  # TE attention (GPU); the CPU attention all-gathers
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.expert_tp,
         **_common(cfg, platform, init),

@@ -6,6 +6,14 @@ thing with ``torch.nn.functional.scaled_dot_product_attention``: grouped-query a
 or bidirectional, and for packed input a block-diagonal mask built from ``cu_seqlens`` so no token
 attends across a sample (or image) boundary. It has no parameters, like TE's core attention, so
 checkpoints are unaffected.
+
+Context parallel (``config.context_parallel_size > 1``): query, key and value hold this CP
+rank's load-balanced shard of the sequence (``omni_train.parallel.context``). Keys and values
+are all-gathered over the CP group (megatron's ``all_gather`` CP communication; the backward
+reduce-scatters their gradients back to their owners), and the mask is built from the tokens'
+global positions: causal order and, for packed input, the sample boundaries. Dense masks are
+``[s/cp, s]``: fine for the CPU platform's small contexts (on GPU, Transformer Engine's ring
+attention is used).
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from omni_train.parallel.context import gathered_positions, partitioned_indices
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -53,10 +64,15 @@ class TorchDotProductAttention(MegatronModule):
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "context parallel attention on the CPU platform arrives with issue #7"
-            )
+        self.cp = config.context_parallel_size
+        self.cp_group = None
+        if self.cp > 1:
+            if pg_collection is None:
+                from megatron.core import parallel_state as mpu
+
+                self.cp_group = mpu.get_context_parallel_group()
+            else:
+                self.cp_group = pg_collection.cp
 
     def forward(
         self,
@@ -78,10 +94,17 @@ class TorchDotProductAttention(MegatronModule):
         else:  # [s, b, n, d] -> [b, n, s, d]
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         mask = None
+        cu = None
         if packed:
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
+        if self.cp > 1:
+            if attention_mask is not None and not packed:
+                raise NotImplementedError("an explicit attention mask under context parallel")
+            k, v = (self._gather_kv(x) for x in (k, v))
+            mask = self._cp_mask(q.shape[2] * self.cp, cu, causal, q.device)
+        elif packed:
             seg = segment_ids(cu, q.shape[2])
             mask = seg[:, None] == seg[None, :]
             if causal:
@@ -103,3 +126,24 @@ class TorchDotProductAttention(MegatronModule):
         if packed:  # [1, n, t, d] -> [t, n*d]
             return out.squeeze(0).transpose(0, 1).reshape(out.shape[2], -1)
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+    def _gather_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, n, s/cp, d]`` -> ``[b, n, s, d]`` in rank order (gradients reduce-scattered)."""
+        seq_first = x.permute(2, 0, 1, 3).contiguous()
+        full = gather_from_sequence_parallel_region(seq_first, True, group=self.cp_group)
+        return full.permute(1, 2, 0, 3)
+
+    def _cp_mask(
+        self, total: int, cu: torch.Tensor | None, causal: bool, device: torch.device
+    ) -> torch.Tensor:
+        """``[s/cp, s]`` bool (True = attend) between this rank's queries and the gathered keys."""
+        rank = self.cp_group.rank()
+        pos_q = partitioned_indices(total, self.cp, rank, cu).to(device)
+        pos_k = gathered_positions(total, self.cp, cu).to(device)
+        mask = torch.ones(pos_q.numel(), pos_k.numel(), dtype=torch.bool, device=device)
+        if cu is not None:
+            seg = segment_ids(cu, total)
+            mask &= seg[pos_q][:, None] == seg[pos_k][None, :]
+        if causal:
+            mask &= pos_k[None, :] <= pos_q[:, None]
+        return mask

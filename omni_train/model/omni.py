@@ -5,7 +5,8 @@ Data flow per micro-batch::
     input_ids [b, s] --LM embedding--> [b, s, h]
     images/videos --RADIO (one packed ViT pass)--> pixel shuffle --vision projector--+
     audio --mel--> FastConformer (clips) --audio projector---------------------------+--> replace
-    the placeholder tokens in place --(SP: scatter)--> MambaStack --> per-token loss [b, s]
+    the placeholder tokens in place --(CP: keep this rank's shard)--(SP: scatter)--> MambaStack
+    --> per-token loss [b, s] ([b, s/cp] under context parallel)
 
 Each encoder runs only on the media present. A trainable encoder or projector whose modality
 is absent still gets an all-zero gradient (a zero-weighted term), so every DDP bucket fills and
@@ -174,9 +175,15 @@ class OmniModel(MegatronModule):
         return [(mask, self._project(self.audio_projector, torch.cat(feats)))]
 
     def embed(
-        self, input_ids: torch.Tensor, media: Media | None, packed: PackedSeqParams | None
+        self,
+        input_ids: torch.Tensor,
+        media: Media | None,
+        packed: PackedSeqParams | None,
+        cp_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``input_ids`` ``[b, s]`` -> decoder input ``[s, b, h]`` (``[s/tp, b, h]`` under SP)."""
+        """``input_ids`` ``[b, s]`` -> decoder input ``[s, b, h]``: ``[s/cp, b, h]`` (the
+        positions ``cp_index``) under context parallel, then ``/tp`` under SP. The encoders see
+        every media item of the micro-batch on every CP rank (replicated, as in megatron-core)."""
         emb = self.llm.embedding(input_ids=input_ids, position_ids=None).transpose(0, 1)
         media = media or Media()
         where = sample_index(input_ids, packed)
@@ -202,7 +209,10 @@ class OmniModel(MegatronModule):
         zero = _zero_touch(unused)
         if zero is not None:
             emb = emb + zero.to(emb.dtype)
-        emb = emb.transpose(0, 1).contiguous()  # [s, b, h]
+        emb = emb.transpose(0, 1)  # [s, b, h]
+        if cp_index is not None:
+            emb = emb.index_select(0, cp_index)
+        emb = emb.contiguous()
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
@@ -229,11 +239,16 @@ class OmniModel(MegatronModule):
         media: Media | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         runtime_gather_output: bool | None = None,
+        cp_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-token loss ``[b, s]`` if ``labels`` are given, else logits ``[b, s, V/tp]``
         (``V`` with ``runtime_gather_output``). Packed input: ``b = 1`` with
-        ``packed_seq_params`` (THD, ``cu_seqlens`` over the ``s`` tokens)."""
-        decoder_input = self.embed(input_ids, media, packed_seq_params)
+        ``packed_seq_params`` (THD, ``cu_seqlens`` over the ``s`` tokens).
+
+        Context parallel: ``input_ids`` and ``media`` are the whole micro-batch, ``cp_index``
+        (``[s/cp]``, :func:`omni_train.parallel.context.shard_index`) the positions this rank
+        keeps, ``labels`` already sharded ``[b, s/cp]``; the loss is ``[b, s/cp]``."""
+        decoder_input = self.embed(input_ids, media, packed_seq_params, cp_index)
         return self.llm(
             input_ids=None,
             position_ids=None,

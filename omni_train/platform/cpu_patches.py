@@ -374,6 +374,60 @@ def _cpu_mamba_packing_support(for_inference_not_training: bool = True):
     return True, None
 
 
+class _CpuTex(types.SimpleNamespace):
+    """The one ``transformer_engine_torch`` kernel megatron's Mamba context-parallel path calls
+    (``thd_get_partitioned_indices``), as pure PyTorch."""
+
+    @staticmethod
+    def thd_get_partitioned_indices(cu_seqlens, total_tokens, world_size, rank):
+        from omni_train.parallel.context import thd_partitioned_indices
+
+        return thd_partitioned_indices(cu_seqlens, total_tokens, world_size, rank)
+
+
+def _cpu_tex_version_ok(version: str, *args: Any, **kwargs: Any) -> bool:
+    """mamba_context_parallel asks TE >= 1.10 only for the THD kernel ``_CpuTex`` provides."""
+    return True
+
+
+def _uneven_gather(original: Any) -> Any:
+    """mappings._gather_along_first_dim for gloo: its allgather takes equal sizes only.
+
+    Megatron gathers uneven token blocks (``output_split_sizes``) over the expert-TP group in
+    the alltoall MoE dispatcher (EP with expert TP > 1). Each rank's block is padded to the
+    largest, gathered, and cut back; the result equals NCCL's uneven all_gather.
+    """
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(blocks, padded, group=group)
+        return torch.cat([b[:n] for b, n in zip(blocks, output_split_sizes, strict=True)])
+
+    gather.__wrapped__ = original
+    return gather
+
+
+def _uneven_reduce_scatter(original: Any) -> Any:
+    """mappings._reduce_scatter_along_first_dim for gloo (uneven ``input_split_sizes``, the
+    backward of the gather above): all-reduce the whole tensor, keep this rank's rows."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start : start + input_split_sizes[group.rank()]].contiguous()
+
+    reduce_scatter.__wrapped__ = original
+    return reduce_scatter
+
+
 @dataclass(frozen=True)
 class AttributePatch:
     module: str
@@ -455,6 +509,40 @@ ATTRIBUTE_PATCHES: tuple[AttributePatch, ...] = (
         "mamba_ssm >= ",
         "ssm/mamba_mixer.py: packed sequences are gated on mamba-ssm/causal-conv1d versions; "
         "the CPU kernels honour seq_idx",
+    ),
+    AttributePatch(
+        "megatron.core.tensor_parallel.mappings",
+        "_gather_along_first_dim",
+        _uneven_gather,
+        "torch.distributed.all_gather(output_tensor_list, input_, group=group)",
+        "tensor_parallel/mappings.py: uneven all_gather (MoE alltoall dispatcher with expert TP "
+        "> 1); gloo's allgather needs equal sizes",
+        wraps=True,
+    ),
+    AttributePatch(
+        "megatron.core.tensor_parallel.mappings",
+        "_reduce_scatter_along_first_dim",
+        _uneven_reduce_scatter,
+        "torch.distributed.reduce_scatter(output, input_tensor_list, group=group)",
+        "tensor_parallel/mappings.py: uneven reduce_scatter (its backward); gloo needs equal "
+        "sizes",
+        wraps=True,
+    ),
+    AttributePatch(
+        "megatron.core.ssm.mamba_context_parallel",
+        "tex",
+        _CpuTex(),
+        "tex.thd_get_partitioned_indices(",
+        "ssm/mamba_context_parallel.py: Mamba CP with packed (THD) sequences calls TE's CUDA "
+        "kernel thd_get_partitioned_indices",
+        must_exist=False,
+    ),
+    AttributePatch(
+        "megatron.core.ssm.mamba_context_parallel",
+        "is_te_min_version",
+        _cpu_tex_version_ok,
+        'assert tex is not None and is_te_min_version("1.10.0")',
+        "ssm/mamba_context_parallel.py: the THD path asserts TE >= 1.10 (for that kernel)",
     ),
     AttributePatch(
         "megatron.core.transformer.moe.moe_utils",

@@ -1,0 +1,102 @@
+"""Context parallelism: which tokens of a micro-batch each CP rank holds.
+
+megatron-core's load-balanced layout: a sequence is cut into ``2 x cp`` equal chunks and CP rank
+``r`` holds chunks ``r`` and ``2cp-1-r``, so every rank gets the same share of causal-attention
+work. A packed (THD) micro-batch is split the same way *per sample* (each sample padded to a
+multiple of ``2 x cp``): Transformer Engine's ``thd_get_partitioned_indices``, which megatron's
+Mamba context-parallel path also calls to undo and redo this layout around the SSM.
+
+Data flow under CP (as megatron-core's LLaVA model does it): every rank of a CP group reads the
+same micro-batch, runs the (replicated) encoders on all of its media and splices the features into
+the full-length embedding; then each rank keeps its shard of the embedding, labels and loss mask
+(:func:`shard_index`), so media features land on the rank that holds their positions. The LM
+runs on the shard: attention exchanges keys/values over the CP group, Mamba layers switch to
+head-parallel with an all-to-all. Gradients of the replicated encoders are summed over the CP
+group by megatron's DDP (it reduces over data x context parallel ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as mpu
+
+
+def thd_partitioned_indices(
+    cu_seqlens: torch.Tensor, total_tokens: int, world_size: int, rank: int
+) -> torch.Tensor:
+    """Pure-PyTorch ``transformer_engine_torch.thd_get_partitioned_indices`` (a CUDA kernel).
+
+    ``cu_seqlens`` int [n+1], padded boundaries with every sample length divisible by
+    ``2 x world_size`` and ``cu_seqlens[-1] == total_tokens``. Returns int32
+    ``[total_tokens / world_size]``: for each sample in order, the global indices of its chunks
+    ``rank`` and ``2*world_size-1-rank`` (each ``len / (2*world_size)`` tokens).
+    """
+    bounds = cu_seqlens.to(torch.int64).tolist()
+    if bounds[-1] != total_tokens:
+        raise ValueError(
+            f"packed sequence of {total_tokens} tokens but cu_seqlens ends at {bounds[-1]}; "
+            "context parallel needs the padded boundaries to cover every token"
+        )
+    two_cp = 2 * world_size
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        length = end - start
+        if length % two_cp:
+            raise ValueError(
+                f"a packed sample of {length} tokens is not divisible by 2 x cp = {two_cp}; "
+                "pad every sample to a multiple of 2 x cp (data.packing.sample_pad_multiple)"
+            )
+        chunk = length // two_cp
+        for c in (rank, two_cp - 1 - rank):
+            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    return out.to(device=cu_seqlens.device, dtype=torch.int32)
+
+
+def partitioned_indices(
+    seq_length: int, cp: int, rank: int, cu_seqlens_padded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 ``[seq_length / cp]``: the positions (along the sequence) CP rank ``rank`` holds.
+    Unpacked: chunks ``rank`` and ``2cp-1-rank`` of the sequence; packed: per sample."""
+    if cu_seqlens_padded is not None:
+        return _thd_indices(cu_seqlens_padded, seq_length, cp, rank).to(torch.int64)
+    if seq_length % (2 * cp):
+        raise ValueError(
+            f"a sequence of {seq_length} tokens is not divisible by 2 x cp = {2 * cp}; "
+            "pad micro-batches to a multiple of 2 x cp"
+        )
+    chunk = seq_length // (2 * cp)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in (rank, 2 * cp - 1 - rank)])
+
+
+def _thd_indices(cu: torch.Tensor, total: int, cp: int, rank: int) -> torch.Tensor:
+    """TE's CUDA kernel where it runs (the indices megatron's Mamba CP path uses), else ours."""
+    if cu.is_cuda:
+        try:
+            import transformer_engine_torch as tex
+        except ImportError:
+            tex = None
+        if tex is not None:
+            return tex.thd_get_partitioned_indices(cu.to(torch.int32), total, cp, rank)
+    return thd_partitioned_indices(cu, total, cp, rank)
+
+
+def shard_index(seq_length: int, packed_seq_params=None) -> torch.Tensor | None:
+    """This rank's positions under context parallelism (None without CP)."""
+    cp = mpu.get_context_parallel_world_size()
+    if cp == 1:
+        return None
+    cu = None
+    if packed_seq_params is not None:
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+    return partitioned_indices(seq_length, cp, mpu.get_context_parallel_rank(), cu)
+
+
+def gathered_positions(
+    seq_length: int, cp: int, cu_seqlens_padded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 ``[seq_length]``: the global position of each token after an all-gather of the CP
+    shards along the sequence (rank 0's shard, then rank 1's, ...)."""
+    return torch.cat([partitioned_indices(seq_length, cp, r, cu_seqlens_padded) for r in range(cp)])

@@ -1,0 +1,95 @@
+"""``omni-train run --dry-run``: every full-scale stage resolves its published layout in one CPU
+process (fake 256- to 1024-rank worlds, meta-device model) and fits its memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_curriculum import NAMES, TABLE
+
+H100_GIB = 80
+
+_RESOLVE_ALL = """
+import json, sys
+from omni_train.parallel.dry_run import resolve
+print(json.dumps([resolve([f"stage={name}"]) for name in sys.argv[1:]]))
+"""
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """All seven stages in one process (imports once; each stage builds its own fake world)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_ALL, *NAMES],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("k", range(7))
+def test_dry_run_resolves_the_published_layout(reports, k):
+    r = reports[k]
+    g, nodes, cp = r["groups"], TABLE["nodes"][k], TABLE["cp"][k]
+    world = nodes * 8
+    assert r["stage"] == NAMES[k] and r["cluster"]["nodes"] == nodes
+    assert (g["world"], g["tp"], g["cp"], g["pp"]) == (world, 2, cp, 1)
+    assert g["dp"] == world // (2 * cp) and g["dp_x_cp"] == g["dp"] * cp
+    assert (g["ep"], g["etp"]) == (32, 2) and g["expert_dp"] == world // 64
+    assert r["sequence_parallel"] and r["distributed_optimizer"] and r["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("k", range(7))
+def test_dry_run_memory_follows_the_freezing_policy_and_fits(reports, k):
+    mem = reports[k]["memory"]
+    trainable = TABLE["trainable"][k]
+    for comp, row in mem["components"].items():
+        assert row["params"] > 0
+        assert (row["trainable"] == row["params"]) == (comp in trainable), comp
+        assert (row["trainable"] == 0) == (comp not in trainable), comp
+        assert row["grad_gib"] == pytest.approx(row["trainable"] * 4 / 1024**3)
+        assert row["param_gib"] == pytest.approx(row["params"] * 2 / 1024**3)  # bf16
+    # Parameters, gradients and optimizer state leave most of an H100 for activations.
+    assert mem["total"]["total_gib"] < H100_GIB / 2
+
+
+def test_stage6_layout_is_tp2_cp16_dp16_ep32(reports):
+    g = reports[6]["groups"]
+    assert (g["world"], g["tp"], g["cp"], g["dp"], g["ep"]) == (512, 2, 16, 16, 32)
+
+
+def test_dry_run_cli_prints_the_layout_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_train.cli", "run", "--dry-run", "stage=stage5_omni_sft_48k"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "layout: 64 nodes x 8 GPUs = 512 ranks = TP 2 x CP 2 x DP 128 (x PP 1);  "
+        "experts: EP 32 x ETP 2 x expert-DP 8" in proc.stdout
+    ), textwrap.shorten(proc.stdout, 2000)
+    assert "per-rank parameters + gradients + optimizer:" in proc.stdout
+
+
+def test_dry_run_rejects_an_invalid_layout_before_building():
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_train.cli", "run", "--dry-run",
+         "stage=stage6_omni_sft_256k", "parallel.cp=64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Mamba heads per TP rank do not split over parallel.cp=64" in proc.stderr
