@@ -524,8 +524,7 @@ ATTRIBUTE_PATCHES: tuple[AttributePatch, ...] = (
         "_reduce_scatter_along_first_dim",
         _uneven_reduce_scatter,
         "torch.distributed.reduce_scatter(output, input_tensor_list, group=group)",
-        "tensor_parallel/mappings.py: uneven reduce_scatter (its backward); gloo needs equal "
-        "sizes",
+        "tensor_parallel/mappings.py: uneven reduce_scatter (its backward); gloo needs equal sizes",
         wraps=True,
     ),
     AttributePatch(
