@@ -356,7 +356,16 @@ def _fingerprint(sample) -> tuple:
 def test_synth_is_deterministic(synth):
     for category in CATEGORIES:
         again = synth_samples(category, 8, seed=11)  # a prefix of the fixture's samples
-        assert [_fingerprint(s) for s in again] == [_fingerprint(s) for s in synth[category][:8]]
+        for a, b in zip(again, synth[category][:8], strict=True):
+            fa, fb = _fingerprint(a), _fingerprint(b)
+            assert fa[:3] == fb[:3], a.key
+            # one member at a time, so a failure names the member (once seen in CI, not
+            # reproduced since: an mp4 whose bytes differed; see docs/data_format.md)
+            assert a.members.keys() == b.members.keys(), a.key
+            for name in a.members:
+                assert a.members[name] == b.members[name], (
+                    f"{a.key}/{name}: {len(a.members[name])} vs {len(b.members[name])} bytes"
+                )
         other = synth_samples(category, 2, seed=12)
         assert _fingerprint(other[0])[1:] != _fingerprint(synth[category][0])[1:]
 
