@@ -191,23 +191,23 @@ def check_checkpoint(cfg: JobConfig) -> None:
             "checkpoint.init_components (per-component pretrained weights, stage 0) are "
             "exclusive; set one"
         )
-    unknown = sorted(set(c.init_components) - set(cfg.model.components))
+    _check_components_declared(cfg, "checkpoint.init_components", c.init_components)
+
+
+def _check_components_declared(cfg: JobConfig, field: str, names) -> None:
+    m = cfg.model
+    unknown = sorted(set(names) - set(m.components))
     if unknown:
         raise ValueError(
-            f"checkpoint.init_components names {unknown}, which model={cfg.model.name} does "
-            f"not declare; valid: {', '.join(cfg.model.components)}"
+            f"{field} names {unknown}, which model={m.name} does not declare; "
+            f"valid: {', '.join(m.components)}"
         )
 
 
 def check_stage(cfg: JobConfig) -> None:
     """The freezing policy and eval parts name only what the model declares."""
     s, m = cfg.stage, cfg.model
-    unknown = sorted(set(s.trainable) - set(m.components))
-    if unknown:
-        raise ValueError(
-            f"stage.trainable names {unknown}, which model={m.name} does not declare; "
-            f"valid: {', '.join(m.components)}"
-        )
+    _check_components_declared(cfg, "stage.trainable", s.trainable)
     if not s.trainable:
         raise ValueError("stage.trainable is empty: nothing would train; name a component")
     unknown = sorted(set(s.eval_parts) - set(m.parts))

@@ -26,7 +26,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from omni_train.parallel.context import gathered_positions, partitioned_indices
+from omni_train.parallel.context import gathered_positions
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -137,9 +137,8 @@ class TorchDotProductAttention(MegatronModule):
         self, total: int, cu: torch.Tensor | None, causal: bool, device: torch.device
     ) -> torch.Tensor:
         """``[s/cp, s]`` bool (True = attend) between this rank's queries and the gathered keys."""
-        rank = self.cp_group.rank()
-        pos_q = partitioned_indices(total, self.cp, rank, cu).to(device)
         pos_k = gathered_positions(total, self.cp, cu).to(device)
+        pos_q = pos_k.view(self.cp, -1)[self.cp_group.rank()]  # this rank's shard, in order
         mask = torch.ones(pos_q.numel(), pos_k.numel(), dtype=torch.bool, device=device)
         if cu is not None:
             seg = segment_ids(cu, total)

@@ -46,7 +46,7 @@ def resolve(overrides: list[str], world_size: int | None = None, rank: int = 0) 
     from omni_train.model.freeze import apply_freezing
     from omni_train.model.specs import platform_leaves
     from omni_train.model.summary import parameters_on_meta
-    from omni_train.parallel.state import ParallelState
+    from omni_train.parallel.state import init_model_parallel
     from omni_train.platform import setup
 
     cfg = compose_job(overrides)
@@ -62,33 +62,8 @@ def resolve(overrides: list[str], world_size: int | None = None, rank: int = 0) 
     platform = setup()
     p = cfg.parallel
     _init_fake_world(world, rank)
-    mpu.initialize_model_parallel(
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        context_parallel_size=p.cp,
-        expert_model_parallel_size=p.ep,
-        expert_tensor_parallel_size=p.expert_tp,
-        create_gloo_process_groups=False,
-    )
     try:
-        from megatron.core.process_groups_config import ProcessGroupCollection
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(cfg.trainer.seed)  # layers fork these RNG states
-
-        ps = ParallelState(
-            world_size=world,
-            rank=rank,
-            tp=p.tp,
-            cp=p.cp,
-            ep=p.ep,
-            etp=p.expert_tp,
-            dp=mpu.get_data_parallel_world_size(),
-            tp_rank=mpu.get_tensor_model_parallel_rank(),
-            dp_rank=mpu.get_data_parallel_rank(),
-            ep_rank=mpu.get_expert_model_parallel_rank(),
-            pg=ProcessGroupCollection.use_mpu_process_groups(),
-        )
+        ps = init_model_parallel(p, cfg.trainer.seed, gloo_groups=False)
         groups = {
             "world": world,
             "tp": mpu.get_tensor_model_parallel_world_size(),

@@ -57,12 +57,21 @@ def init_parallel(cfg: ParallelConfig, platform: Platform, seed: int) -> Paralle
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(backend=platform.backend, timeout=timedelta(minutes=10))
+    return init_model_parallel(cfg, seed)
+
+
+def init_model_parallel(
+    cfg: ParallelConfig, seed: int, *, gloo_groups: bool = True
+) -> ParallelState:
+    """megatron's groups and the model-parallel RNG over the initialised default group.
+    ``gloo_groups=False``: no gloo side groups (the dry run's fake world cannot make them)."""
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         context_parallel_size=cfg.cp,
         expert_model_parallel_size=cfg.ep,
         expert_tensor_parallel_size=cfg.expert_tp,
+        create_gloo_process_groups=gloo_groups,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
