@@ -57,7 +57,8 @@ def vision_params(m) -> int:
         + v.grid_size**2 * h  # CPE grid
         + v.num_class_tokens * h
     )
-    return patch_generator + v.num_layers * layer + 2 * h  # + final LayerNorm
+    final_norm = 2 * h if v.final_layernorm else 0  # the release has none
+    return patch_generator + v.num_layers * layer + final_norm
 
 
 def projector_params(d_in: int, ffn: int, d_out: int) -> int:
@@ -69,10 +70,11 @@ def conformer_params(a) -> int:
     freq = a.num_mel_bins
     for _ in range(3):  # three stride-2 stages (8x)
         freq = (freq - 1) // 2 + 1
-    pre = (9 * c + c) + 2 * ((9 * c + c) + (c * c + c)) + (c * freq * d + d)
-    ff = d * a.ff_expansion_factor * d * 2 + a.ff_expansion_factor * d + d
-    conv = (2 * d * d + 2 * d) + (a.conv_kernel_size * d + d) + 2 * d + (d * d + d)
-    attn = 2 * d + 4 * (d * d + d) + d * d  # pos_bias_u/v, q/k/v/out, linear_pos (no bias)
+    b = 1 if a.use_bias else 0  # attention / feed-forward / conv biases (none in the release)
+    pre = (9 * c + c) + 2 * ((9 * c + c) + (c * c + c)) + (c * freq * d + d)  # always biased
+    ff = d * a.ff_expansion_factor * d * 2 + b * (a.ff_expansion_factor * d + d)
+    conv = (2 * d * d + b * 2 * d) + (a.conv_kernel_size * d + b * d) + 2 * d + (d * d + b * d)
+    attn = 2 * d + 4 * (d * d + b * d) + d * d  # pos_bias_u/v, q/k/v/out, linear_pos (no bias)
     norms = 5 * 2 * d  # ff1, conv, self-attention, ff2, out LayerNorms
     return pre + a.num_layers * (2 * ff + conv + attn + norms)
 
@@ -112,6 +114,15 @@ def test_published_model_summary_matches_spec_and_formulas():
     assert summary["total"] == want["total"]
     assert summary["active_per_token"] == want["active_per_token"]
     assert summary["layers"] == {"M": 23, "*": 6, "-": 0, "E": 23}
+    # The released checkpoint, exactly (../shared/spec/architecture.md, transformers 5.23).
+    assert summary["components"] == {
+        "llm": 31_577_937_344,
+        "vision_encoder": 653_611_520,
+        "vision_projector": 159_912_960,
+        "audio_encoder": 608_879_616,
+        "audio_projector": 15_205_376,
+    }
+    assert summary["total"] == 33_015_546_816
     # The spec's rounded figures: LM ~31.6B total / ~3.2B active, whole model ~33.0B.
     assert round(summary["components"]["llm"] / 1e9, 1) == 31.6
     assert round(summary["active_per_token"] / 1e9, 1) == 3.2

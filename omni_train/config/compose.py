@@ -53,14 +53,33 @@ def _check_group_choices(overrides: list[str]) -> None:
             raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(available(key))}")
 
 
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def compose_job(overrides: list[str] | None = None) -> JobConfig:
-    """Compose, resolve and type-check a job config (per-field checks run here)."""
+    """Compose, resolve and type-check a job config (per-field checks run here).
+
+    With ``model.hf_path`` set (``model=hf model.hf_path=DIR``) the model fields come from the
+    checkpoint's config.json (:mod:`omni_train.config.hf`): a second composition puts them
+    before the command line's overrides, so an explicit ``model.*`` override still wins.
+    """
     overrides = list(overrides or [])
     _check_group_choices(overrides)
     register()
     try:
-        with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-            raw = compose(config_name="config", overrides=overrides)
+        raw = _compose(overrides)
+        hf_path = OmegaConf.select(raw, "model.hf_path", throw_on_missing=False)
+        is_hf = OmegaConf.select(raw, "model.name", throw_on_missing=False) == "hf"
+        if hf_path and not is_hf:
+            raise ValueError(f"model.hf_path={hf_path} needs model=hf (recipes/model/hf.yaml)")
+        if is_hf and not hf_path:
+            raise ValueError("model=hf needs model.hf_path=DIR (a Hugging Face checkpoint folder)")
+        if hf_path:
+            from omni_train.config.hf import model_overrides
+
+            raw = _compose([*model_overrides(hf_path), *overrides])
         OmegaConf.resolve(raw)
         cfg = OmegaConf.to_object(raw)
     except (HydraException, OmegaConfBaseException) as e:
@@ -83,8 +102,10 @@ def to_dict(cfg: JobConfig) -> dict:
 
 
 def config_hash(cfg: JobConfig, *, sections: tuple[str, ...] | None = None) -> str:
-    """Stable short hash of the whole config, or of some sections (e.g. the model fingerprint)."""
+    """Stable short hash of the whole config, or of some sections (e.g. the model fingerprint).
+    ``model.hf_path`` is left out: where a checkpoint's config was read from is not the model."""
     data = to_dict(cfg)
+    data["model"].pop("hf_path", None)
     if sections is not None:
         data = {k: data[k] for k in sections}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

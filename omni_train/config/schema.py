@@ -46,6 +46,15 @@ class VisionConfig:
     tubelet_frames: int = 2  # 1: every frame through the 2D patch embedder
     video_patch_budgets: list[int] = field(default_factory=lambda: [256, 512, 768, 1024])
     init_method_std: float = 0.02
+    # Where megatron-core's RADIOViTModel and the released model (transformers' `radio` /
+    # `nemotron_h_omni`, the reference for weights) differ; defaults follow the release.
+    # The CPE grid is resized with bilinear interpolation; megatron-core uses
+    # align_corners=True, the reference False (and so does the training-time random crop here).
+    cpe_align_corners: bool = False
+    # A learned LayerNorm after the last ViT block (megatron's `ln_post`). The release has none
+    # (the reference adds a non-learned one only when the LM has MTP layers, which omni-train
+    # refuses), so its features go to the pixel shuffle as the last block leaves them.
+    final_layernorm: bool = False
 
     def __post_init__(self) -> None:
         _positive(
@@ -105,9 +114,13 @@ class AudioConfig:
     subsampling_conv_channels: int = 256
     self_attention_model: str = "rel_pos"
     pos_emb_max_len: int = 5000
-    xscaling: bool = True
+    # The released Parakeet encoder (transformers `parakeet_encoder`: scale_input=False,
+    # attention_bias=convolution_bias=False) has no input x-scaling and no biases on its
+    # attention, feed-forward and conv modules; NeMo's defaults (true, true) add 442,368
+    # parameters to the full-size encoder. The subsampling convolutions keep their biases.
+    xscaling: bool = False
     untie_biases: bool = True
-    use_bias: bool = True  # NeMo's default; set false for checkpoints trained without biases
+    use_bias: bool = False
     conv_norm_type: str = "batch_norm"
     dropout: float = 0.1  # NeMo applies it to the pre-encoder, attention and residual paths
     # mel preprocessor
@@ -197,7 +210,10 @@ class ModelConfig:
     mamba_state_dim: int = 128
     mamba_num_groups: int = 8
     mamba_conv_kernel: int = 4
-    # common
+    # softplus(dt + dt_bias) is clamped below at this value, as the released model does
+    # (transformers `nemotron_h`: time_step_limit = (time_step_min, inf)); megatron-core does not
+    # clamp: 0 reproduces megatron's behaviour.
+    mamba_dt_clamp_min: float = 1e-3
     activation: str = "squared_relu"  # "squared_relu" | "gelu" | "swiglu"
     normalization: str = "RMSNorm"  # "RMSNorm" | "LayerNorm"
     norm_eps: float = 1e-5
@@ -209,7 +225,12 @@ class ModelConfig:
     audio: AudioConfig | None = None
     vision_projector_ffn_hidden_size: int = 0
     audio_projector_ffn_hidden_size: int = 0
+    projector_norm_eps: float = 1e-5  # the projectors' RMSNorm (fixed at 1e-5 in the release)
     media_tokens: MediaTokenConfig = field(default_factory=MediaTokenConfig)
+    # `model=hf model.hf_path=DIR`: every field above is derived from DIR/config.json (the omni
+    # model, its LM, RADIO or Parakeet; omni_train/checkpoint/hf/config.py); command-line
+    # `model.*` overrides still win. Not part of the model fingerprint.
+    hf_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.hybrid_pattern is MISSING or self.name is MISSING:
@@ -267,6 +288,11 @@ class ModelConfig:
                     f"model.mamba_num_heads={self.mamba_num_heads} must be a multiple of "
                     f"model.mamba_num_groups={self.mamba_num_groups}"
                 )
+        if self.mamba_dt_clamp_min < 0:
+            raise ValueError(
+                f"model.mamba_dt_clamp_min={self.mamba_dt_clamp_min} must be >= 0 (0: no clamp)"
+            )
+        _positive("model", projector_norm_eps=self.projector_norm_eps)
         for encoder, ffn in (
             ("vision", self.vision_projector_ffn_hidden_size),
             ("audio", self.audio_projector_ffn_hidden_size),

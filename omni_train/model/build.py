@@ -141,7 +141,7 @@ def projector_transformer_config(
         activation_func=squared_relu,
         gated_linear_unit=False,
         normalization="RMSNorm",
-        layernorm_epsilon=m.norm_eps,
+        layernorm_epsilon=m.projector_norm_eps,
         add_bias_linear=False,
         init_method_std=m.init_method_std,
         sequence_parallel=False,

@@ -105,14 +105,19 @@ def lm_stack_spec(model: ModelConfig, leaves: Leaves) -> ModuleSpec:
     mamba_layer = IdentityOp
     if "M" in model.hybrid_pattern:
         # Imported here: MambaMixer's module pulls mamba-ssm when it is installed (GPU).
-        from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+        from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+
+        from omni_train.model.mamba_mixer import ClampedDtMambaMixer
 
         mamba_layer = ModuleSpec(
             module=MambaLayer,
             submodules=MambaLayerSubmodules(
                 mixer=ModuleSpec(
-                    module=MambaMixer,
-                    params={"d_conv": model.mamba_conv_kernel},
+                    module=ClampedDtMambaMixer,
+                    params={
+                        "d_conv": model.mamba_conv_kernel,
+                        "dt_clamp_min": model.mamba_dt_clamp_min,
+                    },
                     submodules=MambaMixerSubmodules(
                         in_proj=leaves.norm_linear, out_proj=leaves.row_linear
                     ),

@@ -10,7 +10,10 @@ parameters and pos-embedding code and adds, without forking it:
 - a Conv3D tubelet embedder for video (``tubelet_frames`` frames x 16 x 16 px per patch; an odd
   last frame is duplicated), feeding the same ViT blocks;
 - the 2x2 pixel shuffle (space-to-depth) after the ViT: 4x fewer tokens, 4x the channels;
-- ``cpe_eval``: the CPE's training-time random crop can be switched off while the rest trains.
+- ``cpe_eval``: the CPE's training-time random crop can be switched off while the rest trains;
+- the released model's choices where they differ from megatron-core (``VisionConfig``): the CPE
+  grid resized with ``align_corners=False`` (megatron: True) and no learned ``ln_post`` after
+  the last block (megatron adds one when asked; the release has none).
 
 The tubelet embedder is a linear layer over ``(t, c, 16, 16)`` patches, which is exactly a
 Conv3d with kernel = stride = (t, 16, 16) (megatron's 2D embedder is the same linear form of a
@@ -20,7 +23,10 @@ so a static video initially embeds like the image; pretrained RADIO has no video
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from megatron.core.models.vision.radio import RADIOViTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
@@ -79,7 +85,7 @@ class RadioEncoder(RADIOViTModel):
             config,
             layer_spec,
             ln_pre_impl=None,
-            ln_post_impl=norm_impl,
+            ln_post_impl=norm_impl if vision.final_layernorm else None,
             add_class_token=vision.num_class_tokens > 0,
             class_token_len=max(vision.num_class_tokens, 1),
             patch_dim=p,
@@ -94,6 +100,7 @@ class RadioEncoder(RADIOViTModel):
         self.num_class_tokens = vision.num_class_tokens
         self.tubelet_frames = vision.tubelet_frames
         self.cpe_eval = False
+        self.cpe_align_corners = vision.cpe_align_corners
         self.video_embedder = None
         if self.tubelet_frames > 1:
             self.video_embedder = ColumnParallelLinear(
@@ -109,15 +116,66 @@ class RadioEncoder(RADIOViTModel):
                 self.video_embedder.weight.copy_(inflated / self.tubelet_frames)
 
     def _get_pos_embeddings(self, batch_size: int, input_dims: tuple[int, int]) -> torch.Tensor:
-        # megatron draws the CPE's random crop whenever the module is in training mode; with
-        # ``cpe_eval`` the grid is interpolated deterministically while the encoder trains.
-        if self.training and self.cpe_eval:
-            self.training = False
-            try:
-                return super()._get_pos_embeddings(batch_size, input_dims)
-            finally:
-                self.training = True
-        return super()._get_pos_embeddings(batch_size, input_dims)
+        """The CPE grid ``[1, R*C, h]`` resized to ``input_dims`` (rows, cols): ``[b, r*c, h]``.
+
+        megatron-core's ``RADIOViTModel._get_pos_embeddings`` (same random draws, same crop)
+        with the interpolation convention as an option: ``align_corners=False`` is the released
+        model's (transformers ``RadioPatchEmbeddings._interpolate_position_embedding``: resize to
+        a square of the longer side, keep the top-left window). In training the random crop
+        samples pixel centres under ``align_corners=False`` (``(i + 0.5) / n``), so a full-size
+        crop equals the eval-time resize, as megatron's ``linspace(0, 1)`` grid does under True.
+        ``cpe_eval`` turns the crop off while the encoder trains.
+        """
+        rows, cols = self.max_num_rows, self.max_num_cols
+        if (rows, cols) == tuple(input_dims):
+            return self.position_embeddings
+        corners = self.cpe_align_corners
+        pos = self.position_embeddings.reshape(1, rows, cols, -1).permute(0, 3, 1, 2)
+        if self.training and not self.cpe_eval:
+            pos = self._random_crop(pos, batch_size, input_dims, corners)
+        else:
+            side = max(input_dims)
+            pos = F.interpolate(
+                pos.float(), size=(side, side), mode="bilinear", align_corners=corners
+            ).to(pos.dtype)
+            pos = pos[..., : input_dims[0], : input_dims[1]]
+        if tuple(pos.shape[-2:]) != tuple(input_dims):
+            pos = F.interpolate(
+                pos.float(), size=tuple(input_dims), mode="bilinear", align_corners=corners
+            ).to(pos.dtype)
+        return pos.flatten(2).permute(0, 2, 1)
+
+    @staticmethod
+    def _random_crop(
+        pos: torch.Tensor, batch_size: int, input_dims: tuple[int, int], corners: bool
+    ) -> torch.Tensor:
+        """RADIO's training-time CPE: a random window (area 10-100 %, aspect 3/4-4/3) of the
+        grid ``pos`` ``[1, h, R, C]`` sampled at ``input_dims`` points -> ``[b, h, r, c]``."""
+        device = pos.device
+        min_scale = math.sqrt(0.1)
+        scale = torch.rand(batch_size, 1, 1, device=device) * (1 - min_scale) + min_scale
+        aspect_min = math.log(3 / 4)
+        aspect = torch.exp(
+            torch.rand(batch_size, 1, 1, device=device) * (-2 * aspect_min) + aspect_min
+        )
+        scale_xy = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp_(0, 1)
+        pos_xy = torch.rand(batch_size, 1, 1, 2, device=device) * (1 - scale_xy)
+
+        def axis(n: int) -> torch.Tensor:
+            if corners:
+                return torch.linspace(0, 1, steps=n, device=device)
+            return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+
+        lin_x = axis(input_dims[1])[None, None].expand(batch_size, input_dims[0], -1)
+        lin_y = axis(input_dims[0])[None, :, None].expand(batch_size, -1, input_dims[1])
+        grid = (torch.stack([lin_x, lin_y], dim=-1) * scale_xy + pos_xy) * 2 - 1
+        return F.grid_sample(
+            pos.float().expand(batch_size, -1, -1, -1),
+            grid=grid,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=corners,
+        ).to(pos.dtype)
 
     def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """One image ``[1, 3, H, W]`` or tubelet ``[t, 3, H, W]`` -> ``[cls + rows*cols, h]``."""
