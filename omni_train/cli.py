@@ -18,6 +18,13 @@ omni-train data convert FILE.jsonl --media DIR --out DIR
     turns JSONL conversations plus a media folder into a prepared energon dataset.
 omni-train data tokenizer --out DIR
     rebuilds the tiny test tokenizer that ships with omni-train.
+omni-train checkpoint import-hf HF_DIR|FILE.nemo --out DIR [--dtype D] [model=NAME ...]
+    a released checkpoint (the omni model, its LM, RADIO, Parakeet) -> torch_dist, for
+    checkpoint.init_from (any layout) or checkpoint.init_components.<component> (stage 0);
+omni-train checkpoint export-hf CKPT --out HF_DIR [--copy-processor-from DIR] [--dtype D]
+    a stage checkpoint (any layout) -> config.json + safetensors that transformers loads;
+omni-train checkpoint compare-hf HF_DIR CKPT --data FILE.jsonl --media DIR [--json]
+    the reference model and omni-train's on the same samples: logit and loss differences.
 """
 
 from __future__ import annotations
@@ -129,6 +136,43 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
+    # Conversion runs on the CPU platform in this process (a world of one); hiding CUDA keeps
+    # a GPU host from selecting the GPU path.
+    os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from omni_train.checkpoint.hf import convert
+
+    if args.action == "import-hf":
+        report = convert.import_hf(args.source, args.out, overrides, dtype=args.dtype or "source")
+        print(
+            f"imported {report.source} ({report.source_kind}: {', '.join(report.components)}) "
+            f"-> {args.out}: {report.tensors} tensors, {report.bytes / 2**30:.2f} GiB, "
+            f"{report.seconds:.1f} s"
+        )
+        for note in report.notes:
+            print(f"note: {note}")
+        return 0
+    if overrides and args.action == "export-hf":
+        raise ValueError(f"checkpoint export-hf takes no overrides, got {overrides}")
+    if args.action == "export-hf":
+        report = convert.export_hf(
+            args.source, args.out, copy_processor_from=args.copy_processor_from, dtype=args.dtype
+        )
+        print(
+            f"exported {report.checkpoint} -> {report.out}: {report.tensors} tensors, "
+            f"{report.bytes / 2**30:.2f} GiB in {len(report.files)} files, {report.seconds:.1f} s"
+        )
+        return 0
+    from omni_train.checkpoint.hf import compare
+
+    if not args.target or not args.data or not args.media:
+        raise ValueError("checkpoint compare-hf needs HF_DIR CKPT --data FILE.jsonl --media DIR")
+    return compare.main(
+        args.source, args.target, args.data, args.media, as_json=args.json, overrides=overrides
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="omni-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -168,10 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--val-fraction", type=float, default=0.02, help="convert: val share")
     data.add_argument("--samples-per-shard", type=int, default=1000, help="convert")
     data.set_defaults(func=_data)
+    ckpt = sub.add_parser("checkpoint", help="import / export / compare Hugging Face checkpoints")
+    ckpt.add_argument("action", choices=["import-hf", "export-hf", "compare-hf"])
+    ckpt.add_argument("source", help="import: HF folder or .nemo; export: CKPT; compare: HF folder")
+    ckpt.add_argument("target", nargs="?", help="compare-hf: the omni-train checkpoint")
+    ckpt.add_argument("--out", help="import-hf / export-hf: the new folder")
+    ckpt.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="convert float tensors")
+    ckpt.add_argument("--copy-processor-from", help="export-hf: tokenizer/processor files")
+    ckpt.add_argument("--data", help="compare-hf: samples (the data convert JSONL format)")
+    ckpt.add_argument("--media", help="compare-hf: folder the JSONL's media paths are in")
+    ckpt.add_argument("--json", action="store_true", help="compare-hf: machine-readable output")
+    ckpt.set_defaults(func=_checkpoint)
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         parser.error(f"unknown option(s) {bad}; overrides look like key=value")
+    if args.command == "checkpoint" and args.action != "compare-hf" and not args.out:
+        parser.error(f"checkpoint {args.action} needs --out DIR")
     if args.command == "run" and args.nnodes > 1 and not args.rdzv_endpoint and not args.dry_run:
         parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address)")
     try:

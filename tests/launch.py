@@ -46,8 +46,11 @@ def tensors(tree, prefix=""):
         elif torch.is_tensor(value):
             out[prefix + key] = value
     return out
-a, b = (tensors(load_plain_tensors(str(find_latest(d)))) for d in sys.argv[1:3])
-assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+a, b = (tensors(load_plain_tensors(str(find_latest(d) or d))) for d in sys.argv[1:3])
+if sys.argv[3:] == ["common"]:
+    a = {k: v for k, v in a.items() if k in b}
+else:
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
 print(len(a))
 for key in sorted(a):
     if not torch.equal(a[key], b[key]):
@@ -55,11 +58,13 @@ for key in sorted(a):
 """
 
 
-def differing_weights(run_a: Path, run_b: Path) -> tuple[int, list[str]]:
+def differing_weights(run_a: Path, run_b: Path, common_only: bool = False) -> tuple[int, list[str]]:
     """(number of model tensors, keys that are not bit-identical) of two runs' latest
-    checkpoints. Runs in a subprocess: reading a torch_dist checkpoint needs a process group."""
+    checkpoints (or two checkpoint folders); ``common_only``: compare the tensors both hold
+    (else their key sets must be equal). Runs in a subprocess: reading a torch_dist
+    checkpoint needs a process group."""
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPARE, str(run_a), str(run_b)],
+        [sys.executable, "-c", _COMPARE, str(run_a), str(run_b), *(["common"] * common_only)],
         capture_output=True,
         text=True,
         timeout=300,

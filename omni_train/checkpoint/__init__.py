@@ -10,7 +10,7 @@ from omni_train.checkpoint.io import (
     load_weights,
     save_checkpoint,
 )
-from omni_train.checkpoint.manifest import read_manifest, write_manifest
+from omni_train.checkpoint.manifest import read_manifest, versions, write_manifest
 
 __all__ = [
     "TrainState",
@@ -21,5 +21,6 @@ __all__ = [
     "load_weights",
     "read_manifest",
     "save_checkpoint",
+    "versions",
     "write_manifest",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +31,63 @@ def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {output_dir}")
     return json.loads(path.read_text())
+
+
+def versions() -> dict[str, str]:
+    """The software a checkpoint was written with."""
+    import megatron.core
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+    }
+
+
+# ---- imported checkpoints (omni-train checkpoint import-hf) -----------------------------------
+
+IMPORT_MANIFEST = "omni_train_import.json"
+# `model` fields that are training choices, not weights: an imported checkpoint may be loaded by
+# a stage that sets them differently (omni_train.stage.handoff compares everything else)
+TRAINING_FIELDS = frozenset(
+    {
+        "name",
+        "hf_path",
+        "init_method_std",
+        "moe_aux_loss_coeff",
+        "vision.min_patches",
+        "vision.max_patches",
+        "vision.video_patch_budgets",
+        "vision.init_method_std",
+        "audio.dropout",
+        "audio.dither",
+        "audio.clip_seconds",
+    }
+)
+
+
+def read_import_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The import manifest of an ``import-hf`` folder, or None for any other folder."""
+    file = Path(path) / IMPORT_MANIFEST
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def architecture_diff(
+    saved: dict, current: dict, prefix: str = "", *, saved_keys_only: bool = False
+) -> list[str]:
+    """``model`` fields (dotted) that differ between two model sections, training choices
+    (:data:`TRAINING_FIELDS`) left out; ``saved_keys_only``: only the fields ``saved`` has (a
+    config derived from a checkpoint describes fewer fields than omni-train's)."""
+    out = []
+    names = set(saved) if saved_keys_only else set(saved) | set(current)
+    for key in sorted(names):
+        name = f"{prefix}{key}"
+        if name in TRAINING_FIELDS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += architecture_diff(a, b, f"{name}.", saved_keys_only=saved_keys_only)
+        elif a != b:
+            out.append(f"model.{name}: {a!r} (checkpoint) vs {b!r} (this config)")
+    return out

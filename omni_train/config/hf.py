@@ -38,7 +38,7 @@ _AUDIO_WRAPPERS = ("parakeet_ctc", "parakeet_rnnt", "parakeet_tdt", "parakeet")
 KINDS = ("omni", "llm", "vision_encoder", "audio_encoder")
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfigError(ValueError):
     """A checkpoint setting omni-train's model cannot reproduce."""
 
 
@@ -66,7 +66,7 @@ def kind_of(hf: dict) -> str:
         return "vision_encoder"
     if model_type == "parakeet_encoder" or model_type in _AUDIO_WRAPPERS:
         return "audio_encoder"
-    raise UnsupportedConfig(
+    raise UnsupportedConfigError(
         f"config.json has model_type={model_type!r} (architectures {archs}); omni-train reads "
         "nemotron_h_omni (the whole model), nemotron_h (its LM), radio (its vision encoder) and "
         "parakeet / parakeet_encoder (its audio encoder)"
@@ -83,7 +83,9 @@ def _get(hf: dict, *names: str, default: Any = None) -> Any:
 
 def _require(where: str, name: str, value: Any, wanted: Any, why: str) -> None:
     if value != wanted:
-        raise UnsupportedConfig(f"{where}.{name}={value!r}: omni-train supports {wanted!r} ({why})")
+        raise UnsupportedConfigError(
+            f"{where}.{name}={value!r}: omni-train supports {wanted!r} ({why})"
+        )
 
 
 # ---- HF -> omni-train -------------------------------------------------------------------------
@@ -98,13 +100,15 @@ def llm_fields(text: dict) -> dict:
     elif layers is not None:
         unknown = sorted(set(layers) - set(_LAYER_SYMBOL))
         if unknown:
-            raise UnsupportedConfig(f"{w}.layers_block_type has unknown layer types {unknown}")
+            raise UnsupportedConfigError(f"{w}.layers_block_type has unknown layer types {unknown}")
         pattern = "".join(_LAYER_SYMBOL[t] for t in layers)
     else:
-        raise UnsupportedConfig(f"{w} has neither layers_block_type nor hybrid_override_pattern")
+        raise UnsupportedConfigError(
+            f"{w} has neither layers_block_type nor hybrid_override_pattern"
+        )
     mtp = _get(text, "num_nextn_predict_layers", default=0)
     if mtp:
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             f"{w}.num_nextn_predict_layers={mtp}: the checkpoint has multi-token-prediction "
             "layers, which omni-train's LM (megatron-core 0.16.1 MambaModel) does not build; "
             "they would be dropped, so the import is refused"
@@ -131,7 +135,9 @@ def llm_fields(text: dict) -> dict:
         "vocab_size": text["vocab_size"],
         "num_attention_heads": text["num_attention_heads"],
         "num_query_groups": _get(text, "num_key_value_heads", default=text["num_attention_heads"]),
-        "head_dim": _get(text, "head_dim", default=text["hidden_size"] // text["num_attention_heads"]),
+        "head_dim": _get(
+            text, "head_dim", default=text["hidden_size"] // text["num_attention_heads"]
+        ),
         "ffn_hidden_size": _get(text, "intermediate_size", default=1),
         "num_moe_experts": _get(text, "n_routed_experts", default=0) if has_moe else 0,
         "moe_router_topk": _get(text, "num_experts_per_tok", default=1),
@@ -175,7 +181,7 @@ def vision_fields(radio: dict) -> dict:
     hidden = radio.get("hidden_size", 1280)
     ffn = hidden * float(radio.get("mlp_ratio", 4.0))
     if ffn != int(ffn):
-        raise UnsupportedConfig(f"{w}: hidden_size x mlp_ratio = {ffn} is not an integer")
+        raise UnsupportedConfigError(f"{w}: hidden_size x mlp_ratio = {ffn} is not an integer")
     return {
         "num_layers": radio.get("num_hidden_layers", 32),
         "hidden_size": hidden,
@@ -210,12 +216,12 @@ def audio_fields(audio: dict) -> dict:
     attention_bias = enc.get("attention_bias", False)
     conv_bias = enc.get("convolution_bias", True)  # ParakeetEncoderConfig's default
     if attention_bias != conv_bias:
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             f"{w}: attention_bias={attention_bias} but convolution_bias={conv_bias}; NeMo's "
             "ConformerEncoder has one use_bias switch for attention, feed-forward and conv"
         )
     if ffn % hidden:
-        raise UnsupportedConfig(f"{w}: intermediate_size={ffn} is not a multiple of {hidden}")
+        raise UnsupportedConfigError(f"{w}: intermediate_size={ffn} is not a multiple of {hidden}")
     for name, wanted, why in (
         ("hidden_act", "silu", "NeMo's Swish"),
         ("subsampling_conv_kernel_size", 3, "NeMo's dw_striding"),
@@ -223,7 +229,9 @@ def audio_fields(audio: dict) -> dict:
     ):
         _require(w, name, enc.get(name, wanted), wanted, why)
     if enc.get("projection_bias", False):
-        raise UnsupportedConfig(f"{w}.projection_bias=True: omni-train's projectors have no bias")
+        raise UnsupportedConfigError(
+            f"{w}.projection_bias=True: omni-train's projectors have no bias"
+        )
     return {
         "num_layers": enc.get("num_hidden_layers", 24),
         "d_model": hidden,
@@ -246,7 +254,7 @@ def omni_fields(hf: dict) -> dict:
     """``nemotron_h_omni`` config -> every ``ModelConfig`` field it determines."""
     text = _get(hf, "text_config", "llm_config")
     if text is None:
-        raise UnsupportedConfig("the omni config has no text_config (llm_config)")
+        raise UnsupportedConfigError("the omni config has no text_config (llm_config)")
     out = llm_fields(text)
     ratio = hf.get("downsample_ratio", 0.5)
     _require("config", "downsample_ratio", ratio, 0.5, "the 2x2 pixel shuffle")
@@ -254,16 +262,15 @@ def omni_fields(hf: dict) -> dict:
     vision = vision_fields(radio)
     tubelet = hf.get("video_temporal_patch_size", 2)
     if vision["tubelet_frames"] not in (None, tubelet):
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             f"vision_config.video_temporal_patch_size={vision['tubelet_frames']} but "
             f"video_temporal_patch_size={tubelet}"
         )
     vision["tubelet_frames"] = tubelet
     vit_hidden = _get(hf, "vision_hidden_size", "vit_hidden_size", default=vision["hidden_size"])
     if vit_hidden != vision["hidden_size"]:
-        raise UnsupportedConfig(
-            f"vision_hidden_size={vit_hidden} but vision_config.hidden_size="
-            f"{vision['hidden_size']}"
+        raise UnsupportedConfigError(
+            f"vision_hidden_size={vit_hidden} but vision_config.hidden_size={vision['hidden_size']}"
         )
     out["vision"] = vision
     out["vision_projector_ffn_hidden_size"] = hf.get("projector_hidden_size", 4096)
@@ -285,7 +292,7 @@ def omni_fields(hf: dict) -> dict:
         ids.pop("audio")
     missing = [k for k, v in ids.items() if v is None]
     if missing:
-        raise UnsupportedConfig(f"the omni config does not give the {missing} placeholder ids")
+        raise UnsupportedConfigError(f"the omni config does not give the {missing} placeholder ids")
     out["media_tokens"] = ids
     return out
 
@@ -403,23 +410,23 @@ def check_exportable(m: dict) -> None:
     )
     for name, wanted in fixed:
         if m[name] != wanted:
-            raise UnsupportedConfig(
+            raise UnsupportedConfigError(
                 f"model.{name}={m[name]!r}: the reference model (transformers nemotron_h_omni) "
                 f"has {wanted!r} only; this model cannot be exported"
             )
     v, a = m.get("vision"), m.get("audio")
     if v is not None and v["tubelet_frames"] != 2:
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             f"model.vision.tubelet_frames={v['tubelet_frames']}: the reference omni model embeds "
             "video as tubelets of 2 frames (video_temporal_patch_size=2)"
         )
     if v is not None and (v["cpe_align_corners"] or v["final_layernorm"]):
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             "model.vision.cpe_align_corners / final_layernorm are true: the reference RADIO "
             "resizes its CPE with align_corners=False and has no learned final LayerNorm"
         )
     if a is not None and (not a["untie_biases"] or a["self_attention_model"] != "rel_pos"):
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             "model.audio: the reference Parakeet encoder has per-layer (untied) rel_pos biases"
         )
 
@@ -436,7 +443,7 @@ def omni_config(m: dict, base: dict | None = None) -> dict:
         out.update(text, architectures=["NemotronHForCausalLM"])
         return out
     if m.get("vision") is None:
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             "model has an audio encoder but no vision encoder; the reference omni model always "
             "has both a language model and RADIO"
         )
@@ -491,7 +498,7 @@ def model_overrides(hf_path: str | Path) -> list[str]:
     """``model.<field>=<value>`` overrides that make ``model`` the checkpoint's (omni or LM)."""
     kind, fields = model_fields(read_config(hf_path))
     if kind in ("vision_encoder", "audio_encoder"):
-        raise UnsupportedConfig(
+        raise UnsupportedConfigError(
             f"model.hf_path={hf_path} is a {kind} checkpoint; model.hf_path takes the omni model "
             "or its LM (nemotron_h). Import an encoder for stage 0 with `omni-train checkpoint "
             "import-hf DIR --out OUT model=<the model it joins>` and pass "

@@ -42,9 +42,9 @@ class ClampedDtMambaMixer(MambaMixer):
         finally:
             setattr(_module, kernel_name, kernel)
 
-    def _ssm_training(self, zxBCdt, packed_seq_params=None):
+    def _ssm_training(self, zxbcdt, packed_seq_params=None):
         return self._with_dt_limit(
-            "mamba_split_conv1d_scan_combined", super()._ssm_training, zxBCdt, packed_seq_params
+            "mamba_split_conv1d_scan_combined", super()._ssm_training, zxbcdt, packed_seq_params
         )
 
     def _ssm_prefill(self, *args, **kwargs):

@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import resource
-import socket
 import sys
 from collections.abc import Iterator
 
@@ -50,31 +49,27 @@ def parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = original
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def build_on_meta(cfg) -> torch.nn.Module:
+    """The model of ``cfg`` (TP=1) on the meta device, in a world of one process on the CPU
+    platform: names and global shapes with no weight memory."""
+    from omni_train.model.build import build_omni_model
+    from omni_train.model.specs import platform_leaves
+    from omni_train.parallel.state import local_world
+    from omni_train.platform import setup
+
+    platform = setup()
+    with local_world(cfg.parallel, platform, cfg.trainer.seed) as ps, parameters_on_meta():
+        model, _ = build_omni_model(cfg, ps, platform, platform_leaves(platform), init=False)
+    return model
 
 
 def summarize(overrides: list[str]) -> dict:
     """Build ``model=...`` on meta and count. Runs in a fresh single-process world."""
     os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from omni_train.config import compose_job
-    from omni_train.model.build import build_omni_model
-    from omni_train.model.specs import platform_leaves
-    from omni_train.parallel.state import destroy_parallel, init_parallel
-    from omni_train.platform import setup
 
     cfg = compose_job([*overrides, "parallel=single", "trainer.precision=fp32"])
-    platform = setup()
-    ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
-    try:
-        with parameters_on_meta():
-            model, _ = build_omni_model(cfg, ps, platform, platform_leaves(platform), init=False)
-    finally:
-        destroy_parallel()
+    model = build_on_meta(cfg)
     per_component: dict[str, int] = {name: 0 for name in model.components()}
     active = 0
     m = cfg.model

@@ -6,7 +6,10 @@ MASTER_ADDR and MASTER_PORT; a plain ``python`` start is treated as a world of o
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -95,3 +98,19 @@ def destroy_parallel() -> None:
         mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_world(cfg: ParallelConfig, platform: Platform, seed: int) -> Iterator[ParallelState]:
+    """A world of one process on a free local port, torn down on exit: the inspection and
+    conversion tools (model summary, checkpoint import/export) build models in it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    ps = init_parallel(cfg, platform, seed)
+    try:
+        yield ps
+    finally:
+        destroy_parallel()

@@ -5,6 +5,11 @@ A handoff (``checkpoint.init_from``) loads weights only — new optimizer, sched
 and only from the *completed final* checkpoint of ``stage.previous``, written for the same model
 (fingerprint = the hash of the ``model`` config section). torch_dist reshards on load, so the
 parallel layout may change between stages (TP 2 -> 1; CP changes shard no weights).
+
+A released checkpoint imported with ``omni-train checkpoint import-hf`` may start any stage: it
+has no stage to come from, so only its architecture is checked (every ``model`` field except the
+training choices in ``manifest.TRAINING_FIELDS``). Imported components feed
+``checkpoint.init_components`` after the same check on their part of the model.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omni_train.checkpoint import find_latest, read_manifest
+from omni_train.checkpoint.manifest import architecture_diff, read_import_manifest
 from omni_train.config import JobConfig, config_hash, to_dict
 from omni_train.log import get_logger
 
@@ -47,6 +53,9 @@ def _model_diff(saved: dict, current: dict, prefix: str = "model") -> list[str]:
 def check_handoff(cfg: JobConfig) -> Path:
     """The checkpoint ``checkpoint.init_from`` names, after the handoff checks (raises
     ``ValueError`` saying what is wrong and what to do)."""
+    imported = read_import_manifest(cfg.checkpoint.init_from)
+    if imported is not None:
+        return _check_imported(cfg, Path(cfg.checkpoint.init_from), imported)
     run_dir, ckpt = _run_dir_and_checkpoint(Path(cfg.checkpoint.init_from))
     if not cfg.checkpoint.check_handoff:
         log.warning("checkpoint.check_handoff=false: loading %s without handoff checks", ckpt)
@@ -88,9 +97,44 @@ def check_handoff(cfg: JobConfig) -> Path:
     return ckpt
 
 
+def _check_imported(cfg: JobConfig, path: Path, imported: dict) -> Path:
+    if not cfg.checkpoint.check_handoff:
+        log.warning("checkpoint.check_handoff=false: loading %s without checks", path)
+        return path
+    have, want = sorted(imported["components"]), sorted(cfg.model.components)
+    if have != want:
+        raise ValueError(
+            f"checkpoint.init_from={path} was imported with components {have}, this model has "
+            f"{want}; a component checkpoint goes into checkpoint.init_components.<component>"
+        )
+    diff = architecture_diff(imported["model"], to_dict(cfg)["model"])
+    if diff:
+        raise ValueError(
+            f"checkpoint.init_from={path} (imported from {imported['source']}) is another model: "
+            f"{'; '.join(diff[:6])}; train it with model=hf model.hf_path={imported['source']}"
+        )
+    log.info("handoff: %s (imported from %s) -> %s", path, imported["source"], cfg.stage.name)
+    return path
+
+
+_PARTS = {"vision_encoder": "vision", "audio_encoder": "audio"}
+
+
+def _component_section(model: dict, component: str) -> tuple[dict, str]:
+    """(the ``model`` fields that shape one component's weights, their dotted prefix)."""
+    if component in _PARTS:
+        return model.get(_PARTS[component]) or {}, f"{_PARTS[component]}."
+    if component == "llm":
+        skip = {"vision", "audio", "media_tokens"}
+        return {k: v for k, v in model.items() if k not in skip and "projector" not in k}, ""
+    return {}, ""  # a projector: import-hf never writes one alone
+
+
 def check_components(cfg: JobConfig) -> dict[str, Path]:
-    """``checkpoint.init_components``: component -> its checkpoint folder (each must exist)."""
+    """``checkpoint.init_components``: component -> its checkpoint folder (each must exist; an
+    imported one must hold that component, shaped as this model's)."""
     out = {}
+    model = to_dict(cfg)["model"]
     for name, path in cfg.checkpoint.init_components.items():
         p = Path(path)
         if (p / "checkpoints").is_dir():
@@ -100,5 +144,22 @@ def check_components(cfg: JobConfig) -> dict[str, Path]:
                 f"checkpoint.init_components.{name}={path} is not a torch_dist checkpoint "
                 "(no metadata.json)"
             )
+        imported = read_import_manifest(p)
+        if imported is not None and cfg.checkpoint.check_handoff:
+            if name not in imported["components"]:
+                raise ValueError(
+                    f"checkpoint.init_components.{name}={path} holds {imported['components']} "
+                    f"(imported from {imported['source']}), not {name}"
+                )
+            (saved, prefix), (current, _) = (
+                _component_section(imported["model"], name),
+                _component_section(model, name),
+            )
+            diff = architecture_diff(saved, current, prefix)
+            if diff:
+                raise ValueError(
+                    f"checkpoint.init_components.{name}={path} does not fit this model's {name}: "
+                    f"{'; '.join(diff[:6])}"
+                )
         out[name] = p
     return out

@@ -12,12 +12,8 @@ Start-up decides between four cases, in this order:
 
 from __future__ import annotations
 
-import platform as py_platform
 import time
 from pathlib import Path
-
-import megatron.core
-import torch
 
 from omni_train import platform as omni_platform
 from omni_train.checkpoint import (
@@ -28,6 +24,7 @@ from omni_train.checkpoint import (
     load_for_resume,
     load_weights,
     save_checkpoint,
+    versions,
     write_manifest,
 )
 from omni_train.config import JobConfig, config_hash, to_dict, validate
@@ -106,11 +103,7 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         "resumed_from": str(resumed_from) if resumed_from else None,
         "checkpoint": str(ckpt) if ckpt else None,
         "platform": omni_platform.detect().name,
-        "versions": {
-            "python": py_platform.python_version(),
-            "torch": torch.__version__,
-            "megatron_core": megatron.core.__version__,
-        },
+        "versions": versions(),
     }
 
 

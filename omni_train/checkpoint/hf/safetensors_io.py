@@ -66,7 +66,7 @@ class SafetensorsReader:
                 raise FileNotFoundError(f"{index} lists {name}, which is missing")
             handle = safe_open(str(path), framework="pt")
             self._handles[name] = handle
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if key in self._where:
                     raise ValueError(f"{folder}: tensor {key} is in {self._where[key]} and {name}")
                 self._where[key] = name
@@ -140,7 +140,9 @@ class ShardedWriter:
             size += p.nbytes
         count = len(shards)
         self._files = (
-            [SINGLE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+            [SINGLE]
+            if count == 1
+            else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         )
         self._shards = shards
         self._order: Iterator[tuple[int, TensorPlan]] = (
@@ -172,7 +174,8 @@ class ShardedWriter:
     def _open(self, shard: int) -> None:
         self._close_file()
         self._current = shard
-        self._handle = open(self.folder / self._files[shard], "wb")
+        # open across write() calls: one file receives many tensors, closed in _close_file
+        self._handle = open(self.folder / self._files[shard], "wb")  # noqa: SIM115
         self._handle.write(_header(self._shards[shard], {"format": "pt"}))
 
     def _close_file(self) -> None:
