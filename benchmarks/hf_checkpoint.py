@@ -1,0 +1,236 @@
+"""Import / export of Hugging Face checkpoints: time and memory at full width, reduced depth.
+
+The checkpoint is the released architecture at full width (hidden 2688, vocabulary 131,072,
+128 experts of 1,856, RADIO-H width, Parakeet width, both projectors) with fewer layers: LM
+pattern ``M*E`` (one layer of each kind), 2 ViT blocks, 2 conformer layers, random bf16 weights
+under the released names, in 2 GiB shards with an index. Each command runs in its own process;
+a sampler reads that process tree's /proc status every 20 ms:
+
+- ``anon``: peak anonymous memory (copies the tool makes; it cannot be reclaimed);
+- ``rss``: peak resident memory, file-backed pages of the memory-mapped input included (the
+  kernel may drop those under pressure; they are the page cache of the files being read).
+
+Baselines in the same run: reading the safetensors files (``cat > /dev/null``), the floor for
+any converter; and the naive converter, ``safetensors.torch.load_file`` of every shard into
+memory then ``save_file`` of them all, which holds the whole model in anonymous memory.
+
+Extrapolation to the full model (33,015,546,816 parameters, 66.0 GB in bf16): time scales with
+bytes (every tensor is read, converted and written once); the anonymous peak is what is held
+at once: for export one load group (the largest: a MoE layer, 2.55 GB) plus writer buffers; for
+import, what megatron's torch_dist writer stages, measured here as a fraction of the bytes.
+
+Usage: python benchmarks/hf_checkpoint.py [--out benchmarks/results/hf_checkpoint_cpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+FULL_BYTES = 33_015_546_816 * 2
+REDUCED = [
+    "model=nano_omni_30b_a3b",
+    "model.hybrid_pattern=M*E",
+    "model.vision.num_layers=2",
+    "model.audio.num_layers=2",
+]
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        todo += [int(c) for c in children]
+    return pids
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time and peak anonymous / resident memory of ``cmd`` and its children."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak = {"anon": 0, "rss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            anon = rss = 0
+            for p in _tree(proc.pid):
+                s = _status(p)
+                anon += s.get("RssAnon", 0)
+                rss += s.get("VmRSS", 0)
+            peak["anon"], peak["rss"] = max(peak["anon"], anon), max(peak["rss"], rss)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = proc.communicate()
+    done.set()
+    thread.join()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.decode()[-4000:]}")
+    return {"seconds": time.perf_counter() - start, **peak}
+
+
+def write_reduced_checkpoint(folder: Path) -> int:
+    """Random bf16 weights of the reduced model under the released names; returns bytes."""
+    import torch
+
+    from omni_train.checkpoint.hf import weights
+    from omni_train.checkpoint.hf.convert import _job, _MetaModel, _tensor_keys
+    from omni_train.checkpoint.hf.safetensors_io import ShardedWriter, TensorPlan
+    from omni_train.config import hf as hf_config
+    from omni_train.config import to_dict
+
+    cfg = _job(None, REDUCED, "bf16")
+    section = to_dict(cfg)["model"]
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(hf_config.omni_config(section), indent=2))
+    with _MetaModel(cfg) as meta:
+        prefixes = weights.Prefixes()
+        plans, makers = [], []
+        for key, t in _tensor_keys(meta.model, tuple(f"{c}." for c in cfg.model.components)):
+            rule = weights.rule_for(key, section, prefixes)
+            if rule is None:
+                continue
+            dtype = torch.bfloat16 if t.is_floating_point() else t.dtype
+            probe = torch.empty(t.shape, dtype=dtype, device="meta")
+            for name, part in zip(rule.released, rule.to_released(probe), strict=True):
+                plans.append(TensorPlan(name, part.dtype, tuple(part.shape)))
+                makers.append(part)
+        name = "vision_model.radio_model.summary_idxs"
+        plans.append(TensorPlan(name, torch.int64, (2,)))
+        makers.append(torch.tensor([0, 1]))
+        writer = ShardedWriter(folder, plans, 2 * 2**30)
+        g = torch.Generator().manual_seed(0)
+        for plan, probe in zip(plans, makers, strict=True):
+            if probe.device.type != "meta":
+                value = probe
+            elif plan.dtype.is_floating_point:
+                value = (torch.randn(plan.shape, generator=g) * 0.02).to(plan.dtype)
+                if plan.name.endswith("running_var"):
+                    value = value.abs() + 1
+            else:
+                value = torch.zeros(plan.shape, dtype=plan.dtype)
+            writer.write(plan.name, value)
+        writer.close()
+        return writer.total_bytes
+
+
+NAIVE = """
+import sys, pathlib
+from safetensors.torch import load_file, save_file
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+dst.mkdir()
+shards = {p.name: load_file(p) for p in sorted(src.glob("*.safetensors"))}
+for name, tensors in shards.items():
+    save_file(tensors, dst / name)
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="hf_bench_"))
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    try:
+        src = work / "hf"
+        nbytes = write_reduced_checkpoint(src)
+        files = sorted(str(p) for p in src.glob("*.safetensors"))
+        rows = {
+            "read the files (cat > /dev/null)": measure(
+                ["bash", "-c", f"cat {' '.join(files)} > /dev/null"]
+            ),
+            "naive: load_file all + save_file all": measure(
+                [sys.executable, "-c", NAIVE, str(src), str(work / "naive")], env
+            ),
+        }
+        cli = [sys.executable, "-m", "omni_train.cli", "checkpoint"]
+        rows["omni-train import-hf"] = measure(
+            [*cli, "import-hf", str(src), "--out", str(work / "dist")], env
+        )
+        rows["omni-train export-hf"] = measure(
+            [*cli, "export-hf", str(work / "dist"), "--out", str(work / "back")], env
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    gb = nbytes / 1e9
+    base = rows["read the files (cat > /dev/null)"]["seconds"]
+    lines = [
+        f"Reduced-depth, full-width checkpoint ({' '.join(REDUCED[1:])}): {gb:.2f} GB bf16, "
+        f"{len(files)} shards. {platform.node()}: {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}.",
+        "",
+        "| command | wall s | x read | anon peak GB | anon / size | rss peak GB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['seconds']:.1f} | {r['seconds'] / base:.1f} | "
+            f"{r['anon'] / 1e9:.2f} | {r['anon'] / nbytes:.2f} | {r['rss'] / 1e9:.2f} |"
+        )
+    full = FULL_BYTES / nbytes
+    lines += [
+        "",
+        f"Extrapolated to the full model ({FULL_BYTES / 1e9:.1f} GB bf16, x{full:.1f} the bytes; "
+        "time scales with bytes):",
+        "",
+        "| command | wall min (extrapolated) | anon peak GB (extrapolated) |",
+        "|---|---:|---:|",
+    ]
+    for name in ("omni-train import-hf", "omni-train export-hf"):
+        r = rows[name]
+        lines.append(
+            f"| {name} | {r['seconds'] * full / 60:.0f} | "
+            f"{_extrapolated_anon(name, r['anon'], nbytes):.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(
+            "# HF checkpoint import / export (CPU)\n\nCommand: `python benchmarks/hf_checkpoint.py"
+            f" --out {args.out}`\n\n{table}\n"
+        )
+    return 0
+
+
+def _extrapolated_anon(name: str, anon: int, nbytes: int) -> float:
+    """Anonymous memory at full size: export holds one load group (the largest is a MoE layer,
+    2.55 GB bf16, the same at every depth: the reduced model has one), so its peak is constant;
+    import's scales with what the torch_dist writer stages, measured as a share of the bytes."""
+    if "export" in name:
+        return anon / 1e9
+    return anon / nbytes * FULL_BYTES / 1e9
+
+
+if __name__ == "__main__":
+    sys.exit(main())
