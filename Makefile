@@ -46,13 +46,15 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m slow
 
-# Parallel-layout equivalence, the CPU Mamba2 scan and data throughput (about 8 minutes on 2
-# cores); results in benchmarks/results/.
+# Parallel-layout equivalence, the CPU Mamba2 scan, data throughput, packing and HF checkpoint
+# import/export (about 16 minutes on 2 cores; the last writes ~12 GB of scratch files);
+# results in benchmarks/results/.
 bench: setup
 	$(BIN)/python benchmarks/equivalence.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mamba_scan.py --out benchmarks/results/mamba_scan_cpu.md
 	$(BIN)/python benchmarks/data_throughput.py --data $(SYNTH) --out benchmarks/results/data_throughput_cpu.md
 	$(BIN)/python benchmarks/packing.py
+	$(BIN)/python benchmarks/hf_checkpoint.py --out benchmarks/results/hf_checkpoint_cpu.md
 
 lint: setup
 	$(BIN)/ruff check omni_train tests benchmarks

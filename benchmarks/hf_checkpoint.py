@@ -1,23 +1,24 @@
 """Import / export of Hugging Face checkpoints: time and memory at full width, reduced depth.
 
-The checkpoint is the released architecture at full width (hidden 2688, vocabulary 131,072,
-128 experts of 1,856, RADIO-H width, Parakeet width, both projectors) with fewer layers: LM
-pattern ``M*E`` (one layer of each kind), 2 ViT blocks, 2 conformer layers, random bf16 weights
-under the released names, in 2 GiB shards with an index. Each command runs in its own process;
-a sampler reads that process tree's /proc status every 20 ms:
+The checkpoints are the released architecture at full width (hidden 2688, vocabulary 131,072,
+128 experts of 1,856, RADIO-H width, Parakeet width, both projectors) with fewer layers: 2 ViT
+blocks, 2 conformer layers and the LM patterns ``M*E`` and ``M*EE`` (one and two MoE layers, the
+largest layers), random bf16 weights under the released names, in 2 GiB shards with an index.
+Each command runs in its own process; a sampler reads that process tree's /proc status every
+20 ms:
 
-- ``anon``: peak anonymous memory (copies the tool makes; it cannot be reclaimed);
+- ``anon``: peak anonymous memory (what the tool allocates; it cannot be reclaimed);
 - ``rss``: peak resident memory, file-backed pages of the memory-mapped input included (the
-  kernel may drop those under pressure; they are the page cache of the files being read).
+  kernel may drop those under pressure: they are the page cache of the files being read).
 
-Baselines in the same run: reading the safetensors files (``cat > /dev/null``), the floor for
-any converter; and the naive converter, ``safetensors.torch.load_file`` of every shard into
-memory then ``save_file`` of them all, which holds the whole model in anonymous memory.
+Baselines in the same run: reading the files (``cat > /dev/null``) and the plain copy through
+safetensors' own API (``load_file`` + ``save_file`` of every shard: every byte read and written,
+nothing renamed or converted), the floor for any converter.
 
-Extrapolation to the full model (33,015,546,816 parameters, 66.0 GB in bf16): time scales with
-bytes (every tensor is read, converted and written once); the anonymous peak is what is held
-at once: for export one load group (the largest: a MoE layer, 2.55 GB) plus writer buffers; for
-import, what megatron's torch_dist writer stages, measured here as a fraction of the bytes.
+Extrapolation to the full model (33,015,546,816 parameters, 66.0 GB in bf16): a line through the
+two depths, in bytes: time = a + b x GB, anonymous peak = c + d x GB (d ~ 0 means the peak does
+not grow with the model: export holds one load group at a time, the largest being one MoE layer,
+2.55 GB, which both depths have).
 
 Usage: python benchmarks/hf_checkpoint.py [--out benchmarks/results/hf_checkpoint_cpu.md]
 """
@@ -37,12 +38,16 @@ import time
 from pathlib import Path
 
 FULL_BYTES = 33_015_546_816 * 2
-REDUCED = [
-    "model=nano_omni_30b_a3b",
-    "model.hybrid_pattern=M*E",
-    "model.vision.num_layers=2",
-    "model.audio.num_layers=2",
-]
+PATTERNS = ("M*E", "M*EE")
+
+
+def reduced(pattern: str) -> list[str]:
+    return [
+        "model=nano_omni_30b_a3b",
+        f"model.hybrid_pattern={pattern}",
+        "model.vision.num_layers=2",
+        "model.audio.num_layers=2",
+    ]
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -97,7 +102,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": time.perf_counter() - start, **peak}
 
 
-def write_reduced_checkpoint(folder: Path) -> int:
+def write_reduced_checkpoint(folder: Path, pattern: str) -> int:
     """Random bf16 weights of the reduced model under the released names; returns bytes."""
     import torch
 
@@ -107,7 +112,7 @@ def write_reduced_checkpoint(folder: Path) -> int:
     from omni_train.config import hf as hf_config
     from omni_train.config import to_dict
 
-    cfg = _job(None, REDUCED, "bf16")
+    cfg = _job(None, reduced(pattern), "bf16")
     section = to_dict(cfg)["model"]
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(hf_config.omni_config(section), indent=2))
@@ -153,65 +158,75 @@ for name, tensors in shards.items():
 """
 
 
+def run_depth(work: Path, pattern: str, env: dict) -> tuple[int, int, dict]:
+    """(bytes, shards, rows) for one reduced depth."""
+    src = work / "hf"
+    nbytes = write_reduced_checkpoint(src, pattern)
+    files = sorted(str(p) for p in src.glob("*.safetensors"))
+    rows = {
+        "read the files (cat > /dev/null)": measure(
+            ["bash", "-c", f"cat {' '.join(files)} > /dev/null"]
+        ),
+        "copy: safetensors load_file + save_file": measure(
+            [sys.executable, "-c", NAIVE, str(src), str(work / "copy")], env
+        ),
+    }
+    cli = [sys.executable, "-m", "omni_train.cli", "checkpoint"]
+    rows["omni-train import-hf"] = measure(
+        [*cli, "import-hf", str(src), "--out", str(work / "dist")], env
+    )
+    rows["omni-train export-hf"] = measure(
+        [*cli, "export-hf", str(work / "dist"), "--out", str(work / "back")], env
+    )
+    return nbytes, len(files), rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="hf_bench_"))
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
-    try:
-        src = work / "hf"
-        nbytes = write_reduced_checkpoint(src)
-        files = sorted(str(p) for p in src.glob("*.safetensors"))
-        rows = {
-            "read the files (cat > /dev/null)": measure(
-                ["bash", "-c", f"cat {' '.join(files)} > /dev/null"]
-            ),
-            "naive: load_file all + save_file all": measure(
-                [sys.executable, "-c", NAIVE, str(src), str(work / "naive")], env
-            ),
-        }
-        cli = [sys.executable, "-m", "omni_train.cli", "checkpoint"]
-        rows["omni-train import-hf"] = measure(
-            [*cli, "import-hf", str(src), "--out", str(work / "dist")], env
-        )
-        rows["omni-train export-hf"] = measure(
-            [*cli, "export-hf", str(work / "dist"), "--out", str(work / "back")], env
-        )
-    finally:
+    results = {}
+    for pattern in PATTERNS:
         shutil.rmtree(work, ignore_errors=True)
-    gb = nbytes / 1e9
-    base = rows["read the files (cat > /dev/null)"]["seconds"]
+        work.mkdir(parents=True)
+        try:
+            results[pattern] = run_depth(work, pattern, env)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     lines = [
-        f"Reduced-depth, full-width checkpoint ({' '.join(REDUCED[1:])}): {gb:.2f} GB bf16, "
-        f"{len(files)} shards. {platform.node()}: {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}.",
+        f"Machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}."
+        " Full width, LM pattern as given, 2 ViT blocks, 2 conformer layers, bf16.",
         "",
-        "| command | wall s | x read | anon peak GB | anon / size | rss peak GB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| LM pattern | GB | command | wall s | x copy | anon peak GB | rss peak GB |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['seconds']:.1f} | {r['seconds'] / base:.1f} | "
-            f"{r['anon'] / 1e9:.2f} | {r['anon'] / nbytes:.2f} | {r['rss'] / 1e9:.2f} |"
-        )
-    full = FULL_BYTES / nbytes
+    for pattern, (nbytes, _, rows) in results.items():
+        copy = rows["copy: safetensors load_file + save_file"]["seconds"]
+        for name, r in rows.items():
+            lines.append(
+                f"| {pattern} | {nbytes / 1e9:.2f} | {name} | {r['seconds']:.1f} | "
+                f"{r['seconds'] / copy:.1f} | {r['anon'] / 1e9:.2f} | {r['rss'] / 1e9:.2f} |"
+            )
+    (b1, _, r1), (b2, _, r2) = results[PATTERNS[0]], results[PATTERNS[1]]
     lines += [
         "",
-        f"Extrapolated to the full model ({FULL_BYTES / 1e9:.1f} GB bf16, x{full:.1f} the bytes; "
-        "time scales with bytes):",
+        f"Extrapolated to the full model ({FULL_BYTES / 1e9:.1f} GB bf16) on a line through the "
+        "two depths:",
         "",
-        "| command | wall min (extrapolated) | anon peak GB (extrapolated) |",
-        "|---|---:|---:|",
+        "| command | s per GB | wall min | anon GB per GB | anon peak GB | anon / (2 x bf16) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("omni-train import-hf", "omni-train export-hf"):
-        r = rows[name]
+        t_slope = (r2[name]["seconds"] - r1[name]["seconds"]) / (b2 - b1) * 1e9
+        t_full = r1[name]["seconds"] + t_slope * (FULL_BYTES - b1) / 1e9
+        a_slope = (r2[name]["anon"] - r1[name]["anon"]) / (b2 - b1)
+        a_full = r1[name]["anon"] + max(a_slope, 0.0) * (FULL_BYTES - b1)
         lines.append(
-            f"| {name} | {r['seconds'] * full / 60:.0f} | "
-            f"{_extrapolated_anon(name, r['anon'], nbytes):.1f} |"
+            f"| {name} | {t_slope:.1f} | {t_full / 60:.0f} | {a_slope:.3f} | "
+            f"{a_full / 1e9:.1f} | {a_full / (2 * FULL_BYTES):.2f} |"
         )
     table = "\n".join(lines)
     print(table)
@@ -221,15 +236,6 @@ def main() -> int:
             f" --out {args.out}`\n\n{table}\n"
         )
     return 0
-
-
-def _extrapolated_anon(name: str, anon: int, nbytes: int) -> float:
-    """Anonymous memory at full size: export holds one load group (the largest is a MoE layer,
-    2.55 GB bf16, the same at every depth: the reduced model has one), so its peak is constant;
-    import's scales with what the torch_dist writer stages, measured as a share of the bytes."""
-    if "export" in name:
-        return anon / 1e9
-    return anon / nbytes * FULL_BYTES / 1e9
 
 
 if __name__ == "__main__":

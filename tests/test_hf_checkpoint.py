@@ -419,3 +419,27 @@ def test_refusals(released, tmp_path):
     assert "hidden_size" in refused(radio, "o5", "model=tiny", "model.vision.hidden_size=64")
     for folder in ("o1", "o2", "o3", "o4", "o5"):
         assert not (tmp_path / folder).exists()  # nothing half-written
+
+
+def test_lm_alone_round_trip(tmp_path):
+    """The LM alone (nemotron_h): model=hf gives an LM-only model; its export is the source,
+    bit for bit, as a NemotronHForCausalLM checkpoint."""
+    from omni_train.checkpoint.hf.convert import export_hf
+
+    src = tmp_path / "lm"
+    hf_reference.omni().language_model.save_pretrained(src)
+    imported = tmp_path / "imported"
+    report = convert(src, imported)
+    assert report.components == ["llm"]
+    out = tmp_path / "exported"
+    export_hf(imported, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["NemotronHForCausalLM"]
+    source, exported = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(source) == sorted(exported)
+    assert all(torch.equal(source[k], exported[k]) for k in source)
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "NemotronHForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info

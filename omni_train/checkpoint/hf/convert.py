@@ -164,21 +164,16 @@ def _audio_prefix(keys: list[str]) -> str:
 def _check_component_fields(kind: str, derived: dict, target: dict) -> list[str]:
     """Differences between a component checkpoint's config and the target model's part."""
     if kind == "llm":
-        pairs = {k: (v, target.get(k)) for k, v in derived.items() if k not in ("vision", "audio")}
-        pairs = {k: p for k, p in pairs.items() if not k.endswith("projector_ffn_hidden_size")}
-        base = "model."
-    else:
-        part = "vision" if kind == "vision_encoder" else "audio"
-        if target.get(part) is None:
-            return [f"the target model has no {part} encoder (model.{part}=null)"]
-        src = dict(derived[part])
-        if part == "vision" and src.get("tubelet_frames") is None:
-            src.pop("tubelet_frames")  # an image-only RADIO: the video embedder is inflated
-        pairs = {k: (v, target[part].get(k)) for k, v in src.items()}
-        base = f"model.{part}."
-    return [
-        f"{base}{k}: {a!r} (checkpoint) vs {b!r} (target)" for k, (a, b) in pairs.items() if a != b
-    ]
+        skip = ("vision", "audio", "vision_projector_ffn_hidden_size")
+        lm = {k: v for k, v in derived.items() if k not in skip and "projector" not in k}
+        return architecture_diff(lm, target, saved_keys_only=True)
+    part = "vision" if kind == "vision_encoder" else "audio"
+    if target.get(part) is None:
+        return [f"the target model has no {part} encoder (model.{part}=null)"]
+    src = dict(derived[part])
+    if part == "vision" and src.get("tubelet_frames") is None:
+        src.pop("tubelet_frames")  # an image-only RADIO: the video embedder is inflated
+    return architecture_diff(src, target[part], f"{part}.", saved_keys_only=True)
 
 
 def import_hf(
@@ -551,6 +546,7 @@ def export_hf(
                         writer.write(name, t.to(_out_dtype(t.dtype, dtype)))
                         report.tensors += 1
                         report.bytes += t.numel() * t.element_size()
+                    sharded[key].data = params[key]  # back to meta: the group's memory is freed
                 del loaded, subset
             for name, t in extras.items():
                 writer.write(name, t)
