@@ -41,10 +41,10 @@ smoke-text: setup
 	$(BIN)/omni-train run --nproc-per-node 2 stage=smoke model=tiny parallel=tp2
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --timeout 900
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --timeout 900
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m slow
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --timeout 1800 -m slow
 
 # Parallel-layout equivalence, the CPU Mamba2 scan, data throughput, packing and HF checkpoint
 # import/export (about 16 minutes on 2 cores; the last writes ~12 GB of scratch files);

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from omni_train.stage.launch import torchrun
 
 TOL = 1e-5  # max |logit difference| / max |reference logit|, fp32
+# one worker builds the module fixture (the reference, its import, its logits) for every test
+pytestmark = pytest.mark.xdist_group("hf_checkpoint")
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
