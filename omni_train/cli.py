@@ -38,24 +38,21 @@ from omegaconf import OmegaConf
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from omni_train.config import compose_job, validate
-
     if args.dry_run:
         return _dry_run(args, overrides)
-    # Fail on a bad config here, in one process, before torchrun starts N of them.
-    validate(compose_job(overrides), args.nproc_per_node * args.nnodes)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={args.nproc_per_node}",
-        f"--nnodes={args.nnodes}",
-    ]
-    cmd += ["--standalone"] if args.nnodes == 1 else [f"--rdzv-endpoint={args.rdzv_endpoint}"]
-    cmd += ["-m", "omni_train.train", *overrides]
-    return subprocess.call(cmd, env=env)
+    from omni_train.stage.launch import launch_job
+
+    # Pre-flight here, in one process, before torchrun starts N of them (a bad config, an
+    # unwritable or full output folder, a folder another run holds, a refused resume/handoff).
+    return launch_job(
+        overrides,
+        args.nproc_per_node,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        rdzv_endpoint=args.rdzv_endpoint,
+    )
 
 
 def _dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -84,7 +81,13 @@ def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
         for s in curriculum.plan(run_dir, overrides, args.nproc_per_node, args.from_stage):
             print(f"{s.action:7s} {s.name:34s} {' '.join(s.overrides)}")
         return 0
-    manifests = curriculum.run(run_dir, overrides, args.nproc_per_node, args.from_stage)
+    try:
+        manifests = curriculum.run(run_dir, overrides, args.nproc_per_node, args.from_stage)
+    except curriculum.CurriculumInterruptedError as e:
+        from omni_train.stage.lifecycle import EXIT_INTERRUPTED
+
+        print(f"omni-train curriculum: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(curriculum.summary_table(manifests))
     return 0
 
@@ -116,7 +119,7 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
     from omni_train.data import prepare
 
     if args.action == "synth":
-        counts = prepare.synthesize(args.out, args.samples, args.seed)
+        counts = prepare.synthesize(args.out, args.samples, args.seed, overwrite=args.overwrite)
         print(f"wrote {sum(counts.values())} samples in {len(counts)} datasets under {args.out}")
     elif args.action == "convert":
         if not args.jsonl or not args.media:
@@ -127,8 +130,14 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
             args.out,
             val_fraction=args.val_fraction,
             samples_per_shard=args.samples_per_shard,
+            overwrite=args.overwrite,
         )
-        print(f"{args.out}: {counts}")
+        skipped = counts["skipped"]
+        print(
+            f"{args.out}: {counts['converted']} converted ({counts['train']} train, "
+            f"{counts['val']} val), {sum(skipped.values())} skipped"
+            + (f" {skipped}" if skipped else "")
+        )
     else:
         from omni_train.data.tokenizer import build_tiny_tokenizer
 
@@ -181,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run one stage (launches torchrun)")
     run.add_argument("--nproc-per-node", type=int, default=1)
     run.add_argument("--nnodes", type=int, default=1)
+    run.add_argument("--node-rank", type=int, default=None, help="this node (static rendezvous)")
+    run.add_argument("--master-addr", default=None, help="with --node-rank: node 0's address")
+    run.add_argument("--master-port", type=int, default=29500, help="with --node-rank")
     run.add_argument("--rdzv-endpoint", default="", help="host:port of node 0 when nnodes > 1")
     run.add_argument(
         "--dry-run", action="store_true", help="resolve the layout and memory; launch nothing"
@@ -211,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--media", help="convert: folder the JSONL's media paths are relative to")
     data.add_argument("--val-fraction", type=float, default=0.02, help="convert: val share")
     data.add_argument("--samples-per-shard", type=int, default=1000, help="convert")
+    data.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="synth/convert: replace an existing omni-train dataset at --out (never another "
+        "folder)",
+    )
     data.set_defaults(func=_data)
     ckpt = sub.add_parser("checkpoint", help="import / export / compare Hugging Face checkpoints")
     ckpt.add_argument("action", choices=["import-hf", "export-hf", "compare-hf"])
@@ -229,8 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown option(s) {bad}; overrides look like key=value")
     if args.command == "checkpoint" and args.action != "compare-hf" and not args.out:
         parser.error(f"checkpoint {args.action} needs --out DIR")
-    if args.command == "run" and args.nnodes > 1 and not args.rdzv_endpoint and not args.dry_run:
-        parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address)")
+    multinode = args.command == "run" and args.nnodes > 1 and not args.dry_run
+    if multinode and not args.rdzv_endpoint and args.node_rank is None:
+        parser.error(
+            "--nnodes > 1 needs --node-rank R --master-addr HOST (static, e.g. under Slurm) or "
+            "--rdzv-endpoint HOST:PORT"
+        )
+    if args.command == "run" and args.node_rank is not None and not args.master_addr:
+        parser.error("--node-rank needs --master-addr (node 0's address)")
     try:
         return args.func(args, overrides)
     except ValueError as e:

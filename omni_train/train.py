@@ -2,26 +2,38 @@
 
     torchrun --nproc-per-node 2 -m omni_train.train stage=smoke model=tiny parallel=tp2
 
-Arguments are Hydra overrides of the recipe tree in ``recipes/``.
+Arguments are Hydra overrides of the recipe tree in ``recipes/``. Exit codes: 0 completed (or
+stopped by ``trainer.exit_after_steps``), 2 a config error (printed once, by rank 0),
+:data:`~omni_train.stage.lifecycle.EXIT_INTERRUPTED` stopped by a signal with a checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from omni_train.config import compose_job
-from omni_train.stage.runner import run_stage
+from omni_train.stage.lifecycle import EXIT_INTERRUPTED, die_with_parent
+from omni_train.stage.runner import StageError, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
+    die_with_parent()  # a rank never outlives its launcher (torchrun)
     try:
         cfg = compose_job(overrides)
-        run_stage(cfg)
-    except ValueError as e:  # config errors: one clear line, no traceback
-        print(f"omni-train: error: {e}", file=sys.stderr)
+        manifest = run_stage(cfg)
+    except StageError as e:  # the traceback is in this rank's log; the manifest says failed
+        rank = os.environ.get("RANK", "0")
+        if not e.everywhere or rank == "0":
+            who = "" if e.everywhere else f"rank {rank}: "
+            print(f"omni-train: {who}stage failed: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # config errors (identical on every rank): one line, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"omni-train: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_INTERRUPTED if str(manifest.get("stop_reason")).startswith("signal") else 0
 
 
 if __name__ == "__main__":

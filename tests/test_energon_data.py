@@ -17,7 +17,7 @@ from omni_train.data import REASONS, tokens
 from omni_train.data.chat import AudioPlan, ImagePlan, VideoPlan, layout
 from omni_train.data.conversation import parse_conversation
 from omni_train.data.loader import task_encoder
-from omni_train.data.media_io import VideoInfo, encode_png, sample_video_timestamps
+from omni_train.data.media_io import VideoInfo, encode_png, encode_wav, sample_video_timestamps
 from omni_train.data.prepare import RawSample, read_raw, synthesize, write_dataset
 from omni_train.data.synth_media import CATEGORIES, synth_samples
 from omni_train.data.task_encoder import cook_raw
@@ -170,6 +170,12 @@ def _conv(*turns) -> dict:
     return {"conversation": list(turns)}
 
 
+def _wav(seconds: float) -> bytes:
+    import numpy as np
+
+    return encode_wav(np.full(int(seconds * 16000), 0.1, dtype=np.float32), 16000)
+
+
 def _bad_samples(shard: int, png: bytes) -> list[RawSample]:
     """One sample per skip reason, keyed ``bad<shard>_<reason>``. The undecodable image is
     a valid PNG here; _corrupt damages it inside the written shard."""
@@ -186,6 +192,9 @@ def _bad_samples(shard: int, png: bytes) -> list[RawSample]:
         "undecodable_image": (_conv(ask("image", "a.png"), ok), {"a.png": png}),
         "undecodable_video": (_conv(ask("video", "v.mp4"), ok), {"v.mp4": garbage_mp4}),
         "undecodable_audio": (_conv(ask("audio", "a.wav"), ok), {"a.wav": b"RIFF\0\0junk" * 9}),
+        # 0.01 s: one encoder frame, which broke the conformer's BatchNorm when it was the only
+        # clip of a micro-batch; now refused when the sample is planned
+        "audio_too_short": (_conv(ask("audio", "b.wav"), ok), {"b.wav": _wav(0.01)}),
         "too_long": (
             _conv({"role": "user", "content": "hi"}, dict(ok, content="word " * 2000)),
             {},
@@ -193,6 +202,11 @@ def _bad_samples(shard: int, png: bytes) -> list[RawSample]:
     }
     assert sorted(cases) == sorted(REASONS)
     return [RawSample(f"bad{shard}_{r}", doc, members) for r, (doc, members) in cases.items()]
+
+
+def _ask_audio(member: str) -> tuple[dict, dict]:
+    ask = {"role": "user", "content": [{"type": "audio", "member": member}]}
+    return ask, {"role": "assistant", "content": "ok"}
 
 
 def _corrupt(shard: Path) -> None:
@@ -222,7 +236,8 @@ def corrupted(synth, tmp_path_factory) -> tuple[Path, list[str]]:
     shards = [
         _bad_samples(i, png) + good[i * GOOD_PER_SHARD : (i + 1) * GOOD_PER_SHARD] for i in range(2)
     ]
-    val = [
+    short = RawSample("val_short", _conv(*_ask_audio("b.wav")), {"b.wav": _wav(0.01)})
+    val = [short] + [
         RawSample(f"val_{k}", json.loads(m.pop("json")), m)
         for k, m in read_raw(synth / "text", "val")
     ]
@@ -282,7 +297,8 @@ def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp
     m = launch(2, tmp_path / "ok", *stage, "data.max_skip_fraction=0.7")
     assert m["status"] == "completed"
     assert m["data"]["skipped"] == {reason: 2 for reason in REASONS}
-    assert m["data"]["num_samples"] == len(good) and m["data"]["num_read"] == 32
+    assert m["data"]["num_samples"] == len(good) and m["data"]["num_read"] == 34
+    assert m["data"]["eval_skipped"] == {"audio_too_short": 1}  # counted at eval time too
     # the same data with a stricter limit stops the stage with the reasons in the message
     with pytest.raises(RuntimeError, match=r"samples read were skipped .* data.max_skip_fraction"):
         launch(
@@ -351,7 +367,12 @@ def test_convert_jsonl_with_media_folder(tmp_path):
     ]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     counts = convert_jsonl(tmp_path / "train.jsonl", media, tmp_path / "ds", val_fraction=0.0)
-    assert counts == {"converted": 2, "skipped": 2, "train": 2, "val": 0}
+    assert counts == {
+        "converted": 2,
+        "skipped": {"bad_json": 1, "missing_media": 1},
+        "train": 2,
+        "val": 0,
+    }
     assert (tmp_path / "ds" / ".nv-meta" / "split.yaml").is_file()
     raw = dict(read_raw(tmp_path / "ds"))
     assert sorted(raw) == ["first", "train_000000004"]

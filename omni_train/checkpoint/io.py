@@ -30,12 +30,13 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from omni_train.checkpoint.layout import LATEST as _LATEST
+from omni_train.checkpoint.layout import checkpoints_dir, find_latest  # noqa: F401 (re-export)
 from omni_train.parallel import ParallelState
 
 # dp_reshardable: fully parallel save/load, no gathers. Resume keeps the TP/EP layout anyway
 # (RNG streams are per rank); a change of layout goes through init_from (weights only).
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-_LATEST = "latest"
 
 
 @dataclass
@@ -48,21 +49,7 @@ class TrainState:
     losses: list[float] = field(default_factory=list)  # per-step training losses so far
     grad_norms: list[float] = field(default_factory=list)  # per-step global grad norms
     wall_time_s: float = 0.0  # training time accumulated over earlier (interrupted) runs
-
-
-def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def find_latest(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``output_dir``, or None."""
-    tracker = checkpoints_dir(output_dir) / _LATEST
-    if not tracker.is_file():
-        return None
-    path = checkpoints_dir(output_dir) / tracker.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{tracker} names {path.name}, which does not exist")
-    return path
+    stop_reason: str | None = None  # why this run stopped before train_steps (not saved)
 
 
 def _rng_state() -> dict:
@@ -129,7 +116,14 @@ def save_checkpoint(
         "wall_time_s": _on_all_ranks(state.wall_time_s),
         "world_size": ps.world_size,
     }
-    dist_checkpointing.save(sharded, str(path))
+    try:
+        dist_checkpointing.save(sharded, str(path))
+    except BaseException:
+        # e.g. ENOSPC: the partial step folder goes, so `latest` (still the previous
+        # checkpoint) is what a rerun resumes and the rerun's save at this step starts clean
+        if ps.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     dist.barrier()
     if ps.is_main:
         # Mark complete only now: a crash mid-save leaves the previous checkpoint as latest.

@@ -63,6 +63,7 @@ TRAINING_FIELDS = frozenset(
         "audio.dropout",
         "audio.dither",
         "audio.clip_seconds",
+        "audio.min_seconds",
     }
 )
 

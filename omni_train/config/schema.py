@@ -132,6 +132,10 @@ class AudioConfig:
     dither: float = 1e-5  # NeMo's; applied in training only
     # a stream is cut into clips of this length; the last clip holds the remainder
     clip_seconds: float = 30.0
+    # Shorter streams are skipped when a sample is planned (reason audio_too_short): Parakeet
+    # is trained on 0.5 s .. 20 min, and a stream of one or two encoder frames breaks the
+    # conformer's BatchNorm in training when it is the only clip of a micro-batch.
+    min_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         _positive(
@@ -145,6 +149,11 @@ class AudioConfig:
             num_mel_bins=self.num_mel_bins,
             clip_seconds=self.clip_seconds,
         )
+        if self.min_seconds < 0 or self.min_seconds > self.clip_seconds:
+            raise ValueError(
+                f"model.audio.min_seconds={self.min_seconds} must be in [0, clip_seconds="
+                f"{self.clip_seconds}]"
+            )
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.audio.d_model={self.d_model} must be a multiple of "

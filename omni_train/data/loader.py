@@ -126,6 +126,15 @@ def packed_seq_params(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor)
     )
 
 
+def sum_over_ranks(counts: Counter, keys: list[str], group, device) -> dict[str, int]:
+    """``counts[k]`` for every key, summed over the ranks of ``group`` (collective)."""
+    values = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        values = values.to(device)
+        dist.all_reduce(values, group=group)
+    return dict(zip(keys, (int(c) for c in values.tolist()), strict=True))
+
+
 def _isolated(fn, *args):
     """``fn(*args)`` without touching the training RNG. Data loading must not consume the
     global generator that the model's random ops (the CPE's random crop, the mel dither) draw
@@ -174,6 +183,7 @@ class EnergonBatches:
         )
         self.loader = get_savable_loader(dataset)
         self._iter = None
+        self.last_keys: list[str] = []
         self.totals = {"num_read": 0, "num_samples": 0, "num_tokens": 0, "skipped": {}}
         self._step = Counter()  # this rank, since the last end_step
 
@@ -184,6 +194,7 @@ class EnergonBatches:
         if self._iter is None:
             self._iter = _isolated(iter, self.loader)
         batch: OmniBatch = _isolated(next, self._iter)
+        self.last_keys = list(batch.keys)  # named in the error if this micro-batch fails
         self._step["num_read"] += batch.num_read
         self._step["num_samples"] += len(batch.keys)
         self._step["num_tokens"] += batch.num_real_tokens
@@ -196,12 +207,8 @@ class EnergonBatches:
         :class:`SkipLimitError` when the skipped share passes ``data.max_skip_fraction``.
         Returns what the step log shows. Collective over the data-parallel group."""
         keys = ["num_read", "num_samples", "num_tokens"] + ["skip:" + r for r in REASONS]
-        counts = torch.tensor([self._step[k] for k in keys], dtype=torch.float64)
-        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
-            counts = counts.to(self.device)
-            dist.all_reduce(counts, group=self.dp_group)
+        step = sum_over_ranks(self._step, keys, self.dp_group, self.device)
         self._step = Counter()
-        step = dict(zip(keys, (int(c) for c in counts.tolist()), strict=True))
         for k in ("num_read", "num_samples", "num_tokens"):
             self.totals[k] += step[k]
         skipped = Counter(self.totals["skipped"])
@@ -247,9 +254,13 @@ class EnergonEvalBatches:
     """Held-out micro-batches: the split ``data.eval_split``, in order, without workers; every
     evaluation starts from its beginning and wraps around when it runs out."""
 
-    def __init__(self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, device):
+    def __init__(
+        self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, dp_group, device
+    ):
         """``path``: the metadataset the training stream resolved (written once)."""
         self.device = device
+        self.dp_group = dp_group
+        self._skipped: Counter[str] = Counter()
         self._make = lambda: get_loader(
             get_val_dataset(
                 path,
@@ -278,11 +289,20 @@ class EnergonEvalBatches:
         except StopIteration:
             self.restart()
             batch = _isolated(next, self._iter)
+        self._skipped.update(batch.skipped)
         return to_device(batch, self.device)
+
+    def take_skipped(self) -> dict[str, int]:
+        """Samples skipped per reason (all data-parallel ranks) since the last call: the last
+        evaluation's (collective over the data-parallel group)."""
+        totals = sum_over_ranks(self._skipped, list(REASONS), self.dp_group, self.device)
+        self._skipped = Counter()
+        return {r: n for r, n in totals.items() if n}
 
 
 def build_energon_data(cfg: JobConfig, ps, device: torch.device):
-    """(train, eval) streams for this rank; checks the tokenizer against the model first."""
+    """(train, eval) streams for this rank (eval None when ``trainer.eval_iters=0``); checks
+    the tokenizer against the model first."""
     tok = load_tokenizer(cfg.data.tokenizer)
     check_media_ids(tok, cfg.model.media_tokens, cfg.model.vocab_size)
     train = EnergonBatches(
@@ -292,11 +312,14 @@ def build_energon_data(cfg: JobConfig, ps, device: torch.device):
         dp_group=mpu.get_data_parallel_group(),
         device=device,
     )
-    evals = EnergonEvalBatches(
-        cfg,
-        train.path,
-        dp_size=ps.dp,
-        dp_rank=ps.dp_rank,
-        device=device,
-    )
+    evals = None  # no held-out split is read when the stage does not evaluate
+    if cfg.trainer.eval_iters > 0:
+        evals = EnergonEvalBatches(
+            cfg,
+            train.path,
+            dp_size=ps.dp,
+            dp_rank=ps.dp_rank,
+            dp_group=mpu.get_data_parallel_group(),
+            device=device,
+        )
     return train, evals

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -30,7 +31,21 @@ from omni_train.log import get_logger
 log = get_logger()
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # webdataset splits a name at its first dot: no dots
-MEMBER = re.compile(r"^[a-z0-9_]+\.(png|jpg|jpeg|mp4|wav|flac|mp3|webm|mkv|ogg|m4a)$")
+EXTENSIONS = ("png", "jpg", "jpeg", "gif", "webp", "mp4", "webm", "mkv", "wav", "flac", "mp3")
+EXTENSIONS += ("ogg", "m4a")
+MEMBER = re.compile(rf"^[a-z0-9_]+\.({'|'.join(EXTENSIONS)})$")
+# Marks a folder this module wrote: only such a folder may be replaced (and only when asked).
+STAMP = ".omni-train-dataset.json"
+# Why `data convert` did not convert a row (stable strings: printed and returned as counts).
+CONVERT_REASONS = (
+    "bad_encoding",  # the line is not UTF-8
+    "bad_json",  # not JSON, or not an object with a 'conversation' list
+    "bad_key",  # a key webdataset cannot carry (letters, digits, '_' and '-' only)
+    "duplicate_key",
+    "bad_extension",  # a media file of a type omni-train does not read
+    "outside_media",  # an absolute path, or one that leaves the --media folder
+    "missing_media",  # the media file does not exist
+)
 
 
 @dataclass(frozen=True)
@@ -98,16 +113,9 @@ def energon_prepare(out_dir: Path, splits: list[str]) -> None:
         raise RuntimeError(f"energon prepare {out_dir} failed: {e}\n{said.getvalue()}") from e
 
 
-def write_dataset(
-    out_dir: str | Path,
-    train: Iterable[RawSample],
-    val: Iterable[RawSample],
-    samples_per_shard: int = 100,
-) -> Path:
-    """A complete energon dataset in ``out_dir`` (replaced if it exists)."""
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
+def _write_into(
+    out: Path, train: Iterable[RawSample], val: Iterable[RawSample], samples_per_shard: int
+) -> None:
     splits = {
         "train": write_shards(train, out, "train", samples_per_shard),
         "val": write_shards(val, out, "val", samples_per_shard),
@@ -115,6 +123,83 @@ def write_dataset(
     if not splits["train"]:
         raise ValueError(f"{out}: no training samples")
     energon_prepare(out, list(splits))
+
+
+def is_omni_train_output(folder: Path) -> bool:
+    return (folder / STAMP).is_file() or (folder / SYNTH_STAMP).is_file()
+
+
+def check_target(out: Path, *, overwrite: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuse to write where data would be lost: an existing folder that omni-train did not
+    write (whatever ``overwrite`` says), one it wrote unless ``overwrite``, and any folder that
+    is, holds or lies inside a protected one (the ``--media`` input)."""
+    resolved = out.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
+            raise ValueError(f"--out {out} overlaps the input folder {p}; choose another --out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not is_omni_train_output(out):
+        raise ValueError(
+            f"--out {out} exists and is not an omni-train dataset (no {STAMP}); nothing is "
+            "deleted: choose another --out"
+        )
+    if not overwrite:
+        raise ValueError(
+            f"--out {out} already holds an omni-train dataset; pass --overwrite to replace it"
+        )
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` into place (an existing ``out`` was checked by
+    :func:`check_target`): renames only, so a reader never sees a half-written dataset."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash)
+    else:
+        tmp.rename(out)
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A sibling folder to write into; removed if the writing fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_dataset(
+    out_dir: str | Path,
+    train: Iterable[RawSample],
+    val: Iterable[RawSample],
+    samples_per_shard: int = 100,
+    *,
+    overwrite: bool = False,
+    protect: Iterable[Path] = (),
+) -> Path:
+    """A complete energon dataset in ``out_dir``, written beside it and renamed into place
+    (see :func:`check_target` for what may be replaced)."""
+    out = Path(out_dir)
+    check_target(out, overwrite=overwrite, protect=protect)
+    with _staging(out) as tmp:
+        _write_into(tmp, train, val, samples_per_shard)
+        (tmp / STAMP).write_text(json.dumps({"format": 1}) + "\n")
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    _replace(tmp, out)
     return out
 
 
@@ -131,62 +216,95 @@ def convert_jsonl(
     *,
     val_fraction: float = 0.02,
     samples_per_shard: int = 1000,
+    overwrite: bool = False,
 ) -> dict:
     """JSONL conversations with media paths relative to ``media_root`` -> energon dataset.
 
     Each line is a conversation document (``docs/data_format.md``), optionally with a ``key``;
     media parts name files as paths under ``media_root``. Media are renamed to member names
-    (``m0.jpg``, ``m1.wav``, ...). A line whose JSON is invalid or whose media file is missing
-    is not converted; it is counted, and logged with its line number.
+    (``m0.jpg``, ``m1.wav``, ...). A line that cannot be converted is skipped, logged with its
+    line number and counted under one of :data:`CONVERT_REASONS`. Returns ``converted``,
+    ``train``, ``val`` and ``skipped`` (reason -> count). ``out_dir`` is written beside itself
+    and renamed into place; see :func:`check_target` for what may be replaced.
     """
-    jsonl, root = Path(jsonl), Path(media_root)
-    counts: Counter[str] = Counter()
+    jsonl, root, out = Path(jsonl), Path(media_root), Path(out_dir)
+    check_target(out, overwrite=overwrite, protect=[root])
+    skipped: Counter[str] = Counter()
     seen: set[str] = set()
 
     def read() -> Iterator[tuple[bool, RawSample]]:
-        with jsonl.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with jsonl.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    sample = _from_line(json.loads(line), root, f"{jsonl.stem}_{lineno:09d}")
-                except (json.JSONDecodeError, ValueError, OSError) as e:
-                    counts["skipped"] += 1
-                    log.warning("%s:%d not converted: %s", jsonl, lineno, e)
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
+                    sample = _from_line(line, root, f"{jsonl.stem}_{lineno:09d}")
+                    if sample.key in seen:
+                        raise ConvertError("duplicate_key", f"key {sample.key} seen before")
+                except ConvertError as e:
+                    skipped[e.reason] += 1
+                    log.warning("%s:%d not converted (%s): %s", jsonl, lineno, e.reason, e)
                     continue
-                if sample.key in seen:
-                    counts["skipped"] += 1
-                    log.warning("%s:%d not converted: duplicate key %s", jsonl, lineno, sample.key)
+                except UnicodeDecodeError as e:
+                    skipped["bad_encoding"] += 1
+                    log.warning("%s:%d not converted (bad_encoding): %s", jsonl, lineno, e)
                     continue
                 seen.add(sample.key)
-                counts["converted"] += 1
                 yield is_val(sample.key, val_fraction), sample
 
     samples = list(read())
     write_dataset(
-        out_dir,
+        out,
         (s for v, s in samples if not v),
         (s for v, s in samples if v),
         samples_per_shard,
+        overwrite=overwrite,
+        protect=[root],
     )
-    counts["val"] = sum(v for v, _ in samples)
-    counts["train"] = len(samples) - counts["val"]
-    return dict(counts)
+    num_val = sum(v for v, _ in samples)
+    return {
+        "converted": len(samples),
+        "train": len(samples) - num_val,
+        "val": num_val,
+        "skipped": dict(sorted(skipped.items())),
+    }
 
 
-def _from_line(doc: dict, root: Path, default_key: str) -> RawSample:
+class ConvertError(ValueError):
+    def __init__(self, reason: str, message: str):
+        assert reason in CONVERT_REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+
+
+def _from_line(line: str, root: Path, default_key: str) -> RawSample:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConvertError("bad_json", f"not JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("conversation"), list):
-        raise ValueError("expected an object with a 'conversation' list")
+        raise ConvertError("bad_json", "expected an object with a 'conversation' list")
     key = str(doc.get("key", default_key))
+    if not KEY.match(key):
+        raise ConvertError("bad_key", f"key {key!r}: use letters, digits, '_' or '-' (no dots)")
     members: dict[str, bytes] = {}
     renamed: dict[str, str] = {}
+    base = root.resolve()
 
     def member(path: str) -> str:
         if path not in renamed:
-            file = root / path
+            file = (root / path).resolve()
+            if Path(path).is_absolute() or not file.is_relative_to(base):
+                raise ConvertError("outside_media", f"media path {path!r} is not under {root}")
+            suffix = file.suffix.lower().lstrip(".")
+            if suffix not in EXTENSIONS:
+                raise ConvertError(
+                    "bad_extension", f"{path}: .{suffix} is not one of {', '.join(EXTENSIONS)}"
+                )
             if not file.is_file():
-                raise ValueError(f"media file {file} does not exist")
-            name = f"m{len(renamed)}{file.suffix.lower()}"
+                raise ConvertError("missing_media", f"media file {file} does not exist")
+            name = f"m{len(renamed)}.{suffix}"
             renamed[path] = name
             members[name] = file.read_bytes()
         return renamed[path]
@@ -204,12 +322,16 @@ def _from_line(doc: dict, root: Path, default_key: str) -> RawSample:
 SYNTH_STAMP = ".omni-synth.json"
 
 
-def synthesize(out_dir: str | Path, num_samples: int, seed: int, val_every: int = 8) -> dict:
+def synthesize(
+    out_dir: str | Path, num_samples: int, seed: int, val_every: int = 8, *, overwrite=False
+) -> dict:
     """``omni-train data synth``: one energon dataset per synthetic category under
     ``out_dir/<category>`` (``num_samples`` each; every ``val_every``-th goes to ``val``).
 
     Deterministic for ``(num_samples, seed)``; a folder already made with the same arguments
     is kept as is (a stamp file records them), so setup scripts can call this every time.
+    Other arguments replace it only with ``overwrite`` (see :func:`check_target`); the new
+    folder is written beside it and renamed into place.
     """
     from omni_train.data.synth_media import CATEGORIES, synth_samples
 
@@ -221,22 +343,28 @@ def synthesize(out_dir: str | Path, num_samples: int, seed: int, val_every: int 
     if stamp.is_file() and json.loads(stamp.read_text()) == args:
         log.info("%s already holds this synthetic dataset (%s)", out, args)
         return {c: num_samples for c in CATEGORIES}
-    stamp.unlink(missing_ok=True)
+    check_target(out, overwrite=overwrite)
     counts = {}
-    for category in CATEGORIES:
-        samples = [
-            RawSample(s.key, s.conversation, s.members)
-            for s in synth_samples(category, num_samples, seed)
-        ]
-        # every val_every-th sample, and at least one, goes to val
-        in_val = {i for i in range(len(samples)) if i % val_every == val_every - 1}
-        in_val = in_val or {len(samples) - 1}
-        val = [s for i, s in enumerate(samples) if i in in_val]
-        train = [s for i, s in enumerate(samples) if i not in in_val]
-        write_dataset(out / category, train, val, samples_per_shard=max(1, len(train) // 4))
-        counts[category] = len(samples)
-        log.info("%s: %d train, %d val samples", out / category, len(train), len(val))
-    stamp.write_text(json.dumps(args) + "\n")
+    with _staging(out) as tmp:
+        for category in CATEGORIES:
+            samples = [
+                RawSample(s.key, s.conversation, s.members)
+                for s in synth_samples(category, num_samples, seed)
+            ]
+            # every val_every-th sample, and at least one, goes to val
+            in_val = {i for i in range(len(samples)) if i % val_every == val_every - 1}
+            in_val = in_val or {len(samples) - 1}
+            val = [s for i, s in enumerate(samples) if i in in_val]
+            train = [s for i, s in enumerate(samples) if i not in in_val]
+            (tmp / category).mkdir()
+            _write_into(tmp / category, train, val, max(1, len(train) // 4))
+            (tmp / category / STAMP).write_text(json.dumps({"format": 1}) + "\n")
+            counts[category] = len(samples)
+            log.info("%s: %d train, %d val samples", out / category, len(train), len(val))
+        (tmp / SYNTH_STAMP).write_text(json.dumps(args) + "\n")
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    _replace(tmp, out)
     return counts
 
 

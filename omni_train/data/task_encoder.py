@@ -393,8 +393,13 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             wav = decode(data, self.audio_cfg.sample_rate)
         except media_io.MediaError as e:
             raise SampleError("undecodable_audio", str(e)) from None
-        if self._audio_tokens(wav) == 0:
-            raise SampleError("undecodable_audio", f"{wav.shape[0]} samples: shorter than 1 token")
+        seconds = wav.shape[0] / self.audio_cfg.sample_rate
+        if seconds < self.audio_cfg.min_seconds:
+            raise SampleError(
+                "audio_too_short",
+                f"{seconds:.3f} s of audio; the encoder takes streams of at least "
+                f"model.audio.min_seconds={self.audio_cfg.min_seconds} s",
+            )
         return wav
 
     def _audio_tokens(self, wav: torch.Tensor) -> int:

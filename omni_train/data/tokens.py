@@ -16,7 +16,8 @@ Audio (NeMo's arithmetic, checked against the real encoder in the tests): mel fr
 ``= samples // hop`` (centred STFT), then each stride-2 convolution of ``dw_striding`` maps
 ``L -> (L - 1) // 2 + 1``: 30 s -> 3000 frames -> 375 tokens. A stream is cut into clips of
 ``clip_seconds``; the last clip holds the remainder (a remainder shorter than
-:data:`MIN_TAIL_SECONDS` joins the previous clip instead of becoming a clip of a few frames).
+``min_seconds``, the shortest stream a sample may carry, joins the previous clip instead of
+becoming a clip of a few frames).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ MIN_PATCHES = _PUBLISHED.min_patches
 MAX_PATCHES = _PUBLISHED.max_patches
 TUBELET_FRAMES = _PUBLISHED.tubelet_frames
 SHUFFLE = 2  # pixel shuffle factor per side
-MIN_TAIL_SECONDS = 0.5  # the shortest audio the encoder is trained on
 
 
 def image_grid(
@@ -114,7 +114,7 @@ def audio_clip_samples(num_samples: int, audio: AudioConfig | None = None) -> li
     clip = round(audio.clip_seconds * audio.sample_rate)
     sizes = [clip] * (num_samples // clip)
     tail = num_samples - clip * len(sizes)
-    if tail and sizes and tail < MIN_TAIL_SECONDS * audio.sample_rate:
+    if tail and sizes and tail < audio.min_seconds * audio.sample_rate:
         sizes[-1] += tail
     elif tail:
         sizes.append(tail)

@@ -23,6 +23,10 @@ from omni_train.config import JobConfig, compose_job, config_hash, validate
 from omni_train.config.compose import available
 
 
+class CurriculumInterruptedError(RuntimeError):
+    """A stage stopped on a signal (with a checkpoint): the curriculum stops there."""
+
+
 @dataclass
 class PlannedStage:
     cfg: JobConfig
@@ -119,7 +123,7 @@ def run(
     run_dir: Path, overrides: list[str], nproc: int, from_stage: str | None = None
 ) -> list[dict]:
     """Run the curriculum; returns each stage's manifest (in order)."""
-    from omni_train.stage.launch import torchrun
+    from omni_train.stage.launch import stopped_by_signal, torchrun
 
     stages = plan(run_dir, overrides, nproc, from_stage)
     for stage in stages:
@@ -131,7 +135,17 @@ def run(
             continue
         print(f"omni-train curriculum: {stage.name} ({stage.action})", flush=True)
         started = time.time()
-        torchrun(nproc, "-m", "omni_train.train", *stage.overrides, timeout=None, capture=False)
+        manifest = stage.output_dir / "manifest.json"
+        before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+        try:
+            torchrun(nproc, "-m", "omni_train.train", *stage.overrides, timeout=None, capture=False)
+        except RuntimeError:
+            if stopped_by_signal(stage.output_dir, before):
+                raise CurriculumInterruptedError(
+                    f"stage {stage.name} stopped on a signal with a checkpoint; run the same "
+                    "command again to resume it and go on"
+                ) from None
+            raise
         print(f"omni-train curriculum: {stage.name} took {time.time() - started:.0f} s", flush=True)
     manifests = [read_manifest(s.output_dir) for s in stages]
     for m, s in zip(manifests, stages, strict=True):

@@ -1,35 +1,124 @@
-"""Run a stage in fresh processes (torchrun, one per rank) and return its manifest.
+"""Launch a stage's ranks with torchrun: pre-flight checks first, then a supervised torchrun.
 
-Used where one Python process drives several stage runs: tests, benchmarks, and the curriculum
-command, which runs stages back to back (each a fresh job, as on a cluster).
+Used by ``omni-train run`` (one node, or one call per node), the curriculum command, the
+benchmarks and the tests. Nothing here imports megatron-core: the checks read the filesystem.
+
+**Pre-flight** (:func:`preflight`), before any process starts: the config validates for the
+world size; the output folder can be created and written and has room for one checkpoint (an
+estimate from the closed-form parameter counts); no live run holds its lock; a resume, a handoff
+(``checkpoint.init_from``) or pretrained components would be accepted. Each rank repeats the
+checks that matter under the lock.
+
+**Supervision** (:func:`run_supervised`): torchrun runs in a session of its own, ignoring
+SIGTERM/SIGINT/SIGUSR1 (``--signals-to-handle`` leaves them to the ranks), and dies with
+this process (``PR_SET_PDEATHSIG``); its ranks die with it. A stop signal this process receives
+goes once to each rank (torchrun's children: it starts every rank in a session of its own), where
+every rank handles it (``omni_train.stage.lifecycle``):
+the step finishes, a checkpoint is written, the ranks exit with ``EXIT_INTERRUPTED``, which
+this launcher passes on. Left to torchrun, the signal would be forwarded to the ranks and they
+would be killed 30 s later, before a large checkpoint is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+from omni_train.stage.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_parent
+
+_HEADROOM = 1.1  # free space wanted beyond the estimated checkpoint size
+
+
+def torchrun_command(
+    nproc: int,
+    *target: str,
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    rdzv_endpoint: str | None = None,
+) -> list[str]:
+    """``python -m torch.distributed.run ...`` for one node of the job. Stop signals are left to
+    the ranks (see :func:`run_supervised`); torchrun keeps SIGHUP/SIGQUIT."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    cmd.append("--signals-to-handle=SIGHUP,SIGQUIT")
+    cmd.append(f"--nnodes={nnodes}")
+    if nnodes == 1 and node_rank is None:
+        cmd.append("--standalone")
+    elif node_rank is not None:  # static rendezvous: every node knows its rank (Slurm)
+        cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr}"]
+        cmd += [f"--master-port={master_port or 29500}"]
+    else:
+        cmd.append(f"--rdzv-endpoint={rdzv_endpoint}")
+    return [*cmd, *target]
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux ``/proc``): torchrun's are the ranks. Their own
+    children (megatron's checkpoint writer processes) must not get a stop signal: killed in the
+    middle of a save, they would break the very checkpoint the stop is for."""
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def _child() -> None:
+    """Runs in the forked child before exec: die with the launcher; leave stop signals to the
+    ranks (ignored dispositions survive exec; the ranks install their own handlers)."""
+    die_with_parent()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run_supervised(
+    cmd: list[str], env: dict | None = None, *, capture: bool = False, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """Run torchrun ``cmd`` as described in the module docstring; stop signals received here
+    are forwarded to its processes while it runs."""
+    env = dict(os.environ if env is None else env)
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True,
+        preexec_fn=_child,
+    )  # fmt: skip
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def forward(signum, frame) -> None:
+            for pid in children(proc.pid):
+                with contextlib.suppress(ProcessLookupError):  # already gone
+                    os.kill(pid, signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def torchrun(
     nproc: int, *target: str, timeout: int | None = 1800, capture: bool = True
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node nproc TARGET...`` (a script path or ``-m
-    module``, then its arguments), one thread per rank. Raises ``RuntimeError`` on failure, with
-    the run's output tail when it was captured (``capture=False`` streams it instead)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *target,
-    ]
+    module``, then its arguments), one thread per rank, supervised. Raises ``RuntimeError`` on
+    failure, with the run's output tail when it was captured (``capture=False`` streams it)."""
+    cmd = torchrun_command(nproc, *target)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: one thread each
-    proc = subprocess.run(cmd, env=env, capture_output=capture, text=True, timeout=timeout)
+    proc = run_supervised(cmd, env, capture=capture, timeout=timeout)
     if proc.returncode != 0:
         tail = f"\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}" if capture else ""
         raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}{tail}")
@@ -38,7 +127,148 @@ def torchrun(
 
 def launch_stage(nproc: int, output_dir: str | os.PathLike, *overrides: str, timeout: int = 1800):
     """``torchrun --nproc-per-node nproc -m omni_train.train`` with ``overrides``; the run's
-    ``manifest.json`` as a dict. Raises ``RuntimeError`` with the run's output tail on failure."""
+    ``manifest.json`` as a dict. A stop by signal returns the (interrupted) manifest; any
+    other failure raises ``RuntimeError`` with the run's output tail."""
     target = ["-m", "omni_train.train", *overrides, f"checkpoint.output_dir={output_dir}"]
-    torchrun(nproc, *target, timeout=timeout)
-    return json.loads((Path(output_dir) / "manifest.json").read_text())
+    manifest = Path(output_dir) / "manifest.json"
+    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    try:
+        torchrun(nproc, *target, timeout=timeout)
+    except RuntimeError:
+        if not stopped_by_signal(output_dir, before):
+            raise
+    return json.loads(manifest.read_text())
+
+
+def stopped_by_signal(output_dir: str | os.PathLike, manifest_mtime_before: int | None) -> bool:
+    """Whether the run that just ended in ``output_dir`` stopped on a signal (its manifest,
+    newer than ``manifest_mtime_before``, says so)."""
+    path = Path(output_dir) / "manifest.json"
+    if not path.is_file() or path.stat().st_mtime_ns == manifest_mtime_before:
+        return False
+    manifest = json.loads(path.read_text())
+    return manifest.get("status") == "interrupted" and str(manifest.get("stop_reason")).startswith(
+        "signal"
+    )
+
+
+# ---- pre-flight --------------------------------------------------------------------------------
+
+
+def checkpoint_bytes(cfg) -> int:
+    """An estimate of one checkpoint: every weight in the training dtype, plus AdamW's state
+    for the trainable ones (fp32 main copy and two moments: 12 bytes each)."""
+    from omni_train.model.count import parameter_counts
+
+    counts = parameter_counts(cfg.model)
+    weight = 2 if cfg.trainer.precision == "bf16" else 4
+    trainable = sum(n for name, n in counts.items() if name in cfg.stage.trainable)
+    return sum(counts.values()) * weight + trainable * 12
+
+
+def check_output_dir(cfg) -> None:
+    """The output folder can be created and written, and has room for one checkpoint."""
+    out = Path(cfg.checkpoint.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".omni-train-write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"checkpoint.output_dir={out} cannot be written ({e.strerror or e}); choose a "
+            "folder this job can create and write"
+        ) from None
+    need = checkpoint_bytes(cfg) * _HEADROOM
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ValueError(
+            f"checkpoint.output_dir={out} has {free / 1e9:.2f} GB free but one checkpoint of "
+            f"this stage takes about {need / 1e9:.2f} GB; free space or choose another folder"
+        )
+
+
+def check_resume_layout(cfg, world_size: int) -> None:
+    """A resume needs the world size that wrote the checkpoint (read from its manifest)."""
+    from omni_train.checkpoint.layout import find_latest
+
+    latest = find_latest(cfg.checkpoint.output_dir)
+    manifest = Path(cfg.checkpoint.output_dir) / "manifest.json"
+    if latest is None or not manifest.is_file():
+        return
+    saved = json.loads(manifest.read_text()).get("layout", {}).get("world")
+    if saved is not None and saved != world_size:
+        raise ValueError(
+            f"cannot resume {latest}: it was written by {saved} ranks, this job has "
+            f"{world_size}. Resume with the same layout, or start a new run from its weights "
+            f"with checkpoint.init_from={latest} and a fresh checkpoint.output_dir"
+        )
+
+
+def preflight(cfg, world_size: int) -> None:
+    """Every check that needs no GPU, no process group and no megatron-core (raises
+    ``ValueError`` saying what to do)."""
+    from omni_train.checkpoint.layout import find_latest
+    from omni_train.checkpoint.lock import check_unlocked
+    from omni_train.config import validate
+    from omni_train.stage.handoff import check_components, check_handoff
+
+    validate(cfg, world_size)
+    check_output_dir(cfg)
+    check_unlocked(cfg.checkpoint.output_dir)
+    c = cfg.checkpoint
+    latest = find_latest(c.output_dir)
+    if c.resume == "true" and latest is None:
+        raise ValueError(
+            f"checkpoint.resume=true but {c.output_dir} holds no checkpoint; use resume=auto "
+            "to start fresh when there is none"
+        )
+    if c.resume == "false" and latest is not None:
+        raise ValueError(
+            f"{c.output_dir} already holds {latest.name} and checkpoint.resume=false; set "
+            "checkpoint.resume=auto to continue it or choose another checkpoint.output_dir"
+        )
+    if latest is not None:
+        check_resume_layout(cfg, world_size)
+    elif c.init_from:
+        check_handoff(cfg)
+    else:
+        check_components(cfg)
+
+
+def launch_job(
+    overrides: list[str],
+    nproc: int,
+    *,
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    rdzv_endpoint: str | None = None,
+) -> int:
+    """``omni-train run``: pre-flight, then this node's torchrun, supervised. Returns the exit
+    code: 0, ``EXIT_INTERRUPTED`` (stopped by a signal with a checkpoint; run the same
+    command again to resume) or torchrun's failure code."""
+    from omni_train.config import compose_job
+
+    cfg = compose_job(overrides)
+    preflight(cfg, nproc * nnodes)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = torchrun_command(
+        nproc,
+        "-m",
+        "omni_train.train",
+        *overrides,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        rdzv_endpoint=rdzv_endpoint,
+    )
+    manifest = Path(cfg.checkpoint.output_dir) / "manifest.json"
+    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    code = run_supervised(cmd, env).returncode
+    if code != 0 and stopped_by_signal(cfg.checkpoint.output_dir, before):
+        return EXIT_INTERRUPTED
+    return code

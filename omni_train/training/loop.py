@@ -72,9 +72,11 @@ def train(
     data,
     state: TrainState,
     save: Callable[[TrainState], None],
+    stop: Callable[[], str | None] | None = None,
 ) -> TrainState:
     """Run optimizer steps until ``trainer.train_steps`` (or ``exit_after_steps`` more steps);
-    ``save`` is called at save intervals."""
+    ``save`` is called at save intervals. ``stop`` (collective, after every step) returns a
+    reason to end the run early (a signal): the loop returns with ``state.stop_reason`` set."""
     t = cfg.trainer
     last = t.train_steps
     if t.exit_after_steps:
@@ -122,6 +124,9 @@ def train(
             )
         if t.save_interval and state.step % t.save_interval == 0 and state.step < last:
             save(state)
+        if stop is not None and state.step < last and (reason := stop()):
+            state.stop_reason = reason
+            break
     return state
 
 
