@@ -254,9 +254,7 @@ class EnergonEvalBatches:
     """Held-out micro-batches: the split ``data.eval_split``, in order, without workers; every
     evaluation starts from its beginning and wraps around when it runs out."""
 
-    def __init__(
-        self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, dp_group, device
-    ):
+    def __init__(self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, dp_group, device):
         """``path``: the metadataset the training stream resolved (written once)."""
         self.device = device
         self.dp_group = dp_group
