@@ -107,10 +107,19 @@ def local_world(cfg: ParallelConfig, platform: Platform, seed: int) -> Iterator[
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {name: os.environ.get(name) for name in names}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    ps = init_parallel(cfg, platform, seed)
     try:
-        yield ps
-    finally:
-        destroy_parallel()
+        ps = init_parallel(cfg, platform, seed)
+        try:
+            yield ps
+        finally:
+            destroy_parallel()
+    finally:  # the caller's environment as it was (later child processes inherit it)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

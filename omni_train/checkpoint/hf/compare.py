@@ -68,7 +68,7 @@ def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[P
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        raw = _from_line(json.loads(line), Path(media_root), f"line_{lineno}")
+        raw = _from_line(line, Path(media_root), f"line_{lineno}")
         members = {"json": json.dumps(raw.conversation).encode(), **raw.members}
         s = encoder.encode(cook_raw(raw.key, members))
         media = Media(

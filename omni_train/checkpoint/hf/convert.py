@@ -80,7 +80,8 @@ class _MetaModel:
         self.cfg = cfg
 
     def __enter__(self):
-        os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
+        # (no os.environ change here: it would leak into every later process this one starts;
+        # the CLI runs conversions with OMNI_TRAIN_PLATFORM=cpu)
         from omni_train.model.build import build_omni_model
         from omni_train.model.specs import platform_leaves
         from omni_train.model.summary import parameters_on_meta
