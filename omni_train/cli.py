@@ -18,6 +18,9 @@ omni-train data convert FILE.jsonl --media DIR --out DIR
     turns JSONL conversations plus a media folder into a prepared energon dataset.
 omni-train data tokenizer --out DIR
     rebuilds the tiny test tokenizer that ships with omni-train.
+omni-train report RUN_DIR
+    PNG plots (loss per modality and eval loss against tokens, throughput, memory) and an HTML
+    page with the summary table, for a stage's output folder or a curriculum folder;
 omni-train checkpoint import-hf HF_DIR|FILE.nemo --out DIR [--dtype D] [model=NAME ...]
     a released checkpoint (the omni model, its LM, RADIO, Parakeet) -> torch_dist, for
     checkpoint.init_from (any layout) or checkpoint.init_components.<component> (stage 0);
@@ -145,6 +148,15 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ValueError(f"omni-train report takes no overrides, got {overrides}")
+    from omni_train.stage.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
 def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     # Conversion runs on the CPU platform in this process (a world of one); hiding CUDA keeps
     # a GPU host from selecting the GPU path.
@@ -230,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         "folder)",
     )
     data.set_defaults(func=_data)
+    report = sub.add_parser("report", help="plots and an HTML summary of a stage or curriculum")
+    report.add_argument("run_dir", help="a stage's output folder or a curriculum folder")
+    report.add_argument("--out", default=None, help="where to write (default RUN_DIR/report)")
+    report.set_defaults(func=_report)
     ckpt = sub.add_parser("checkpoint", help="import / export / compare Hugging Face checkpoints")
     ckpt.add_argument("action", choices=["import-hf", "export-hf", "compare-hf"])
     ckpt.add_argument("source", help="import: HF folder or .nemo; export: CKPT; compare: HF folder")

@@ -49,6 +49,8 @@ class TrainState:
     losses: list[float] = field(default_factory=list)  # per-step training losses so far
     grad_norms: list[float] = field(default_factory=list)  # per-step global grad norms
     wall_time_s: float = 0.0  # training time accumulated over earlier (interrupted) runs
+    metrics: list[dict] = field(default_factory=list)  # every step's logged scalars
+    evals: list[dict] = field(default_factory=list)  # every evaluation: step, loss, per modality
     stop_reason: str | None = None  # why this run stopped before train_steps (not saved)
 
 
@@ -113,6 +115,9 @@ def save_checkpoint(
         "data": state.data,
         "losses": list(state.losses),
         "grad_norms": list(state.grad_norms),
+        # per-rank timings differ slightly: rank 0's copy, identical in every rank's common state
+        "metrics": _on_all_ranks(list(state.metrics)),
+        "evals": list(state.evals),
         "wall_time_s": _on_all_ranks(state.wall_time_s),
         "world_size": ps.world_size,
     }
@@ -179,6 +184,8 @@ def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) 
         data_rank=loaded["data_rank"],
         losses=ts["losses"],
         grad_norms=ts["grad_norms"],
+        metrics=ts.get("metrics", []),
+        evals=ts.get("evals", []),
         wall_time_s=ts["wall_time_s"],
     )
 

@@ -424,6 +424,7 @@ class TrainerConfig:
     log_interval: int = 1
     save_interval: int = 0  # 0: save only at the end of the stage
     eval_iters: int = 2  # micro-batches of held-out data evaluated at the end
+    eval_interval: int = 0  # also evaluate every this many steps (0: only at the end)
     eval_at_start: bool = False  # also evaluate before the first step (checks a handoff)
     # Stop this run (with a checkpoint) after this many steps, as a time-limited allocation
     # would; a later run resumes. 0: run to train_steps. The LR schedule is unaffected.
@@ -440,10 +441,10 @@ class TrainerConfig:
             seq_length=self.seq_length,
             log_interval=self.log_interval,
         )
-        if self.save_interval < 0 or self.eval_iters < 0 or self.exit_after_steps < 0:
+        if min(self.save_interval, self.eval_iters, self.exit_after_steps, self.eval_interval) < 0:
             raise ValueError(
-                "trainer.save_interval, trainer.eval_iters and trainer.exit_after_steps "
-                "must be >= 0"
+                "trainer.save_interval, trainer.eval_iters, trainer.eval_interval and "
+                "trainer.exit_after_steps must be >= 0"
             )
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"trainer.precision={self.precision!r}; valid: bf16, fp32")
@@ -476,6 +477,29 @@ class CheckpointConfig:
         self.resume = str(self.resume).lower()
         if self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={self.keep_last} must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Where the per-step scalars go besides the console and the manifest (rank 0 writes).
+
+    wandb runs offline unless ``WANDB_MODE`` is set (``WANDB_MODE=online`` with
+    ``WANDB_API_KEY``); TensorBoard event files go to ``tensorboard_dir`` (default
+    ``<output_dir>/tensorboard``). ``peak_tflops``: the per-GPU peak MFU is measured against;
+    None takes the device's entry in ``omni_train.training.flops.PEAK_TFLOPS`` (no MFU on CPU).
+    """
+
+    wandb: bool = False
+    wandb_project: str = "omni-train"
+    wandb_group: str | None = None  # default: the curriculum's run name, else the output folder
+    wandb_dir: str | None = None  # default: the stage's output folder
+    tensorboard: bool = False
+    tensorboard_dir: str | None = None
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.peak_tflops is not None:
+            _positive("logging", peak_tflops=self.peak_tflops)
 
 
 @dataclass
@@ -688,3 +712,4 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

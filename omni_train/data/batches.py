@@ -71,8 +71,9 @@ class MicroBatches:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def end_step(self) -> dict:
-        """Per-step data report for the log (nothing to report for synthetic tokens)."""
-        return {}
+        """The step's samples and tokens (all real: synthetic sequences have no padding)."""
+        tokens = self.global_batch_size * self.source.seq_length
+        return {"samples": self.global_batch_size, "tokens": tokens, "positions": tokens}
 
     def restart(self) -> None:
         """Back to the first sample (evaluation reads the same samples every time)."""

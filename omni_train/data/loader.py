@@ -195,6 +195,7 @@ class EnergonBatches:
             self._iter = _isolated(iter, self.loader)
         batch: OmniBatch = _isolated(next, self._iter)
         self.last_keys = list(batch.keys)  # named in the error if this micro-batch fails
+        self._step["num_positions"] += batch.tokens.numel()
         self._step["num_read"] += batch.num_read
         self._step["num_samples"] += len(batch.keys)
         self._step["num_tokens"] += batch.num_real_tokens
@@ -205,8 +206,10 @@ class EnergonBatches:
     def end_step(self) -> dict:
         """Add this step's counts of all data-parallel ranks to the totals; raise
         :class:`SkipLimitError` when the skipped share passes ``data.max_skip_fraction``.
-        Returns what the step log shows. Collective over the data-parallel group."""
-        keys = ["num_read", "num_samples", "num_tokens"] + ["skip:" + r for r in REASONS]
+        Returns the step's ``samples``, real ``tokens``, ``positions`` (tokens with padding)
+        and ``skipped`` per reason when any. Collective over the data-parallel group."""
+        keys = ["num_read", "num_samples", "num_tokens", "num_positions"]
+        keys += ["skip:" + r for r in REASONS]
         step = sum_over_ranks(self._step, keys, self.dp_group, self.device)
         self._step = Counter()
         for k in ("num_read", "num_samples", "num_tokens"):
@@ -217,7 +220,12 @@ class EnergonBatches:
         self.totals["skipped"] = {r: n for r, n in sorted(skipped.items()) if n}
         self._check_skips()
         new = {r: step["skip:" + r] for r in REASONS if step["skip:" + r]}
-        return {"skipped": new} if new else {}
+        report = {
+            "samples": step["num_samples"],
+            "tokens": step["num_tokens"],
+            "positions": step["num_positions"],
+        }
+        return {**report, "skipped": new} if new else report
 
     def _check_skips(self) -> None:
         d = self.cfg.data

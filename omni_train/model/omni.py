@@ -24,6 +24,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from omni_train.config import ModelConfig
+from omni_train.config.schema import RecomputeConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
 from omni_train.model.cpu_attention import segment_ids  # pure PyTorch; used on both platforms
@@ -71,6 +72,9 @@ class OmniModel(MegatronModule):
         self.audio_encoder = audio_encoder
         self.audio_projector = audio_projector
         self.recompute_projectors = False  # omni_train.model.recompute.apply_recompute
+        # (trainable component names, RecomputeConfig): what the FLOPs count of a step needs
+        # (omni_train.training.flops); set by omni_train.model.assembly.build_model
+        self.flops_policy = (list(self.components()), RecomputeConfig())
 
     # ---- components -------------------------------------------------------------------------
 

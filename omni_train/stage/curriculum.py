@@ -13,6 +13,7 @@ deletes that stage's folder and every later one, and runs them again.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from omni_train.checkpoint import read_manifest
 from omni_train.config import JobConfig, compose_job, config_hash, validate
 from omni_train.config.compose import available
+from omni_train.training.metrics import GROUP_ENV, TOKENS_AFTER_ENV
 
 
 class CurriculumInterruptedError(RuntimeError):
@@ -129,10 +131,14 @@ def run(
     for stage in stages:
         if stage.action == "rerun":
             shutil.rmtree(stage.output_dir)
-    for stage in stages:
+    os.environ[GROUP_ENV] = run_dir.name  # wandb groups the stages' runs by curriculum
+    for i, stage in enumerate(stages):
         if stage.action == "skip":
             print(f"omni-train curriculum: {stage.name} completed earlier; skipped", flush=True)
             continue
+        # the ETA to the curriculum's end: the later stages' tokens at this stage's rate
+        later = sum(_stage_tokens(s.cfg) for s in stages[i + 1 :] if s.action != "skip")
+        os.environ[TOKENS_AFTER_ENV] = str(later)
         print(f"omni-train curriculum: {stage.name} ({stage.action})", flush=True)
         started = time.time()
         manifest = stage.output_dir / "manifest.json"
@@ -150,7 +156,17 @@ def run(
     manifests = [read_manifest(s.output_dir) for s in stages]
     for m, s in zip(manifests, stages, strict=True):
         m["curriculum_action"] = s.action
+    from omni_train.stage.report import write_report
+
+    page = write_report(run_dir)
+    print(f"omni-train curriculum: report {page}", flush=True)
     return manifests
+
+
+def _stage_tokens(cfg: JobConfig) -> int:
+    """Token positions a stage trains on (steps x global batch x context)."""
+    t = cfg.trainer
+    return t.train_steps * t.global_batch_size * t.seq_length
 
 
 def summary_table(manifests: list[dict]) -> str:

@@ -39,6 +39,7 @@ from omni_train.parallel.state import world_size_from_env
 from omni_train.stage.handoff import check_components, check_handoff
 from omni_train.stage.lifecycle import StopRequest
 from omni_train.training.loop import evaluate, train
+from omni_train.training.metrics import MetricsLogger
 from omni_train.training.optimizer import build_optimizer, wrap_ddp
 
 log = get_logger()
@@ -85,6 +86,8 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         "final_loss": state.losses[-1] if state.losses else None,
         "eval_loss": evals.get("end"),
         "eval_loss_at_start": evals.get("start"),
+        "evals": state.evals,  # every evaluation: step, loss and loss per modality
+        "metrics": state.metrics,  # every step's scalars (omni_train.training.metrics)
         "tokens": data.get("num_tokens", 0),  # real (unpadded) tokens trained on
         "data": {
             "kind": cfg.data.kind,
@@ -196,15 +199,19 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
         state = load_for_resume(resumed_from, built.module, optimizer, scheduler, ps)
         train_data.load_state_dict(state.data, state.data_rank)
     evals: dict = {}
+    logger = MetricsLogger(cfg, is_main=ps.is_main, first_step=state.step)
 
     def run_eval(when: str) -> None:
-        evals[when] = evaluate(cfg, model, eval_data)
+        loss, by_modality = evaluate(cfg, model, eval_data)
+        evals[when] = loss
         take = getattr(eval_data, "take_skipped", None)
         evals["skipped"] = take() if take is not None else {}
+        if loss is not None:
+            state.evals.append({"step": state.step, "when": when, "loss": loss, **by_modality})
+            logger.evaluation(state.step, loss, by_modality)
 
     if cfg.trainer.eval_at_start:
         run_eval("start")
-        log.info("eval loss at start (step %d): %s", state.step, evals["start"])
 
     out = cfg.checkpoint.output_dir
     last_ckpt = resumed_from
@@ -238,15 +245,19 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
             state,
             save,
             stop=lambda: stop.agreed(platform.device),
+            logger=logger,
+            on_eval=lambda s: run_eval("interval"),
         )
     except SkipLimitError as e:  # raised on every rank at once (a collective check)
         failed(str(e))
+        logger.close()
         raise StageError(str(e), everywhere=True) from e
     except Exception as e:  # this rank's failure; the others are stopped by torchrun
         keys = getattr(train_data, "last_keys", None)
         where = f" in the micro-batch of samples {keys}" if keys else ""
         message = f"step {state.step + 1}{where}: {type(e).__name__}: {e}"
         failed(message)
+        logger.close()
         log.exception("stage %s failed at %s", cfg.stage.name, message)
         raise StageError(message, everywhere=False) from e
     finished = state.step >= cfg.trainer.train_steps
@@ -271,4 +282,5 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
             f" ({state.stop_reason})" if state.stop_reason else "",
             path,
         )
+    logger.close()
     return manifest

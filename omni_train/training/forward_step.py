@@ -3,37 +3,126 @@
 Loss convention (megatron ``calculate_per_token_loss``): the step returns the *sum* of token
 losses and the number of loss tokens; megatron adds both up over micro-batches and data-parallel
 ranks and divides gradients by the global token count. Padding and masked tokens never count.
+
+Besides the loss, each micro-batch reports (for the metrics, never for gradients) its loss per
+modality of sample (text only, image, video, audio, audio+video, mixed: from the media each
+sample owns) and its model and hardware FLOPs (``omni_train.training.flops``).
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 
+from omni_train.data import tokens
+from omni_train.data.media import Media
 from omni_train.parallel.context import shard_index
+from omni_train.training import flops
+from omni_train.training.metrics import MODALITIES
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """output_tensor: per-token losses [b, s]; loss_mask: [b, s] (1 = counts)."""
+def sample_modalities(media: Media | None, num_samples: int) -> list[int]:
+    """Index into ``MODALITIES`` of every sample (row or packed segment)."""
+    out = []
+    media = media or Media()
+    for i in range(num_samples):
+        image, video, audio = (i in media.image_sample, i in media.video_sample,
+                               i in media.audio_sample)  # fmt: skip
+        if image and (video or audio):
+            name = "mixed"
+        elif video and audio:
+            name = "audio+video"
+        else:
+            name = "image" if image else "video" if video else "audio" if audio else "text"
+        out.append(MODALITIES.index(name))
+    return out
+
+
+def batch_geometry(batch: dict, model_cfg) -> flops.Geometry:
+    """What the FLOPs count needs of a micro-batch: LM segment lengths (real tokens of each
+    packed sample; an unpacked row counts its padded length), ViT pieces, audio clips."""
+    packed = batch.get("packed_seq_params")
+    b, s = batch["tokens"].shape
+    if packed is not None:
+        cu = packed.cu_seqlens_q.tolist()
+        lengths = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+    else:
+        lengths = [s] * b
+    media = batch.get("media") or Media()
+    pieces, vision_features = [], 0
+    v, a = model_cfg.vision, model_cfg.audio
+    if v is not None:
+        p = v.patch_size
+        for img in media.images:
+            rows, cols = img.shape[-2] // p, img.shape[-1] // p
+            pieces.append((rows * cols, 1))
+            vision_features += tokens.grid_tokens(rows, cols)
+        for video in media.videos:
+            rows, cols = video.shape[-2] // p, video.shape[-1] // p
+            groups = tokens.video_groups(video.shape[0], v.tubelet_frames > 1, v.tubelet_frames)
+            pieces += [(rows * cols, v.tubelet_frames)] * groups
+            vision_features += groups * tokens.grid_tokens(rows, cols)
+    frames, audio_features = [], 0
+    if a is not None:
+        for wav in media.audio:
+            for clip in tokens.audio_clip_samples(wav.shape[0], a):
+                frames.append(clip // a.hop_samples + 1)  # centred STFT frames
+            audio_features += tokens.audio_tokens_for_samples(wav.shape[0], a)
+    return flops.Geometry(lengths, pieces, vision_features, frames, audio_features)
+
+
+def loss_func(
+    loss_mask: torch.Tensor,
+    token_modality: torch.Tensor,
+    step_flops: flops.StepFlops,
+    output_tensor: torch.Tensor,
+):
+    """output_tensor: per-token losses [b, s]; loss_mask: [b, s] (1 = counts);
+    token_modality: [b, s] index into MODALITIES of each token's sample."""
     mask = loss_mask.reshape(-1).float()
+    losses = output_tensor.reshape(-1).float().detach() * mask
     loss_sum = torch.sum(output_tensor.reshape(-1).float() * mask)
     num_tokens = mask.sum().to(torch.int)
     # Reported as (sum, count) so the logger can average over micro-batches and ranks exactly.
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    index = token_modality.reshape(-1).to(losses.device)
+    per_modality = torch.zeros(len(MODALITIES), 2, dtype=torch.float32, device=losses.device)
+    per_modality[:, 0].index_add_(0, index, losses)
+    per_modality[:, 1].index_add_(0, index, mask)
+    work = torch.tensor([step_flops.model, step_flops.hardware], dtype=torch.float64)
+    return loss_sum, num_tokens, {"lm loss": report, "modality loss": per_modality, "flops": work}
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "flops_policy"):
+        model = model.module
+    return model
 
 
 def forward_step(data_iterator, model):
     """Context parallel: every CP rank gets the whole micro-batch; the model embeds it and keeps
     this rank's positions, so labels and loss mask are cut to the same positions here."""
+    from omni_train.model.omni import sample_index
+
     batch = next(data_iterator)
     packed = batch.get("packed_seq_params")
     labels, loss_mask = batch["labels"], batch["loss_mask"]
+    where = sample_index(batch["tokens"], packed)
+    num_samples = int(where.max()) + 1 if where.numel() else 0
+    table = torch.tensor(sample_modalities(batch.get("media"), num_samples), dtype=torch.long)
+    token_modality = table.to(where.device)[where]
     cp_index = shard_index(labels.shape[1], packed)
     if cp_index is not None:
         cp_index = cp_index.to(labels.device)
         labels, loss_mask = (x.index_select(1, cp_index) for x in (labels, loss_mask))
+        token_modality = token_modality.index_select(1, cp_index)
+    omni = _unwrap(model)
+    trainable, recompute = omni.flops_policy
+    work = flops.step_flops(omni.cfg, batch_geometry(batch, omni.cfg), trainable, recompute)
+    if not math.isfinite(work.model):
+        raise ValueError("non-finite FLOPs count")
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],  # unused: Nemotron-H has no position embedding
@@ -43,4 +132,4 @@ def forward_step(data_iterator, model):
         packed_seq_params=packed,
         cp_index=cp_index,
     )
-    return output, partial(loss_func, loss_mask)
+    return output, partial(loss_func, loss_mask, token_modality, work)
