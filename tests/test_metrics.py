@@ -64,8 +64,10 @@ def wandb_history(run_dir: Path) -> list[dict]:
             chunks = []
             if record.WhichOneof("record_type") == "history":
                 rows.append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                     for i in record.history.item}  # fmt: skip
+                    {
+                        i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                        for i in record.history.item
+                    }  # fmt: skip
                 )
     return rows
 
