@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 SYNTH := runs/data/synthetic
 
 # The main job: the seven-stage curriculum with the tiny model on CPU (2 ranks, TP=2 + SP), each
-# stage from the previous one's weights, on synthetic omni data it makes once; about 4 minutes.
+# stage from the previous one's weights, on synthetic omni data it makes once; about 7 minutes.
 # A re-run skips completed stages; FROM=<stage> re-runs from there.
 curriculum: setup
 	$(BIN)/omni-train curriculum --nproc-per-node 2 model=tiny $(if $(FROM),--from $(FROM))

@@ -39,15 +39,23 @@ class Recorded:
 
     def __init__(self, batches: list[dict]):
         self.batches = iter(batches)
+        self.step = {"samples": 0, "tokens": 0, "positions": 0}
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        return next(self.batches)
+        batch = next(self.batches)
+        mask = batch["loss_mask"]
+        self.step["samples"] += len(batch["media"].sample_names)
+        self.step["tokens"] += int(mask.sum())
+        self.step["positions"] += mask.numel()
+        return batch
 
     def end_step(self) -> dict:
-        return {}
+        """This rank's counts (the loop only logs them; the probe compares losses)."""
+        step, self.step = self.step, {"samples": 0, "tokens": 0, "positions": 0}
+        return step
 
     def state_dict(self) -> dict:
         return {}

@@ -229,6 +229,7 @@ def _worker_config():
     return WorkerConfig(rank=0, world_size=1, num_workers=0, global_error_handler=reraise_exception)
 
 
+@pytest.mark.xdist_group("blend_draws")  # one worker: the synthetic_root fixture runs once
 @pytest.mark.parametrize("name", STAGES)
 def test_energon_draws_follow_the_weights(name, synthetic_root, tmp_path):
     paths = blends.synthetic_paths(name, synthetic_root)
@@ -265,6 +266,7 @@ def test_energon_draws_follow_the_weights(name, synthetic_root, tmp_path):
     assert chi2 < dof + 6 * math.sqrt(2 * max(dof, 1)), (chi2, counts)
 
 
+@pytest.mark.xdist_group("blend_draws")
 def test_energon_val_split_reads_each_dataset_once(synthetic_root, tmp_path):
     name = "stage3"
     mds = blends.write_metadataset(name, blends.synthetic_paths(name, synthetic_root), tmp_path)

@@ -1,4 +1,9 @@
-"""Checkpoints across processes: TP=2 -> TP=1 weights, and resume == uninterrupted."""
+"""Checkpoints across processes: TP=2 -> TP=1 weights, and resume == uninterrupted.
+
+The first two are ``slow`` (``make test-slow``): the default suite covers the same contracts
+with other runs (TP=2 -> TP=1: ``test_stages``' handoff; resume == uninterrupted: DP=2 with the
+distributed optimizer on packed omni data in ``test_energon_data``, TP=2 in bf16 after a signal
+in ``test_faults``)."""
 
 import pytest
 from launch import EXACT, differing_weights, launch
@@ -6,6 +11,7 @@ from launch import EXACT, differing_weights, launch
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow
 def test_tp2_checkpoint_loads_at_tp1_with_identical_eval_loss(tmp_path):
     tp2 = launch(2, tmp_path / "tp2", *EXACT, "parallel=tp2")
     tp1 = launch(
@@ -22,6 +28,7 @@ def test_tp2_checkpoint_loads_at_tp1_with_identical_eval_loss(tmp_path):
     assert tp1["eval_loss_at_start"] == pytest.approx(tp2["eval_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_in_the_middle_equals_uninterrupted(tmp_path, precision):
     """2 + 2 steps (DP=2, distributed optimizer: sharded optimizer state) == 4 steps.

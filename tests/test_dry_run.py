@@ -14,6 +14,9 @@ from test_curriculum import NAMES, TABLE
 
 H100_GIB = 80
 
+# One xdist worker for the module: the reports fixture (seven stages) then runs once.
+pytestmark = pytest.mark.xdist_group("dry_run")
+
 _RESOLVE_ALL = """
 import json, sys
 from omni_train.parallel.dry_run import resolve

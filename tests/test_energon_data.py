@@ -275,9 +275,10 @@ def test_global_packing_one_pass_two_ranks_every_good_sample_once(corrupted, tmp
     assert r0["num_read"] == 2 * (len(REASONS) + GOOD_PER_SHARD) and r1["num_read"] == 0
 
 
-def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp_path):
-    data, good = corrupted
-    stage = [
+def _corrupted_stage(data: Path) -> list[str]:
+    """2 data-parallel ranks, one pass over the corrupted shards: 3 steps x global batch 4 =
+    the 12 good samples."""
+    return [
         "stage=smoke_omni",
         "model=tiny",
         "parallel=single",
@@ -290,16 +291,26 @@ def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp
         "trainer.seq_length=512",
         "data.packing.enabled=false",
         "trainer.micro_batch_size=2",
-        "trainer.train_steps=3",  # 3 steps x global batch 4 = the 12 good samples
+        "trainer.train_steps=3",
         "trainer.save_interval=0",
         "trainer.eval_iters=1",
     ]
+
+
+def test_stage_on_corrupted_data_finishes_and_reports_exact_skips(corrupted, tmp_path):
+    data, good = corrupted
+    stage = _corrupted_stage(data)
     m = launch(2, tmp_path / "ok", *stage, "data.max_skip_fraction=0.7")
     assert m["status"] == "completed"
     assert m["data"]["skipped"] == {reason: 2 for reason in REASONS}
     assert m["data"]["num_samples"] == len(good) and m["data"]["num_read"] == 34
     assert m["data"]["eval_skipped"] == {"audio_too_short": 1}  # counted at eval time too
-    # the same data with a stricter limit stops the stage with the reasons in the message
+
+
+@pytest.mark.slow
+def test_too_many_skips_stop_the_stage_with_the_reasons(corrupted, tmp_path):
+    data, _ = corrupted
+    stage = _corrupted_stage(data)
     with pytest.raises(RuntimeError, match=r"samples read were skipped .* data.max_skip_fraction"):
         launch(
             2,
@@ -320,6 +331,7 @@ PACKED = [
 ]
 
 
+@pytest.mark.slow  # the default suite resumes packed omni data after a signal (test_faults)
 @pytest.mark.parametrize("packing", ["unpacked", "packed"])
 def test_stage_resume_on_energon_data_equals_uninterrupted(synth, tmp_path, packing):
     """2 + 2 steps == 4 steps on the omni data: the checkpoint's loader state continues at the

@@ -83,7 +83,8 @@ def manifest(out: Path) -> dict:
 
 
 def _stop_and_resume(tmp_path: Path, stage: list[str], steps: int, sig: int) -> None:
-    """Stop a run with ``sig`` at a random step, resume it, compare with an uninterrupted run."""
+    """Stop a run with ``sig`` at a random step, resume it, compare with an uninterrupted run:
+    losses, grad norms, data position and every weight identical."""
     seed = int(os.environ.get("OMNI_TRAIN_FAULT_SEED", time.time_ns() % 10_000))
     at = random.Random(seed).randint(2, steps - 4)
     whole = launch(2, tmp_path / "whole", *stage)
@@ -105,60 +106,49 @@ def _stop_and_resume(tmp_path: Path, stage: list[str], steps: int, sig: int) -> 
     assert done["status"] == "completed" and done["resumed_from"] == stopped["checkpoint"]
     assert done["losses"] == whole["losses"], f"seed {seed}"
     assert done["grad_norms"] == whole["grad_norms"]
+    assert done["data"] == whole["data"] and done["tokens"] == whole["tokens"]
     count, differing = differing_weights(tmp_path / "whole", tmp_path / "cut")
     assert count > 10 and differing == [], f"seed {seed}"
 
 
-def test_sigterm_at_a_random_step_checkpoints_there_and_resumes_bit_identically(tmp_path):
-    steps = 24
-    _stop_and_resume(tmp_path, [*SMOKE, f"trainer.train_steps={steps}"], steps, signal.SIGTERM)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_slurm_warning_on_packed_omni_data_resumes_bit_identically(tmp_path, synth_root, sig):
-    """The longer variant: the omni model on packed energon data (loader state mid-buffer)."""
-    steps = 12
+def test_sigterm_at_a_random_step_checkpoints_there_and_resumes_bit_identically(
+    tmp_path, synth_root
+):
+    """The omni model on packed energon data, 2 data-parallel ranks, bf16: what must survive
+    is the sharded optimizer state with its fp32 main parameters and each rank's loader state
+    (the stop falls in the middle of the packer's buffer)."""
+    steps = 8
     stage = [
         "stage=smoke_omni",
         "model=tiny",
-        "parallel=tp2",
-        "trainer.precision=fp32",
+        "parallel=single",  # DP=2, distributed optimizer
+        "trainer.precision=bf16",
         f"data.synthetic_root={synth_root}",
+        "data.packing.enabled=true",
+        "data.packing.buffer_size=24",
+        "trainer.micro_batch_size=1",
+        "trainer.global_batch_size=2",
         f"trainer.train_steps={steps}",
         "trainer.save_interval=0",
         "trainer.eval_iters=1",
     ]
-    _stop_and_resume(tmp_path, stage, steps, sig)
+    _stop_and_resume(tmp_path, stage, steps, signal.SIGTERM)
 
 
-def test_killing_the_launcher_kills_every_rank_within_10_s(tmp_path):
-    run = Run(tmp_path / "out", *SMOKE, "trainer.train_steps=100000")
-    run.wait_for(r"step 2/")
-    torchrun_pids = children(run.proc.pid)
-    ranks = [p for t in torchrun_pids for p in children(t)]
-    assert len(torchrun_pids) == 1 and len(ranks) == 2
-    run.proc.kill()  # SIGKILL: no handler runs in the launcher
-    run.wait()
-    deadline = time.monotonic() + 10
-    alive = [p for p in torchrun_pids + ranks if Path(f"/proc/{p}").exists()]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
-    assert not alive, f"still running: {alive}"
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_slurm_warning_at_tp2_resumes_bit_identically(tmp_path, sig):
+    """The longer variant: TP=2 (sharded weights and optimizer state), 24 steps."""
+    steps = 24
+    _stop_and_resume(tmp_path, [*SMOKE, f"trainer.train_steps={steps}"], steps, sig)
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except FileNotFoundError:
-        return False
-
-
-def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
+def test_one_run_per_folder_and_killing_the_launcher_kills_every_rank_within_10_s(tmp_path):
+    """A running stage holds its folder: a second run there is refused, naming the holder.
+    Then the launcher dies by SIGKILL (no handler runs): torchrun and both ranks follow."""
     out = tmp_path / "out"
-    first = Run(out, *SMOKE, "trainer.train_steps=100000")
-    first.wait_for(r"step 2/")
+    run = Run(out, *SMOKE, "trainer.train_steps=100000")
+    run.wait_for(r"step 2/")
     holder = json.loads((out / LOCK).read_text())
     second = subprocess.run(
         [sys.executable, "-m", "omni_train.cli", "run", "--nproc-per-node", "2", *SMOKE,
@@ -168,9 +158,35 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
     assert second.returncode == 2
     assert f"host {socket.gethostname()}, pid {holder['pid']}" in second.stderr
     assert "in use by another run" in second.stderr and "Traceback" not in second.stderr
-    first.proc.send_signal(signal.SIGINT)  # Ctrl-C: the same graceful stop
-    assert first.wait() == EXIT_INTERRUPTED
+
+    torchrun_pids = children(run.proc.pid)
+    ranks = [p for t in torchrun_pids for p in children(t)]
+    assert len(torchrun_pids) == 1 and len(ranks) == 2
+    run.proc.kill()
+    run.wait()
+    deadline = time.monotonic() + 10
+    alive = [p for p in torchrun_pids + ranks if Path(f"/proc/{p}").exists()]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    assert not alive, f"still running: {alive}"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    run = Run(out, *SMOKE, "trainer.train_steps=100000")
+    run.wait_for(r"step 2/")
+    run.proc.send_signal(signal.SIGINT)  # Ctrl-C: the same graceful stop as SIGTERM
+    assert run.wait() == EXIT_INTERRUPTED
     assert manifest(out)["stop_reason"] == "signal SIGINT"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return False
 
 
 _TWICE = """

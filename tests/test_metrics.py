@@ -17,7 +17,7 @@ from launch import launch
 
 from omni_train.training.metrics import MODALITIES
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("metrics")]  # one fixture run
 
 STEPS = 4
 
@@ -127,3 +127,16 @@ def test_report_writes_the_pictures_and_the_page(run, tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     page = (tmp_path / "index.html").read_text()
     assert m["stage"] in page and "loss.png" in page
+
+
+def test_a_modality_absent_from_a_stage_leaves_a_gap_in_its_curve():
+    from omni_train.stage.report import _series
+
+    stages = [
+        {"metrics": [{"step": 1, "data/tokens": 10, "train/loss/image": 1.0}]},
+        {"metrics": [{"step": 1, "data/tokens": 5}]},  # an audio stage: no image samples
+        {"metrics": [{"step": 1, "data/tokens": 7, "train/loss/image": 2.0}]},
+    ]
+    xs, ys = _series(stages, "train/loss/image")
+    assert xs == [10, 10, 22]  # tokens accumulate over the stages
+    assert ys[0] == 1.0 and math.isnan(ys[1]) and ys[2] == 2.0

@@ -11,6 +11,9 @@ from omni_train.stage.launch import torchrun
 
 PROBE = Path(__file__).with_name("omni_probe.py")
 
+# One xdist worker for the module: the probes fixture (two runs) then runs once.
+pytestmark = pytest.mark.xdist_group("omni_model")
+
 
 def _torchrun(nproc: int, mode: str, out: Path, *overrides: str) -> dict:
     torchrun(nproc, str(PROBE), mode, str(out), *overrides)

@@ -7,16 +7,17 @@ at every step and its grad norm within 1e-4.
   synthetic blend (images, video, audio, text), packed. Data parallel stays 1, so every layout
   reads identical micro-batches; every sample is padded to a multiple of 8 in all of them
   (``data.packing.sample_pad_multiple``), because padding decides which samples share a bin.
-* TP2 without SP: megatron-core refuses MoE under TP without SP, so this one runs the tiny omni
-  model with its MoE layers dense (same data).
+* TP2 without SP (slow): megatron-core refuses MoE under TP without SP, so this one runs the
+  tiny omni model with its MoE layers dense (same data).
 * Layouts with data parallel (DP2 with the distributed optimizer; EP2 with the alltoall and the
-  allgather dispatcher, which on 2 ranks is DP2 for everything but the experts; slow: TP2 x EP2,
-  DP2 on 4 ranks): data parallel changes which rank reads which sample, so these run the same
-  tiny model on synthetic token sequences, whose global order any DP layout reproduces (the
-  reference is a DP=1 run with twice the micro-batches).
+  allgather dispatcher, which on 2 ranks is DP2 for everything but the experts; slow: the
+  allgather dispatcher, TP2 x EP2, DP2 on 4 ranks): data parallel changes which rank reads
+  which sample, so these run the same tiny model on synthetic token sequences, whose global
+  order any DP layout reproduces (the reference is a DP=1 run with twice the micro-batches).
 
 Each family starts from one checkpoint, loaded by every run: expert weights are drawn per EP
-layout, and dist_checkpointing reshards the common start onto each layout.
+layout, and dist_checkpointing reshards the common start onto each layout. Each family's tests
+share one xdist worker, so its start and reference run once.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ OMNI_LAYOUTS = {
 }
 
 
+@pytest.mark.xdist_group("omni_layouts")
 @pytest.mark.parametrize(
     "layout",
     [
@@ -105,6 +107,7 @@ DENSE = ["model.hybrid_pattern=M*-M--", "model.num_moe_experts=0"]
 DENSE_RECOMPUTE = "recompute.lm=[core_attn,mlp,layernorm]"  # the stage's, less 'moe'
 
 
+@pytest.mark.slow
 def test_tp2_without_sequence_parallel_equals_tp1(tmp_path, synth_root):
     """Weights need no common checkpoint here: the CPU platform draws every weight whole and
     slices it per TP rank, so TP layouts start identical."""
@@ -141,12 +144,13 @@ TEXT_LAYOUTS = {
 }
 
 
+@pytest.mark.xdist_group("text_layouts")
 @pytest.mark.parametrize(
     "layout",
     [
         "dp2_distributed_optimizer",
         "ep2_alltoall",
-        "ep2_allgather",
+        pytest.param("ep2_allgather", marks=pytest.mark.slow),
         pytest.param("tp2_ep2", marks=pytest.mark.slow),
     ],
 )

@@ -18,6 +18,9 @@ from omni_train.stage.launch import torchrun
 
 PROBE = str(Path(__file__).with_name("stage_probe.py"))
 
+# One xdist worker for the module: the freezing fixture (every stage, ~3 min) then runs once.
+pytestmark = pytest.mark.xdist_group("stages")
+
 
 @pytest.fixture(scope="module")
 def freezing(tmp_path_factory, synth_root) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 from omni_train.training.metrics import MODALITIES
@@ -34,13 +35,17 @@ def manifests(run_dir: str | Path) -> list[dict]:
 
 
 def _series(ms: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(cumulative tokens, value) of ``key`` over the stages' steps."""
+    """(cumulative tokens, value) of ``key`` over the stages' steps; a stage without ``key``
+    (a modality it does not train on) leaves a gap (NaN) rather than a line across it."""
     xs, ys, offset = [], [], 0
     for m in ms:
-        for row in m.get("metrics", []):
-            if row.get(key) is not None:
-                xs.append(offset + row.get("data/tokens", 0))
-                ys.append(row[key])
+        found = [row for row in m.get("metrics", []) if row.get(key) is not None]
+        if not found and ys and not math.isnan(ys[-1]):
+            xs.append(offset)
+            ys.append(math.nan)
+        for row in found:
+            xs.append(offset + row.get("data/tokens", 0))
+            ys.append(row[key])
         rows = m.get("metrics") or [{}]
         offset += rows[-1].get("data/tokens", 0)
     return xs, ys
