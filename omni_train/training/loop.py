@@ -137,7 +137,13 @@ def train(
     ``save`` is called at save intervals, ``on_eval`` every ``trainer.eval_interval`` steps.
     ``stop`` (collective, after every step) returns a reason to end the run early (a signal):
     the loop returns with ``state.stop_reason`` set. Every step's scalars go to ``logger``
-    (``omni_train.training.metrics`` names them) and to ``state.metrics``."""
+    (``omni_train.training.metrics`` names them) and to ``state.metrics``.
+
+    ``data`` yields one micro-batch dict per ``next()`` (``data.num_microbatches`` per step) and
+    has ``state_dict()`` and ``end_step()``, which returns the step's ``samples``, real
+    ``tokens`` and ``positions`` (tokens with padding), plus ``skipped`` {reason: count} if any
+    (as :class:`~omni_train.data.loader.EnergonBatches` and
+    :class:`~omni_train.data.batches.MicroBatches` do)."""
     t = cfg.trainer
     last = t.train_steps
     if t.exit_after_steps:
