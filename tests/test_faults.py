@@ -300,7 +300,8 @@ def test_an_error_inside_the_ranks_is_printed_once(tmp_path):
 
 def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path):
     out = tmp_path / "out"
-    stage = [*SMOKE, "trainer.train_steps=6", "trainer.save_interval=2"]
+    # saves at 2 and 4: the one that fails is the stage's final save, after the training loop
+    stage = [*SMOKE, "trainer.train_steps=4", "trainer.save_interval=2"]
     probe = str(Path(__file__).with_name("enospc_probe.py"))
     with pytest.raises(RuntimeError, match="No space left on device"):
         torchrun(2, probe, "4", *stage, f"checkpoint.output_dir={out}", timeout=300)
@@ -308,6 +309,7 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_to_resume(tmp_
     assert not (out / "checkpoints" / "step_0000004").exists()  # the partial write is gone
     failed = manifest(out)
     assert failed["status"] == "failed" and "No space left on device" in failed["error"]
+    assert failed["error"].startswith("after step 4 (final evaluation or checkpoint)")
     done = launch(2, out, *stage)
     assert done["status"] == "completed" and done["resumed_from"].endswith("step_0000002")
 

@@ -235,6 +235,9 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
             m = _manifest(cfg, ps, built, state, evals, "failed", started, resumed_from, None)
             write_manifest(out, {**m, "error": error})
 
+    # The end-of-stage evaluation and the final save fail like a step does: a failed manifest
+    # with the error, never one left "running".
+    after_loop = False
     try:
         state = train(
             cfg,
@@ -248,25 +251,30 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
             logger=logger,
             on_eval=lambda s: run_eval("interval"),
         )
+        after_loop = True
+        finished = state.step >= cfg.trainer.train_steps
+        if not finished and state.stop_reason is None:
+            state.stop_reason = "exit_after_steps"
+        if finished:
+            run_eval("end")
+        if last_ckpt is None or last_ckpt.name != f"step_{state.step:07d}":
+            save(state)
     except SkipLimitError as e:  # raised on every rank at once (a collective check)
         failed(str(e))
         logger.close()
         raise StageError(str(e), everywhere=True) from e
     except Exception as e:  # this rank's failure; the others are stopped by torchrun
-        keys = getattr(train_data, "last_keys", None)
-        where = f" in the micro-batch of samples {keys}" if keys else ""
-        message = f"step {state.step + 1}{where}: {type(e).__name__}: {e}"
+        if after_loop:
+            where = f"after step {state.step} (final evaluation or checkpoint)"
+        else:
+            keys = getattr(train_data, "last_keys", None)
+            samples = f" in the micro-batch of samples {keys}" if keys else ""
+            where = f"step {state.step + 1}{samples}"
+        message = f"{where}: {type(e).__name__}: {e}"
         failed(message)
         logger.close()
         log.exception("stage %s failed at %s", cfg.stage.name, message)
         raise StageError(message, everywhere=False) from e
-    finished = state.step >= cfg.trainer.train_steps
-    if not finished and state.stop_reason is None:
-        state.stop_reason = "exit_after_steps"
-    if finished:
-        run_eval("end")
-    if last_ckpt is None or last_ckpt.name != f"step_{state.step:07d}":
-        save(state)
     status = "completed" if finished else "interrupted"
     manifest = _manifest(cfg, ps, built, state, evals, status, started, resumed_from, last_ckpt)
     if ps.is_main:
