@@ -43,19 +43,18 @@ from omegaconf import OmegaConf
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.dry_run:
         return _dry_run(args, overrides)
-    from omni_train.stage.launch import launch_job
+    from omni_train.stage.launch import Rendezvous, launch_job
 
-    # Pre-flight here, in one process, before torchrun starts N of them (a bad config, an
-    # unwritable or full output folder, a folder another run holds, a refused resume/handoff).
-    return launch_job(
-        overrides,
-        args.nproc_per_node,
+    rendezvous = Rendezvous(
         nnodes=args.nnodes,
         node_rank=args.node_rank,
         master_addr=args.master_addr,
         master_port=args.master_port,
-        rdzv_endpoint=args.rdzv_endpoint,
+        endpoint=args.rdzv_endpoint,
     )
+    # Pre-flight here, in one process, before torchrun starts N of them (a bad config, an
+    # unwritable or full output folder, a folder another run holds, a refused resume/handoff).
+    return launch_job(overrides, args.nproc_per_node, rendezvous)
 
 
 def _dry_run(args: argparse.Namespace, overrides: list[str]) -> int:

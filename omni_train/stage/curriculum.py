@@ -125,7 +125,7 @@ def run(
     run_dir: Path, overrides: list[str], nproc: int, from_stage: str | None = None
 ) -> list[dict]:
     """Run the curriculum; returns each stage's manifest (in order)."""
-    from omni_train.stage.launch import stopped_by_signal, torchrun
+    from omni_train.stage.launch import manifest_mtime, stopped_by_signal, torchrun
 
     stages = plan(run_dir, overrides, nproc, from_stage)
     for stage in stages:
@@ -141,8 +141,7 @@ def run(
         os.environ[TOKENS_AFTER_ENV] = str(later)
         print(f"omni-train curriculum: {stage.name} ({stage.action})", flush=True)
         started = time.time()
-        manifest = stage.output_dir / "manifest.json"
-        before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+        before = manifest_mtime(stage.output_dir)
         try:
             torchrun(nproc, "-m", "omni_train.train", *stage.overrides, timeout=None, capture=False)
         except RuntimeError:

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from omni_train.stage.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_parent
@@ -36,28 +37,38 @@ from omni_train.stage.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_
 _HEADROOM = 1.1  # free space wanted beyond the estimated checkpoint size
 
 
-def torchrun_command(
-    nproc: int,
-    *target: str,
-    nnodes: int = 1,
-    node_rank: int | None = None,
-    master_addr: str | None = None,
-    master_port: int | None = None,
-    rdzv_endpoint: str | None = None,
-) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """How this node's torchrun finds the others: one node (``--standalone``), a static
+    rendezvous where every node knows its rank (Slurm: ``node_rank`` + ``master_addr``), or a
+    c10d ``endpoint`` (host:port of node 0)."""
+
+    nnodes: int = 1
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    endpoint: str | None = None
+
+    def torchrun_args(self) -> list[str]:
+        args = [f"--nnodes={self.nnodes}"]
+        if self.nnodes == 1 and self.node_rank is None:
+            return [*args, "--standalone"]
+        if self.node_rank is not None:
+            return [
+                *args,
+                f"--node-rank={self.node_rank}",
+                f"--master-addr={self.master_addr}",
+                f"--master-port={self.master_port or 29500}",
+            ]
+        return [*args, f"--rdzv-endpoint={self.endpoint}"]
+
+
+def torchrun_command(nproc: int, *target: str, rendezvous: Rendezvous = Rendezvous()) -> list[str]:
     """``python -m torch.distributed.run ...`` for one node of the job. Stop signals are left to
     the ranks (see :func:`run_supervised`); torchrun keeps SIGHUP/SIGQUIT."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     cmd.append("--signals-to-handle=SIGHUP,SIGQUIT")
-    cmd.append(f"--nnodes={nnodes}")
-    if nnodes == 1 and node_rank is None:
-        cmd.append("--standalone")
-    elif node_rank is not None:  # static rendezvous: every node knows its rank (Slurm)
-        cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr}"]
-        cmd += [f"--master-port={master_port or 29500}"]
-    else:
-        cmd.append(f"--rdzv-endpoint={rdzv_endpoint}")
-    return [*cmd, *target]
+    return [*cmd, *rendezvous.torchrun_args(), *target]
 
 
 def children(pid: int) -> list[int]:
@@ -130,21 +141,27 @@ def launch_stage(nproc: int, output_dir: str | os.PathLike, *overrides: str, tim
     ``manifest.json`` as a dict. A stop by signal returns the (interrupted) manifest; any
     other failure raises ``RuntimeError`` with the run's output tail."""
     target = ["-m", "omni_train.train", *overrides, f"checkpoint.output_dir={output_dir}"]
-    manifest = Path(output_dir) / "manifest.json"
-    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    before = manifest_mtime(output_dir)
     try:
         torchrun(nproc, *target, timeout=timeout)
     except RuntimeError:
         if not stopped_by_signal(output_dir, before):
             raise
-    return json.loads(manifest.read_text())
+    return json.loads((Path(output_dir) / "manifest.json").read_text())
+
+
+def manifest_mtime(output_dir: str | os.PathLike) -> int | None:
+    """The manifest's modification time (ns), ``None`` without one: taken before a run, it
+    lets :func:`stopped_by_signal` tell that run's manifest from an earlier run's."""
+    path = Path(output_dir) / "manifest.json"
+    return path.stat().st_mtime_ns if path.is_file() else None
 
 
 def stopped_by_signal(output_dir: str | os.PathLike, manifest_mtime_before: int | None) -> bool:
     """Whether the run that just ended in ``output_dir`` stopped on a signal (its manifest,
     newer than ``manifest_mtime_before``, says so)."""
     path = Path(output_dir) / "manifest.json"
-    if not path.is_file() or path.stat().st_mtime_ns == manifest_mtime_before:
+    if manifest_mtime(output_dir) in (None, manifest_mtime_before):
         return False
     manifest = json.loads(path.read_text())
     return manifest.get("status") == "interrupted" and str(manifest.get("stop_reason")).startswith(
@@ -236,38 +253,18 @@ def preflight(cfg, world_size: int) -> None:
         check_components(cfg)
 
 
-def launch_job(
-    overrides: list[str],
-    nproc: int,
-    *,
-    nnodes: int = 1,
-    node_rank: int | None = None,
-    master_addr: str | None = None,
-    master_port: int | None = None,
-    rdzv_endpoint: str | None = None,
-) -> int:
+def launch_job(overrides: list[str], nproc: int, rendezvous: Rendezvous = Rendezvous()) -> int:
     """``omni-train run``: pre-flight, then this node's torchrun, supervised. Returns the exit
     code: 0, ``EXIT_INTERRUPTED`` (stopped by a signal with a checkpoint; run the same
     command again to resume) or torchrun's failure code."""
     from omni_train.config import compose_job
 
     cfg = compose_job(overrides)
-    preflight(cfg, nproc * nnodes)
+    preflight(cfg, nproc * rendezvous.nnodes)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = torchrun_command(
-        nproc,
-        "-m",
-        "omni_train.train",
-        *overrides,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
-        rdzv_endpoint=rdzv_endpoint,
-    )
-    manifest = Path(cfg.checkpoint.output_dir) / "manifest.json"
-    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    cmd = torchrun_command(nproc, "-m", "omni_train.train", *overrides, rendezvous=rendezvous)
+    before = manifest_mtime(cfg.checkpoint.output_dir)
     code = run_supervised(cmd, env).returncode
     if code != 0 and stopped_by_signal(cfg.checkpoint.output_dir, before):
         return EXIT_INTERRUPTED
