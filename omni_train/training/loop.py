@@ -24,9 +24,9 @@ from omni_train.training.metrics import MODALITIES, MetricsLogger
 log = get_logger()
 
 
-def _reduce(reports: list[dict]) -> tuple[float, int, dict[str, float], float, float]:
-    """(mean loss over real tokens, token count, mean loss per modality, model FLOPs, hardware
-    FLOPs) over all micro-batches and data-parallel ranks."""
+def _reduce(reports: list[dict]) -> tuple[float, dict[str, float], float, float]:
+    """(mean loss over real tokens, mean loss per modality, model FLOPs, hardware FLOPs) over
+    all micro-batches and data-parallel ranks."""
     device = detect().device  # NCCL needs CUDA tensors, gloo CPU ones
     totals = torch.zeros(2, dtype=torch.float64)
     modal = torch.zeros(len(MODALITIES), 2, dtype=torch.float64)
@@ -48,7 +48,7 @@ def _reduce(reports: list[dict]) -> tuple[float, int, dict[str, float], float, f
     by_modality = {
         m: per[i, 0].item() / per[i, 1].item() for i, m in enumerate(MODALITIES) if per[i, 1] > 0
     }
-    return loss_sum / max(count, 1.0), int(count), by_modality, work[0].item(), work[1].item()
+    return loss_sum / max(count, 1.0), by_modality, work[0].item(), work[1].item()
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -174,7 +174,7 @@ def train(
             scheduler.step(increment=1)
         with torch.no_grad():
             average_running_stats(model)
-        loss, _, by_modality, model_flops, hw_flops = _reduce(reports)
+        loss, by_modality, model_flops, hw_flops = _reduce(reports)
         elapsed = time.perf_counter() - start
         state.step += 1
         state.losses.append(loss)
@@ -238,5 +238,5 @@ def evaluate(cfg: JobConfig, model, data) -> tuple[float | None, dict[str, float
     )
     model.train()
     data.restart()  # evaluate the same samples every time
-    loss, _, by_modality, _, _ = _reduce(reports)
+    loss, by_modality, _, _ = _reduce(reports)
     return loss, by_modality
