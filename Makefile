@@ -11,7 +11,7 @@ TORCH_PIN := $(shell grep '^torch==' $(CONSTRAINTS))
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup curriculum smoke smoke-text test test-slow bench lint format lock clean
+.PHONY: setup curriculum smoke smoke-text test test-slow bench plan activation-costs lint format lock clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,18 @@ bench: setup
 	$(BIN)/python benchmarks/data_throughput.py --data $(SYNTH) --out benchmarks/results/data_throughput_cpu.md
 	$(BIN)/python benchmarks/packing.py
 	$(BIN)/python benchmarks/hf_checkpoint.py --out benchmarks/results/hf_checkpoint_cpu.md
+
+# The seven full-scale stages' plans: per-rank memory with activations, verdict on the cluster's
+# GPUs, smallest fix, time (one CPU process, about a minute).
+plan: setup
+	$(BIN)/python benchmarks/plan_stages.py --out benchmarks/results/plan_stages.md
+
+# Measure activation bytes per layer kind for the planner (MODEL, TP; CPU, bf16): the released
+# model at TP 2 takes about 25 minutes and 12 GB of memory, the tiny one 2 minutes at TP 1.
+MODEL ?= nano_omni_30b_a3b
+TP ?= 2
+activation-costs: setup
+	$(BIN)/python benchmarks/activation_costs.py --model $(MODEL) --tp $(TP) --out benchmarks/results/activation_costs_cpu.md
 
 lint: setup
 	$(BIN)/ruff check omni_train tests benchmarks

@@ -5,6 +5,10 @@ omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
 omni-train run --dry-run stage=stage6_omni_sft_256k [--rank R] [--json]
     resolves the stage's full-scale layout in one CPU process (fake process groups, meta
     device): group sizes and per-rank parameter, gradient and optimizer memory;
+omni-train plan stage=stage6_omni_sft_256k [overrides] [--json] [--mfu 0.3]
+    per-rank peak memory of the stage at full scale (weights, gradients, optimizer, measured
+    activations by component, buffers), the verdict against cluster.gpu_memory_gib, the
+    smallest change that makes a failing stage fit, step time and GPU-hours;
 omni-train curriculum [--nproc-per-node 2] [--name N] [--from STAGE] [--plan] [overrides]
     runs every stage in order into runs/<name>/stage<k>_<name>/, each from the previous
     stage's weights (default model=tiny: the CPU overlay); completed stages are skipped;
@@ -52,22 +56,55 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         master_port=args.master_port,
         endpoint=args.rdzv_endpoint,
     )
+    if not args.no_plan and args.node_rank in (None, 0):  # one verdict per job, not per node
+        _print_verdict(overrides)
     # Pre-flight here, in one process, before torchrun starts N of them (a bad config, an
     # unwritable or full output folder, a folder another run holds, a refused resume/handoff).
     return launch_job(overrides, args.nproc_per_node, rendezvous)
+
+
+def _print_verdict(overrides: list[str]) -> None:
+    """The planner's one-line verdict before a launch on a cluster whose GPU memory is known
+    (about 30 s of CPU on the launching host; ``--no-plan`` skips it). It informs, it does
+    not stop the launch: the activation model is an estimate."""
+    from omni_train.config import compose_job
+
+    if compose_job(overrides).cluster.gpu_memory_gib is None:
+        return
+    done = _cpu_tool("omni_train.plan.planner", [*overrides, "--verdict"], capture=True)
+    verdict = [line for line in done.stdout.splitlines() if line.startswith("plan: ")]
+    if done.returncode == 0 and verdict:  # (libraries may print to stdout as they import)
+        print(verdict[-1], flush=True)
+    else:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"plan: not available: {last}", flush=True)
+
+
+def _cpu_tool(module: str, args: list[str], capture: bool = False):
+    """``python -m module args`` in a fresh process on the CPU platform (CUDA hidden): the
+    inspection tools need no GPU, and a GPU host must not select the GPU path for a fake
+    512-rank world or a meta-device model."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMNI_TRAIN_PLATFORM="cpu")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    cmd = [sys.executable, "-m", module, *args]
+    if capture:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return subprocess.call(cmd, env=env)
 
 
 def _dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
     from omni_train.config import compose_job
 
     compose_job(overrides)  # a bad override fails here with one line
-    # A fresh process on the CPU platform (CUDA hidden): the dry run needs no GPU, and a GPU
-    # host must not select the GPU path for a fake 512-rank world.
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMNI_TRAIN_PLATFORM="cpu")
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    cmd = [sys.executable, "-m", "omni_train.parallel.dry_run", *overrides]
-    cmd += [f"--world-size={args.nproc_per_node * args.nnodes}", f"--rank={args.rank}"]
-    return subprocess.call(cmd + (["--json"] if args.json else []), env=env)
+    cmd = [*overrides, f"--world-size={args.nproc_per_node * args.nnodes}", f"--rank={args.rank}"]
+    return _cpu_tool("omni_train.parallel.dry_run", cmd + (["--json"] if args.json else []))
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omni_train.config import compose_job
+
+    compose_job(overrides)  # a bad override fails here with one line
+    return _cpu_tool("omni_train.plan.planner", [*overrides, *args.plan_args])
 
 
 def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -108,11 +145,8 @@ def _model(args: argparse.Namespace, overrides: list[str]) -> int:
     from omni_train.config import compose_job
 
     compose_job(overrides)  # a bad config fails here with one line
-    # The summary builds on the CPU platform in a fresh process (shapes are identical on both
-    # platforms); hiding CUDA keeps a GPU host from selecting the GPU path.
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMNI_TRAIN_PLATFORM="cpu")
-    cmd = [sys.executable, "-m", "omni_train.model.summary", *overrides]
-    return subprocess.call(cmd + (["--json"] if args.json else []), env=env)
+    # shapes are identical on both platforms: the summary builds on the CPU one
+    return _cpu_tool("omni_train.model.summary", overrides + (["--json"] if args.json else []))
 
 
 def _data(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -210,7 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--rank", type=int, default=0, help="dry run: the rank to report")
     run.add_argument("--json", action="store_true", help="dry run: machine-readable output")
+    run.add_argument(
+        "--no-plan", action="store_true", help="skip the planner's verdict before launching"
+    )
     run.set_defaults(func=_run)
+    plan = sub.add_parser(
+        "plan",
+        help="per-rank memory (activations included), verdict, smallest fix, time",
+        description="Options: --json, --verdict, and the planner's assumptions: --mfu, "
+        "--cuda-context-gib, --comm-buffers-gib, --fragmentation, --patches-per-image.",
+    )
+    plan.set_defaults(func=_plan)
     cur = sub.add_parser("curriculum", help="run every stage in order (launches torchrun)")
     cur.add_argument("--nproc-per-node", type=int, default=2)
     cur.add_argument("--name", default="", help="run name: runs/<name>/ (default: the model)")
@@ -257,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.add_argument("--json", action="store_true", help="compare-hf: machine-readable output")
     ckpt.set_defaults(func=_checkpoint)
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "plan":  # the planner parses its own options (overrides hold a '=')
+        options = [o for o in overrides if o.startswith("-") or "=" not in o]
+        args.plan_args, overrides = options, [o for o in overrides if o not in options]
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         parser.error(f"unknown option(s) {bad}; overrides look like key=value")

@@ -96,3 +96,91 @@ def test_dry_run_rejects_an_invalid_layout_before_building():
     )  # fmt: skip
     assert proc.returncode == 2
     assert "Mamba heads per TP rank do not split over parallel.cp=64" in proc.stderr
+
+
+# -- the planner (omni-train plan): the same fake worlds plus measured activations -------------
+
+
+@pytest.fixture(scope="module")
+def plans(reports):
+    from omni_train.plan import planner
+
+    return [planner.plan([f"stage={name}"], dry=reports[k]) for k, name in enumerate(NAMES)]
+
+
+@pytest.mark.parametrize("k", range(7))
+def test_plan_breaks_memory_down_and_judges_it(plans, reports, k):
+    p, mem = plans[k], reports[k]["memory"]["total"]
+    m, parts = p["memory"], p["memory"]["parts_gib"]
+    assert m["total_gib"] == pytest.approx(sum(parts.values()))
+    assert (parts["weights"], parts["gradients"], parts["optimizer"]) == pytest.approx(
+        (mem["param_gib"], mem["grad_gib"], mem["optimizer_gib"])
+    )
+    assert parts["activations.llm"] > 0
+    assert (parts["activations.llm_cp_kv"] > 0) == (TABLE["cp"][k] > 1)
+    vision, audio = (
+        p["media_per_sequence"]["vision_tokens"],
+        p["media_per_sequence"]["audio_tokens"],
+    )
+    assert ("activations.vision" in parts) == (vision > 0)
+    assert ("activations.audio" in parts) == (audio > 0)
+    assert m["gpu_gib"] == pytest.approx(79.6)
+    share = m["total_gib"] / m["gpu_gib"]
+    expected = "does not fit" if share > 1 else "tight" if share > 0.9 else "fits"
+    assert m["verdict"] == expected
+    assert (p["fix"] is not None) <= (expected == "does not fit")
+    t, g = p["time"], p["groups"]
+    assert t["gpu_hours"] == pytest.approx(t["stage_hours"] * g["world"])
+    assert t["tokens_per_s"] == pytest.approx(
+        TABLE["global_batch"][k] * TABLE["context"][k] / t["step_s"]
+    )
+
+
+def test_frozen_encoders_keep_no_activations(plans):
+    # stage 0 trains the vision projector on a frozen ViT: only the projector side keeps
+    # anything; stage 1 trains the ViT (with recompute) on the same kind of data
+    stage0, stage1 = (plans[k]["memory"]["parts_gib"]["activations.vision"] for k in (0, 1))
+    assert 0 < stage0 < stage1
+
+
+def test_committed_plan_table_is_what_the_planner_says(plans):
+    from pathlib import Path
+
+    from omni_train.plan import planner
+
+    text = (Path(__file__).parents[1] / "benchmarks/results/plan_stages.md").read_text()
+    for p in plans:
+        line = planner.verdict_line(p)
+        assert line in text, f"regenerate with benchmarks/plan_stages.py: {line}"
+
+
+def test_a_failing_stage_gets_the_smallest_fix(reports):
+    from omni_train.plan import planner
+
+    base = ["stage=stage4_omni_sft_16k", "recompute.audio_encoder=false",
+            "recompute.projectors=false"]  # fmt: skip
+    loose = planner.plan(base, dry=reports[4])["memory"]["total_gib"]
+    both = planner.plan([*base, "recompute.audio_encoder=true", "recompute.projectors=true"],
+                        dry=reports[4])["memory"]["total_gib"]  # fmt: skip
+    assert both < loose
+    gpu = (loose + both) / 2
+    p = planner.plan([*base, f"cluster.gpu_memory_gib={gpu}"], dry=reports[4])
+    assert p["memory"]["verdict"] == "does not fit"
+    assert p["fix"]["change"].startswith("recompute more")
+    assert p["fix"]["total_gib"] <= gpu
+    assert "smallest fix: recompute more" in planner.verdict_line(p)
+
+
+def test_run_prints_the_plan_verdict_before_launching():
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_train.cli", "run", "--nproc-per-node", "8",
+         "stage=stage3_audio_encoder"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )  # fmt: skip
+    # the verdict comes first; then the pre-flight refuses 8 ranks for a 1024-rank recipe
+    assert proc.stdout.startswith("plan: stage3_audio_encoder: "), proc.stdout[-2000:]
+    assert "GiB per rank of 79.6 GiB" in proc.stdout
+    assert proc.returncode == 2 and "1024" in proc.stderr, proc.stderr[-2000:]

@@ -689,12 +689,17 @@ class ClusterConfig:
     name: str = "local"
     nodes: int | None = None
     gpus_per_node: int = 8
-    gpu: str = ""  # informational, e.g. H100-80GB
+    gpu: str = ""  # e.g. H100-80GB: picks the bf16 peak for time estimates (training.flops)
+    # Memory of one GPU as the framework can use it (nvidia-smi's total): the planner's verdict
+    # (`omni-train plan`, printed by `omni-train run`) is against it. None: no verdict.
+    gpu_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.nodes is not None:
             _positive("cluster", nodes=self.nodes)
         _positive("cluster", gpus_per_node=self.gpus_per_node)
+        if self.gpu_memory_gib is not None:
+            _positive("cluster", gpu_memory_gib=self.gpu_memory_gib)
 
     @property
     def world_size(self) -> int | None:

@@ -12,7 +12,8 @@ sizes megatron resolved and this rank's memory for parameters, gradients and opt
   sharded over the data-parallel group by the distributed optimizer (dense parameters over
   DP x CP, expert parameters over the expert data-parallel group).
 
-Activations are not estimated (they depend on packing and recompute). Runs on the CPU platform
+Activations are not estimated here; ``omni-train plan`` (:mod:`omni_train.plan.planner`) adds
+them from measured per-layer costs. Runs on the CPU platform
 so a laptop or login node can check a 512-GPU layout.
 """
 
