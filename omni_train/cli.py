@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         "plan",
         help="per-rank memory (activations included), verdict, smallest fix, time",
         description="Options: --json, --verdict, and the planner's assumptions: --mfu, "
-        "--cuda-context-gib, --comm-buffers-gib, --fragmentation, --patches-per-image.",
+        "--mamba-kernel {mamba_ssm,torch}, --cuda-context-gib, --comm-buffers-gib, "
+        "--fragmentation, --patches-per-image.",
     )
     plan.set_defaults(func=_plan)
     cur = sub.add_parser("curriculum", help="run every stage in order (launches torchrun)")
