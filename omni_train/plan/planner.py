@@ -290,10 +290,14 @@ def candidate_fixes(cfg, groups: dict) -> list[tuple[str, list[str]]]:
 
 
 def smallest_fix(cfg, overrides, dry, costs, a, gpu_gib) -> dict | None:
-    from omni_train.config import compose_job
+    from omni_train.config import compose_job, validate
 
     for text, extra in candidate_fixes(cfg, dry["groups"]):
         alt = compose_job([*overrides, *extra])
+        try:  # a change the layout checks refuse (e.g. Mamba heads over CP) is no fix
+            validate(alt, dry["groups"]["world"], data=False)
+        except ValueError:
+            continue
         groups = dict(dry["groups"], cp=alt.parallel.cp)
         # recompute, CP (DP x CP stays world / TP) and sequence length leave weights, gradients
         # and optimizer shards as they are: the dry run's figures hold
