@@ -123,9 +123,10 @@ def main() -> int:
         seconds = run_measurement(args.model, args.tp, part, args.groups)
         record, extra = json.loads(target.read_text()), json.loads(part.read_text())
         record["points"].update(extra["points"])
-        record.setdefault("merged", []).append(
-            {"groups": args.groups, "seconds": extra["seconds"], "torch": extra["torch"]}
-        )
+        # a group measured again replaces its earlier points and its earlier entry
+        merged = [m for m in record.get("merged", []) if m["groups"] != args.groups]
+        merged.append({"groups": args.groups, "seconds": extra["seconds"], "torch": extra["torch"]})
+        record["merged"] = merged
         target.write_text(json.dumps(record, indent=1))
         part.unlink()
         print(f"measured {args.groups} in {seconds:.0f} s -> merged into {target}")

@@ -34,6 +34,7 @@ Run: ``torchrun --nproc-per-node TP -m omni_train.plan.measure --model NAME --ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -41,6 +42,7 @@ import os
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +103,8 @@ class LiveBytes:
 
         self.mode = Mode()
         self.known = WeakIdKeyDictionary()
+        self.hooked = WeakIdKeyDictionary()
+        self.held = WeakIdKeyDictionary()
         self.current = 0
         self.peak = 0
         for t in [*model.parameters(), *model.buffers(), *inputs]:
@@ -128,6 +132,27 @@ class LiveBytes:
     def _free(self, size: int, _ref) -> None:
         self.current -= size
 
+    @contextlib.contextmanager
+    def saved_tensors(self) -> Iterator[None]:
+        """Inside: autograd's saved-tensor hooks record, each storage once, the new storages
+        saved for backward (``hooked_bytes``) and the pre-existing ones it holds (``held``):
+        a cross-check of ``current``, which also sees what is kept outside autograd."""
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st in self.known and self.known[st] is None:  # a weight or an input
+                self.held[st] = True
+            else:
+                self.hooked[st] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+    @property
+    def hooked_bytes(self) -> int:
+        return sum(self.hooked.values())
+
     def __enter__(self) -> LiveBytes:
         self.mode.__enter__()
         return self
@@ -147,28 +172,17 @@ def measure(model, tokens: torch.Tensor, media) -> tuple[int, int, int]:
     [1, s]``. *hooked*: the storages autograd's saved-tensor hooks see (each once), a cross-check
     of *saved*; it misses what torch's non-reentrant checkpoint keeps (the region's inputs,
     held by its closure), which *saved* counts."""
-    from torch.utils.weak import WeakIdKeyDictionary
-
     labels = torch.roll(tokens, -1, dims=1)
     gc.collect()
     pixels = [*media.images, *media.videos, *media.audio] if media is not None else []
-    hooked = WeakIdKeyDictionary()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st not in live.known or live.known[st] is not None:  # not a weight or an input
-            hooked[st] = st.nbytes()
-        return t
-
     with LiveBytes(model, tokens, labels, *pixels) as live:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with live.saved_tensors():
             loss = model(input_ids=tokens, labels=labels, media=media)
-        saved = live.current
-        hooked_bytes = sum(hooked.values())
+        saved, hooked = live.current, live.hooked_bytes
         loss.float().sum().backward()
         del loss
     model.zero_grad(set_to_none=True)
-    return saved, max(live.peak - saved, 0), hooked_bytes
+    return saved, max(live.peak - saved, 0), hooked
 
 
 def _minus(a: list, b: list, transient: bool = False) -> list:
@@ -373,27 +387,16 @@ def measure_mamba_kernel(probe: Probe, lengths: list[int], log) -> dict:
             t.requires_grad_()
         inputs = (zxbcdt, weight, bias, dt_bias, a, d)
         with LiveBytes(torch.nn.Module(), *inputs) as live:
-            hooked = {}
-
-            input_storage = zxbcdt.untyped_storage()
-
-            def pack(t, live=live, hooked=hooked, input_storage=input_storage):
-                st = t.untyped_storage()
-                if st not in live.known or live.known[st] is not None:
-                    hooked[id(st)] = st.nbytes()
-                elif st is input_storage:
-                    hooked["input"] = 0  # the graph keeps the kernel's input alive
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with live.saved_tensors():
                 y = mamba_mixer.mamba_split_conv1d_scan_combined(
                     *inputs, chunk_size=128, activation="silu", headdim=m.mamba_head_dim,
                     ngroups=groups, norm_before_gate=False,
                 )  # fmt: skip
-            kept = sum(hooked.values())
+            kept = live.hooked_bytes
+            # does the graph keep the kernel's input alive (mamba-ssm's does)?
+            held = zxbcdt.untyped_storage().nbytes() if zxbcdt.untyped_storage() in live.held else 0
             y.float().sum().backward()
         rows.append([n, kept, max(live.peak - kept, 0), kept])
-        held = zxbcdt.untyped_storage().nbytes() if "input" in hooked else 0
         inputs_kept.append([n, held, 0, held])
     log("mamba kernel")
     return {"mamba_kernel": {"kernel": rows, "input": inputs_kept}}

@@ -28,6 +28,7 @@ made, and what is assumed rather than measured (``Assumptions``, ``media_mix.yam
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -36,11 +37,12 @@ from pathlib import Path
 
 import yaml
 
+from omni_train.data import tokens
 from omni_train.plan.costs import ActivationCosts, setting_key
 
 GIB = 1024**3
 MEDIA_MIX = Path(__file__).parent / "media_mix.yaml"
-SHUFFLE_PATCHES = 4  # ViT patches per LM vision token (2 x 2 pixel shuffle)
+SHUFFLE_PATCHES = tokens.SHUFFLE**2  # ViT patches per LM vision token (pixel shuffle)
 TIGHT = 0.90  # above this share of GPU memory a plan is "tight"
 
 
@@ -63,6 +65,7 @@ class Assumptions:
             raise ValueError(f"--mamba-kernel {self.mamba_kernel!r}; valid: mamba_ssm, torch")
 
 
+@functools.lru_cache
 def media_shares(blend: str | None) -> tuple[float, float, list[dict]]:
     """(vision share, audio share) of a packed sequence's tokens, and the blend's categories
     as ``{category, share, mean_tokens, vision, audio}``. No blend: text only."""
@@ -90,8 +93,7 @@ def media_shares(blend: str | None) -> tuple[float, float, list[dict]]:
 
 def _clip_tokens(m) -> int:
     """Encoder frames (= LM audio tokens) of one full clip."""
-    a = m.audio
-    return round(a.clip_seconds * a.sample_rate / a.hop_samples / a.subsampling_factor)
+    return tokens.audio_clip_tokens(round(m.audio.clip_seconds * m.audio.sample_rate), m.audio)
 
 
 def _lm_key(cfg) -> str:
@@ -135,32 +137,34 @@ def activations(cfg, costs: ActivationCosts, a: Assumptions, cp: int) -> dict:
         # (OmniModel.embed): the [s, h] embedding and its spliced copy, bf16 (analytic)
         transients["llm_cp_embedding"] = 2 * s * m.hidden_size * 2
     vision_share, audio_share, _ = media_shares(cfg.data.blend)
-    trains = set(cfg.stage.trainable)
-    rc = cfg.recompute
     if m.vision is not None and vision_share > 0:
         patches = s * vision_share * SHUFFLE_PATCHES
-        n = a.patches_per_image
-        k = setting_key(rc.vision_encoder and "vision_encoder" in trains,
-                        "vision_encoder" in trains, rc.projectors)  # fmt: skip
-        per_image = m.vision.num_layers * costs.saved("vit_block", k, gpu=True)(n)
-        per_image += costs.saved("vision_rest", k, gpu=True)(n)
-        # neither the encoder nor its projector trains: no gradient enters that subgraph
-        trained = bool({"vision_encoder", "vision_projector"} & trains)
-        out["vision"] = patches / n * per_image if trained else 0.0
-        transients["vision"] = costs.transient("vision", k)(n)
+        out["vision"], transients["vision"] = _encoder(
+            cfg, costs, "vision", "vit_block", m.vision.num_layers, patches, a.patches_per_image
+        )
     if m.audio is not None and audio_share > 0:
-        clip = _clip_tokens(m)
-        k = setting_key(rc.audio_encoder and "audio_encoder" in trains,
-                        "audio_encoder" in trains, rc.projectors)  # fmt: skip
-        per_clip = m.audio.num_layers * costs.saved("conformer_layer", k)(clip)
-        per_clip += costs.saved("audio_rest", k)(clip)
-        trained = bool({"audio_encoder", "audio_projector"} & trains)
-        out["audio"] = s * audio_share / clip * per_clip if trained else 0.0
-        transients["audio"] = costs.transient("audio", k)(clip)
+        out["audio"], transients["audio"] = _encoder(
+            cfg, costs, "audio", "conformer_layer", m.audio.num_layers, s * audio_share,
+            _clip_tokens(m),
+        )  # fmt: skip
     # a micro-batch holds micro_batch_size sequences (1 when packing): all of them are kept
     out = {k: v * cfg.trainer.micro_batch_size for k, v in out.items()}
     largest = max(transients, key=transients.get)
     return {"saved": out, "transient": transients[largest], "transient_of": largest}
+
+
+def _encoder(cfg, costs, group: str, layer: str, num_layers: int, units: float, item: int):
+    """(saved, transient) bytes of the ``group`` encoder and its projector over ``units`` ViT
+    patches / encoder frames in items (images, clips) of ``item`` each."""
+    trains, rc = set(cfg.stage.trainable), cfg.recompute
+    encoder = f"{group}_encoder"
+    trains_encoder = encoder in trains
+    key = setting_key(getattr(rc, encoder) and trains_encoder, trains_encoder, rc.projectors)
+    per_item = num_layers * costs.saved(layer, key, gpu=True)(item)
+    per_item += costs.saved(f"{group}_rest", key, gpu=True)(item)
+    # neither the encoder nor its projector trains: no gradient enters that subgraph
+    trained = trains_encoder or f"{group}_projector" in trains
+    return (units / item * per_item if trained else 0.0), costs.transient(group, key)(item)
 
 
 def memory(cfg, dry: dict, costs: ActivationCosts, a: Assumptions, gpu_gib: float | None):
@@ -330,14 +334,14 @@ def calibration_points(results: Path) -> list[dict]:
 def plan(overrides: list[str], a: Assumptions = Assumptions(), dry: dict | None = None) -> dict:
     from omni_train.config import compose_job
     from omni_train.parallel import dry_run
-    from omni_train.training.flops import PEAK_TFLOPS
+    from omni_train.training.flops import device_peak_tflops
 
     cfg = compose_job(overrides)
     dry = dry or dry_run.resolve(overrides)
     costs = ActivationCosts.load(cfg.model, dry["groups"]["tp"])
     gpu_gib = cfg.cluster.gpu_memory_gib
     mem = memory(cfg, dry, costs, a, gpu_gib)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in cfg.cluster.gpu), None)
+    peak = device_peak_tflops(cfg.cluster.gpu)
     vision, audio, _ = media_shares(cfg.data.blend)
     result = {
         "stage": cfg.stage.name,
