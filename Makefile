@@ -5,6 +5,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.omni-train-setup
+# The released processor's torchvision, for the parity tests only: installed beside the venv on no
+# import path, because the index's builds are CUDA-linked and would break every transformers
+# import (docs/data_format.md, "Running the reference processor on the CPU").
+REFERENCE_TORCHVISION := torchvision==0.28.0
+REFERENCE := $(VENV)/reference/.installed
 CONSTRAINTS := requirements/constraints-cpu.txt
 TORCH_PIN := $(shell grep '^torch==' $(CONSTRAINTS))
 # Two ranks on two cores: one thread each, or they fight over the cores.
@@ -13,7 +18,7 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup curriculum smoke smoke-text test test-slow bench plan activation-costs lint format lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(REFERENCE)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +26,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,audio]"
 	@touch $(STAMP)
+
+$(REFERENCE): | $(STAMP)
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/reference "$(REFERENCE_TORCHVISION)"
+	@touch $(REFERENCE)
 
 SYNTH := runs/data/synthetic
 

@@ -37,6 +37,7 @@ omni-train checkpoint compare-hf HF_DIR CKPT --data FILE.jsonl --media DIR [--js
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -150,10 +151,14 @@ def _model(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _data(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.action == "show":
+        return _data_show(args, overrides)
     if overrides:
-        raise ValueError(f"omni-train data takes no overrides, got {overrides}")
+        raise ValueError(f"omni-train data {args.action} takes no overrides, got {overrides}")
     from omni_train.data import prepare
 
+    if args.out is None:
+        raise ValueError(f"omni-train data {args.action} needs --out DIR")
     if args.action == "synth":
         counts = prepare.synthesize(args.out, args.samples, args.seed, overwrite=args.overwrite)
         print(f"wrote {sum(counts.values())} samples in {len(counts)} datasets under {args.out}")
@@ -178,6 +183,22 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
         from omni_train.data.tokenizer import build_tiny_tokenizer
 
         print(build_tiny_tokenizer(args.out))
+    return 0
+
+
+def _data_show(args: argparse.Namespace, overrides: list[str]) -> int:
+    """What the model sees of each sample; config overrides pick the model, stage, layout and
+    tokenizer (e.g. ``model=nano_omni_30b_a3b data.layout=report``)."""
+    if not args.jsonl or not args.media:
+        raise ValueError("data show needs FILE.jsonl and --media DIR")
+    from omni_train.config import compose_job
+    from omni_train.datatools.show import format_text, show
+
+    records, skipped = show(args.jsonl, args.media, compose_job(overrides))
+    if args.json:
+        print(json.dumps({"samples": records, "skipped": dict(skipped)}))
+    else:
+        print(format_text(records, skipped))
     return 0
 
 
@@ -270,13 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("action", choices=["summary"])
     model.add_argument("--json", action="store_true", help="machine-readable output")
     model.set_defaults(func=_model)
-    data = sub.add_parser("data", help="make or convert datasets")
-    data.add_argument("action", choices=["synth", "convert", "tokenizer"])
-    data.add_argument("jsonl", nargs="?", help="convert: the JSONL file")
-    data.add_argument("--out", required=True, help="output folder")
+    data = sub.add_parser(
+        "data",
+        help="make, convert or show datasets (show takes config overrides: model=, data.layout=)",
+    )
+    data.add_argument("action", choices=["synth", "convert", "show", "tokenizer"])
+    data.add_argument("jsonl", nargs="?", help="convert/show: the JSONL file")
+    data.add_argument("--out", help="synth/convert/tokenizer: output folder")
+    data.add_argument("--json", action="store_true", help="show: machine-readable output")
     data.add_argument("--samples", type=int, default=64, help="synth: samples per category")
     data.add_argument("--seed", type=int, default=0, help="synth: random seed")
-    data.add_argument("--media", help="convert: folder the JSONL's media paths are relative to")
+    data.add_argument(
+        "--media", help="convert/show: folder the JSONL's media paths are relative to"
+    )
     data.add_argument("--val-fraction", type=float, default=0.02, help="convert: val share")
     data.add_argument("--samples-per-shard", type=int, default=1000, help="convert")
     data.add_argument(

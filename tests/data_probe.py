@@ -61,9 +61,11 @@ def check_batch(batch: dict, cfg) -> None:
             * tokens.grid_tokens(x.shape[2] // p, x.shape[3] // p)
             for x in vid
         )
-        want_aud = sum(tokens.audio_tokens_for_samples(x.shape[0], a) for x in aud)
-        got = [int((ids[row] == t).sum()) for t in (10, 11, 12)]
-        assert got == [want_img, want_vid, want_aud], (row, got, want_img, want_vid, want_aud)
+        want_aud = sum(tokens.audio_clip_tokens(x.shape[0], a) for x in aud)  # one input each
+        ids_ = cfg.model.media_tokens
+        got = [int((ids[row] == t).sum()) for t in (ids_.image, ids_.audio)]
+        # video frames fill image placeholders (the released layout)
+        assert got == [want_img + want_vid, want_aud], (row, got, want_img, want_vid, want_aud)
         real = batch["loss_mask"][row].sum()
         assert real > 0  # every sample has assistant tokens
 
@@ -202,11 +204,7 @@ def encoders_mode(root: str, out: str) -> dict:
                     s = te.encode(cook_raw(key, members))
                     imgs, vids = model.vision_encoder.encode(s.images, s.videos)
                     auds = model.audio_encoder(s.audio) if s.audio else []
-                    for modality, feats in (
-                        (ids.image, imgs),
-                        (ids.video, vids),
-                        (ids.audio, auds),
-                    ):
+                    for modality, feats in ((ids.image, imgs + vids), (ids.audio, auds)):
                         got = sum(f.shape[0] for f in feats)
                         want = int((s.tokens == modality).sum())
                         assert got == want, (key, modality, got, want)

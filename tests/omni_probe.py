@@ -32,13 +32,17 @@ def text(g: torch.Generator, n: int) -> list[int]:
 
 
 def mixed_batch(cfg) -> tuple[torch.Tensor, torch.Tensor, Media]:
-    """6 rows: text only; 2 images of different aspect ratios; a 5-frame (odd) video; a 5 s
-    clip; a 70 s clip (3 clips: 30 + 30 + 10 s); audio + video interleaved in time."""
+    """6 rows: text only; 2 images of different aspect ratios; a 5-frame (odd) video followed
+    by an image (video frames fill image placeholders, so the order matters); a 5 s clip; a
+    70 s stream as 3 clips (30 + 30 + 10 s, the report layout); audio + video interleaved."""
     g = torch.Generator().manual_seed(0)
     ids, a = cfg.model.media_tokens, cfg.model.audio
     img1, img2 = torch.randn(3, 64, 96, generator=g), torch.randn(3, 128, 32, generator=g)
+    img3 = torch.randn(3, 32, 64, generator=g)
     vid, vid2 = torch.randn(5, 3, 64, 64, generator=g), torch.randn(4, 3, 32, 64, generator=g)
     a5, a70, a3 = (torch.randn(int(s * 16000), generator=g) for s in (5, 70, 3))
+    a70 = list(torch.split(a70, tokens.audio_clip_samples(a70.shape[0], a)))
+    clip = lambda w: tokens.audio_clip_tokens(w.shape[0], a)  # noqa: E731
     n_vid2 = tokens.video_groups(4) * tokens.grid_tokens(2, 4)
     rows = [
         text(g, 40),
@@ -47,25 +51,31 @@ def mixed_batch(cfg) -> tuple[torch.Tensor, torch.Tensor, Media]:
         + text(g, 4)
         + [ids.image] * tokens.grid_tokens(8, 2)
         + text(g, 5),
-        text(g, 2) + [ids.video] * (tokens.video_groups(5) * tokens.grid_tokens(4, 4)) + text(g, 6),
-        text(g, 2) + [ids.audio] * tokens.audio_tokens(5, a) + text(g, 3),
-        text(g, 2) + [ids.audio] * tokens.audio_tokens(70, a) + text(g, 3),
         text(g, 2)
-        + [ids.video] * (n_vid2 // 2)
-        + [ids.audio] * tokens.audio_tokens(3, a)
-        + [ids.video] * (n_vid2 // 2)
+        + [ids.image] * (tokens.video_groups(5) * tokens.grid_tokens(4, 4))
+        + text(g, 6)
+        + [ids.image] * tokens.grid_tokens(2, 4)
+        + text(g, 2),
+        text(g, 2) + [ids.audio] * clip(a5) + text(g, 3),
+        text(g, 2) + [ids.audio] * sum(clip(c) for c in a70) + text(g, 3),
+        text(g, 2)
+        + [ids.image] * (n_vid2 // 2)
+        + [ids.audio] * clip(a3)
+        + [ids.image] * (n_vid2 // 2)
         + text(g, 4),
     ]
     s = max(len(r) for r in rows) + 1
+    s += (s - 1) % 2  # an even length: sequence parallel splits it over TP=2
     x = torch.tensor([r + [1] * (s - len(r)) for r in rows])
     media = Media(
-        images=[img1, img2],
-        image_sample=[1, 1],
+        images=[img1, img2, img3],
+        image_sample=[1, 1, 2],
         videos=[vid, vid2],
         video_sample=[2, 5],
-        audio=[a5, a70, a3],
-        audio_sample=[3, 4, 5],
-        sample_names=["text", "images", "video", "audio5s", "audio70s", "audio+video"],
+        audio=[a5, *a70, a3],
+        audio_sample=[3, 4, 4, 4, 5],
+        sample_names=["text", "images", "video+image", "audio5s", "audio70s", "audio+video"],
+        vision_kinds=["image", "image", "video", "image", "video"],
     )
     return x[:, :-1].contiguous(), x[:, 1:].contiguous(), media
 
@@ -84,8 +94,8 @@ def three_samples(cfg) -> list[tuple[torch.Tensor, torch.Tensor, Media]]:
         ),
         (
             text(g, 3)
-            + [ids.video] * (tokens.video_groups(3) * tokens.grid_tokens(2, 2))
-            + [ids.audio] * tokens.audio_tokens(2, a)
+            + [ids.image] * (tokens.video_groups(3) * tokens.grid_tokens(2, 2))
+            + [ids.audio] * tokens.audio_clip_tokens(wav.shape[0], a)
             + text(g, 7),
             Media(videos=[vid], video_sample=[0], audio=[wav], audio_sample=[0]),
         ),
@@ -116,6 +126,7 @@ def pack(samples, multiple: int):
         media.video_sample += [k] * len(m.videos)
         media.audio += m.audio
         media.audio_sample += [k] * len(m.audio)
+        media.vision_kinds += m.vision_kinds
     return xs, ys, media, params, lengths
 
 
@@ -139,7 +150,6 @@ def reference(model, cfg, out: Path, result: dict) -> None:
     for what, tokens_, m in (
         ("extra_image_placeholder", bad, media),
         ("audio_without_placeholders", x[:1], Media(audio=[torch.zeros(16000)], audio_sample=[0])),
-        ("audio_too_short", x[:1], Media(audio=[torch.zeros(100)], audio_sample=[0])),
     ):
         try:
             model(tokens_, labels=y[: tokens_.shape[0]], media=m)
@@ -147,6 +157,18 @@ def reference(model, cfg, out: Path, result: dict) -> None:
         except ValueError as e:
             errors[what] = str(e)
     result["errors"] = errors
+
+    # Row 2 holds a video, then an image: the image's placeholders get the image's features.
+    model.eval()
+    with torch.no_grad():
+        row = Media(images=[media.images[2]], image_sample=[0], videos=[media.videos[0]],
+                    video_sample=[0], vision_kinds=["video", "image"])  # fmt: skip
+        emb = model.embed(x[2:3], row, None)[:, 0]  # [s, h]
+        alone = model.vision_encoder.encode([media.images[2]], [])[0][0]
+        want = model._project(model.vision_projector, alone)
+        where = (x[2] == cfg.model.media_tokens.image).nonzero().flatten()[-want.shape[0] :]
+        result["image_after_video_in_place"] = torch.allclose(emb[where], want, atol=1e-5)
+    model.train()
 
     # CPE: random crop in training mode, deterministic with the part in eval mode.
     enc = model.vision_encoder

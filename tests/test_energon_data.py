@@ -4,6 +4,7 @@ real ranks -> stage. Exact token counts, bad-sample accounting, loader-state res
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -69,7 +70,7 @@ def _plans_from_truth(te, key: str, conversation: dict, truth: dict) -> list:
             elif part["type"] == "audio":
                 t = next(audio)
                 n = round(t["num_samples"] * rate / t["sample_rate"])
-                plans.append(AudioPlan(n, tokens.audio_tokens_for_samples(n, a)))
+                plans.append(AudioPlan(n, _clip_tokens(te, n)))
             elif part["type"] == "video":
                 t = next(videos)
                 info = VideoInfo(
@@ -83,18 +84,33 @@ def _plans_from_truth(te, key: str, conversation: dict, truth: dict) -> list:
                 stamps = sample_video_timestamps(info, te.video_fps, te.max_video_frames)
                 budget = te._patch_budget(key, part["member"])
                 rows, cols = tokens.frame_grid(t["width"], t["height"], budget)
-                n_audio = 0
+                clips = ()
                 if part.get("audio"):
                     n = round(t["audio_samples"] * rate / t["audio_rate"])
-                    n_audio = tokens.audio_tokens_for_samples(n, a)
-                plans.append(VideoPlan(tuple(stamps), rows, cols, v.tubelet_frames, n_audio))
+                    clips = _clip_tokens(te, n)
+                period_ms = int(1000 / t["fps"])  # the released processor's label arithmetic
+                # the frame the decoder takes for time s: the first at or after s - period / 2
+                index = [min(math.ceil(s * t["fps"] - 0.5), t["num_frames"] - 1) for s in stamps]
+                labels = tuple(i * period_ms / 1000 for i in index)
+                plans.append(
+                    VideoPlan(tuple(stamps), labels, rows, cols, v.tubelet_frames, clips)
+                )
     return plans
 
 
-def test_encoded_length_equals_accounting_for_every_synthetic_sample(synth):
-    """Every synthetic sample: the task encoder's real output (tokens, decoded media shapes)
-    equals the accounting computed from what the generator wrote."""
-    cfg = compose_job(["stage=smoke_omni", "model=tiny"])
+def _clip_tokens(te, n: int) -> tuple[int, ...]:
+    """Tokens per encoder input of an ``n``-sample stream: one input (processor layout) or
+    30 s clips (report)."""
+    a = te.audio_cfg
+    clip = 0 if te.layout == "processor" else a.clip_seconds
+    return tuple(tokens.audio_clip_tokens(c, a) for c in tokens.audio_clip_samples(n, a, clip))
+
+
+@pytest.mark.parametrize("data_layout", ["processor", "report"])
+def test_encoded_length_equals_accounting_for_every_synthetic_sample(synth, data_layout):
+    """Every synthetic sample, in both layouts: the task encoder's real output (tokens, decoded
+    media shapes, audio clips) equals the accounting computed from what the generator wrote."""
+    cfg = compose_job(["stage=smoke_omni", "model=tiny", f"data.layout={data_layout}"])
     te = task_encoder(cfg, training=True)
     ids = cfg.model.media_tokens
     by_key = {s.key: s for c in CATEGORIES for s in synth_samples(c, NUM_SYNTH, 0)}
@@ -106,7 +122,8 @@ def test_encoded_length_equals_accounting_for_every_synthetic_sample(synth):
                 sample = te.encode(cook_raw(key, members, category))
                 plans = _plans_from_truth(te, key, truth.conversation, truth.truth)
                 turns = parse_conversation(members["json"], set(members) - {"json"})
-                assert len(sample.tokens) == layout(turns, plans, te.tok).num_tokens, key
+                lay = layout(turns, plans, te.tok, te.layout)
+                assert (sample.tokens.tolist(), True) == (lay.materialize()[0], True), key
                 images = [p for p in plans if isinstance(p, ImagePlan)]
                 videos = [p for p in plans if isinstance(p, VideoPlan)]
                 assert [tuple(x.shape) for x in sample.images] == [
@@ -119,10 +136,10 @@ def test_encoded_length_equals_accounting_for_every_synthetic_sample(synth):
                 n_vid = sum(p.num_groups * p.tokens_per_group for p in videos)
                 n_aud = sum(p.num_tokens for p in plans if isinstance(p, AudioPlan))
                 n_aud += sum(p.audio_tokens for p in videos)
-                counts = [
-                    int((sample.tokens == i).sum()) for i in (ids.image, ids.video, ids.audio)
-                ]
-                assert counts == [n_img, n_vid, n_aud], key
+                counts = [int((sample.tokens == i).sum()) for i in (ids.image, ids.audio)]
+                assert counts == [n_img + n_vid, n_aud], key  # video frames: image placeholders
+                clips = [c for p in plans for c in getattr(p, "clips", getattr(p, "audio_clips", ()))]
+                assert [tokens.audio_clip_tokens(x.shape[0], te.audio_cfg) for x in sample.audio] == clips
                 assert sample.loss_mask.sum() > 0
                 seen += 1
     assert seen == NUM_SYNTH * len(CATEGORIES)

@@ -1,5 +1,6 @@
 """Token accounting (omni_train.data.tokens): exact counts, and agreement with the real encoders'
-arithmetic (NeMo's mel + dw_striding lengths; the ViT's patchify and pixel shuffle)."""
+arithmetic (NeMo's mel + dw_striding lengths; the ViT's patchify and pixel shuffle). The rules
+themselves are checked against the released processor in tests/test_processor_parity.py."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from omni_train.model.vision import patchify, pixel_shuffle
     [
         ((512, 512), (32, 32), 256),  # the minimum budget: 1,024 patches
         ((256, 256), (32, 32), 256),  # upscaled to the minimum
-        ((1840, 1840), (114, 114), 3249),  # 115x115 > 13,312: the largest even square below
-        ((4000, 4000), (114, 114), 3249),
-        ((4000, 200), (12, 250), 750),  # extreme aspect ratio, within budget as is
-        ((200, 4000), (250, 12), 750),
-        ((20000, 100), (6, 1250), 1875),
-        ((1024, 768), (48, 64), 768),
+        ((1840, 1840), (114, 116), 3306),  # scaled into 13,312, then rounded up while it fits
+        ((4000, 4000), (114, 116), 3306),
+        ((1280, 720), (46, 80), 920),  # floor(side / 16) + 1 per side, then even
+        ((4000, 200), (14, 250), 875),  # extreme aspect ratio, within budget as is
+        ((200, 4000), (250, 14), 875),
+        ((20000, 100), (8, 1250), 2500),
+        ((1024, 768), (48, 64), 768),  # exact multiples of 16 keep their grid
     ],
 )
 def test_image_grid_and_tokens(size, grid, n):
@@ -38,21 +40,29 @@ def test_video_tokens(frames):
     assert per_frame == 256  # "a 512 x 512 frame pair gives 256 LM tokens"
     assert tokens.video_tokens(frames, 512, 512, tubelet=False) == frames * 256
     assert tokens.video_tokens(frames, 512, 512) == -(-frames // 2) * 256  # odd: last duplicated
-    assert tokens.video_tokens(frames, 1920, 1080, patch_budget=256) == (
+    assert tokens.video_tokens(frames, 1920, 1080, target_patches=256) == (
         -(-frames // 2) * tokens.grid_tokens(*tokens.frame_grid(1920, 1080, 256))
     )
 
 
 @pytest.mark.parametrize(
-    ("seconds", "n"),
-    [(0.5, 7), (29.9, 374), (30.0, 375), (75.0, 375 + 375 + 188), (1200.0, 40 * 375)],
+    ("seconds", "clips", "whole"),
+    [
+        (0.5, 7, 7),
+        (29.9, 374, 374),
+        (30.0, 376, 376),  # 1 + 3000 mel frames -> 376
+        (75.0, 376 + 376 + 188, 938),  # 30 s clips (report) vs one encoder input (processor)
+        (1200.0, 40 * 376, 15001),
+    ],
 )
-def test_audio_tokens(seconds, n):
-    assert tokens.audio_tokens(seconds) == n
+def test_audio_tokens(seconds, clips, whole):
+    assert tokens.audio_tokens(seconds) == clips
+    assert tokens.audio_tokens(seconds, clip_seconds=0) == whole
 
 
 def test_audio_clips_never_padded_and_short_tail_joins():
     sr = 16000
+    assert tokens.audio_clip_samples(75 * sr, clip_seconds=0) == [75 * sr]
     assert tokens.audio_clip_samples(10 * sr) == [10 * sr]
     assert tokens.audio_clip_samples(75 * sr) == [30 * sr, 30 * sr, 15 * sr]
     assert tokens.audio_clip_samples(60 * sr + 100) == [30 * sr, 30 * sr + 100]
@@ -61,7 +71,9 @@ def test_audio_clips_never_padded_and_short_tail_joins():
 
 
 def test_audio_accounting_equals_nemo_lengths():
-    """NeMo's own preprocessor and a small FastConformer give exactly the counted lengths."""
+    """NeMo's own preprocessor and a small FastConformer: the encoder's output for the
+    feature extractor's length (n // hop valid frames) is the released model's count with the
+    last frame included, or one fewer when that frame starts a new output position."""
     from omni_train.model.audio import build_mel_preprocessor, build_nemo_encoder
 
     cfg = AudioConfig(num_layers=1, d_model=16, num_heads=2, subsampling_conv_channels=4)
@@ -70,8 +82,10 @@ def test_audio_accounting_equals_nemo_lengths():
         n = round(seconds * cfg.sample_rate)
         with torch.no_grad():
             feats, flen = mel(input_signal=torch.randn(1, n), length=torch.tensor([n]))
-            _, olen = enc(audio_signal=feats, length=flen)
-        assert int(olen[0]) == tokens.audio_clip_tokens(n, cfg), seconds
+            out, olen = enc(audio_signal=feats, length=flen)
+        want = tokens.audio_clip_tokens(n, cfg)
+        assert int(olen[0]) in (want, want - 1), seconds
+        assert out.shape[-1] >= want, seconds  # the padded output holds every counted token
 
 
 def test_pixel_shuffle_matches_megatron_on_square_grids_and_takes_rectangles():

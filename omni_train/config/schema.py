@@ -130,7 +130,8 @@ class AudioConfig:
     window_stride: float = 0.01
     n_fft: int = 512
     dither: float = 1e-5  # NeMo's; applied in training only
-    # a stream is cut into clips of this length; the last clip holds the remainder
+    # data.layout=report cuts a stream into clips of this length (the last clip holds the
+    # remainder), each one encoder input; data.layout=processor keeps a stream whole
     clip_seconds: float = 30.0
     # Shorter streams are skipped when a sample is planned (reason audio_too_short): Parakeet
     # is trained on 0.5 s .. 20 min, and a stream of one or two encoder frames breaks the
@@ -504,24 +505,27 @@ class LoggingConfig:
 
 @dataclass
 class TokenizerConfig:
-    """A Hugging Face tokenizer folder and the spelling of the special tokens the chat
-    template uses. Each name must be one token of the tokenizer (checked at start-up)."""
+    """A Hugging Face tokenizer folder and the spelling of the tokens the sample layout uses.
+
+    Defaults are the released model's vocabulary (transformers 5.23 ``nemotron_h_omni``
+    processor). Every name except ``video`` must be one token of the tokenizer (checked at
+    start-up). ``video`` is only the text placeholder a video part renders as before the layout
+    expands it: the release has no video token, its frames use the image placeholder.
+    """
 
     path: str = "tiny"  # a local tokenizer folder, or "tiny": the test tokenizer omni-train ships
     im_start: str = "<|im_start|>"
-    im_end: str = "<|im_end|>"
+    im_end: str = "<|im_end|>"  # the end-of-turn token: it carries loss after an assistant turn
     pad: str = "<pad>"
     # one placeholder per projected media feature; ids must equal model.media_tokens
     image: str = "<image>"
     video: str = "<video>"
-    audio: str = "<audio>"
-    # markers around each placeholder run
+    audio: str = "<so_embedding>"
+    # markers around each placeholder run (video frame groups use the image markers)
     image_start: str = "<img>"
     image_end: str = "</img>"
-    video_start: str = "<vid>"
-    video_end: str = "</vid>"
-    audio_start: str = "<sound>"
-    audio_end: str = "</sound>"
+    audio_start: str = "<so_start>"
+    audio_end: str = "<so_end>"
     think_start: str = "<think>"
     think_end: str = "</think>"
 
@@ -570,6 +574,9 @@ class PackingConfig:
                 raise ValueError(f"data.packing.{name}={getattr(self, name)} must be >= 0")
 
 
+LAYOUTS = ("processor", "report")
+
+
 @dataclass
 class DataConfig:
     """Where micro-batches come from.
@@ -581,6 +588,13 @@ class DataConfig:
     """
 
     kind: str = "synthetic"
+    # How a sample becomes tokens (docs/data_format.md). "processor": exactly the input ids and
+    # pixels of the released processor (transformers' NemotronH_Omni_Reasoning_V3Processor),
+    # what HF/vLLM serving feeds the model: each audio stream is one encoder input, a video's
+    # audio follows its frames. "report": the technical report's training layout: 30 s audio
+    # clips, a video's audio interleaved with its frames in time, per-video patch budgets drawn
+    # from model.vision.video_patch_budgets; the same markers and frame labels otherwise.
+    layout: str = "processor"
     blend: str | None = None
     paths: dict[str, str] = field(default_factory=dict)
     path: str | None = None
@@ -607,6 +621,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.over_long not in ("skip", "truncate"):
             raise ValueError(f"data.over_long={self.over_long!r}; valid: skip, truncate")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"data.layout={self.layout!r}; valid: {', '.join(LAYOUTS)}")
         if self.kind not in ("synthetic", "energon"):
             raise ValueError(f"data.kind={self.kind!r}; valid: synthetic, energon")
         if self.kind == "energon" and (self.blend is None) == (self.path is None):

@@ -1,31 +1,49 @@
-"""ChatML-style template: a conversation plus media plans -> token ids and a loss mask.
+"""A conversation plus media plans -> token ids and a loss mask, in one of two layouts.
 
-Each turn is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. Only assistant content and its
-closing ``<|im_end|>`` carry loss (reasoning traces ``<think>...</think>`` are ordinary
-assistant text); the role header, system/user turns, media and padding never do. Parts of one
-turn are joined by a newline.
+Steps (the same for both layouts, ``data.layout``):
 
-Media become placeholder runs, one placeholder per projected feature, each run wrapped in its
-markers:
+1. **Render** the turns through the tokenizer's chat template (:meth:`Tokenizer.render`). A
+   turn's parts are joined by a newline; a media part renders as its placeholder string
+   (``<image>``, ``<video>``, ``<so_embedding>``), exactly what a user types into the released
+   processor's prompt. Assistant content is wrapped in two private-use sentinel characters
+   before rendering, so its span is found in the template's output whatever the template adds
+   around it; the sentinels are removed again.
+2. **Expand** every placeholder the way the released processor
+   (transformers 5.23 ``NemotronH_Omni_Reasoning_V3Processor``) does, with one placeholder
+   token standing for each run:
 
-- image: ``<img>`` + n x ``<image>`` + ``</img>``;
-- video: per frame group (a tubelet pair, or one frame) its timestamp as text, then
-  ``<vid>`` + n x ``<video>`` + ``</vid>``; when the video has audio, the audio tokens of the
-  same time span follow as ``<sound>`` + k x ``<audio>`` + ``</sound>`` (temporal interleaving);
-- audio: ``<sound>`` + n x ``<audio>`` + ``</sound>``.
+   - image: ``<img><image></img>``;
+   - video: per frame group (a tubelet, or one frame) ``Frame 1 sampled at 0.00 seconds and
+     frame 2 sampled at 0.50 seconds: <img><image></img>``, groups joined by a newline (the
+     image placeholder serves video; the release has no video token);
+   - audio: ``<so_start><so_embedding><so_end>``.
+
+   A video with audio: ``processor`` renders the audio as its own run after the video
+   (``<video>`` newline ``<so_embedding>``, one encoder input for the whole track);
+   ``report`` interleaves it in time: after each frame group, the audio tokens of the same
+   time span in their own ``<so_start>...<so_end>`` run (the technical report's layout).
+3. **Tokenize** the expanded text once, as the processor does, and widen each placeholder
+   token into its run (placeholders are special tokens, which split the text, so this equals
+   tokenizing the fully expanded text). Tokens inside an assistant span, and the end-of-turn
+   token that closes it, carry loss; everything else does not.
 
 The layout (:func:`layout`) is computed from media *metadata* only, so a sample's length is
-known before any pixel is decoded; :func:`omni_train.data.tokens.sample_tokens` turns it into
-the whole-sample count.
+known before any pixel is decoded.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
 from dataclasses import dataclass, field
 
+from omni_train.config.schema import LAYOUTS
 from omni_train.data import tokens
-from omni_train.data.conversation import Turn
+from omni_train.data.conversation import SampleError, Turn
 from omni_train.data.tokenizer import Tokenizer
+# Private-use code points around assistant content while the template renders (never in data:
+# a sample whose text holds them is refused).
+_OPEN, _CLOSE = "\ue000", "\ue001"
 
 
 @dataclass(frozen=True)
@@ -40,11 +58,12 @@ class ImagePlan:
 
 @dataclass(frozen=True)
 class VideoPlan:
-    timestamps: tuple[float, ...]  # seconds of the sampled frames, ascending
-    rows: int  # per-frame patch grid (the video's patch budget applied)
+    timestamps: tuple[float, ...]  # seconds of the sampled frames, ascending (for decoding)
+    label_seconds: tuple[float, ...]  # the processor's label time of each sampled frame
+    rows: int  # per-frame patch grid
     cols: int
     tubelet_frames: int  # 1: every frame is its own group
-    audio_tokens: int = 0  # tokens of the video's audio track (0: none), interleaved by time
+    audio_clips: tuple[int, ...] = ()  # tokens of each clip of the video's audio track
     audio_token_seconds: float = 0.08
 
     @property
@@ -57,14 +76,18 @@ class VideoPlan:
     def tokens_per_group(self) -> int:
         return tokens.grid_tokens(self.rows, self.cols)
 
+    @property
+    def audio_tokens(self) -> int:
+        return sum(self.audio_clips)
+
     def group_frames(self, g: int) -> tuple[int, int]:
         """First and last frame index (0-based) of group ``g``."""
         first = g * self.tubelet_frames
         return first, min(first + self.tubelet_frames, len(self.timestamps)) - 1
 
     def audio_chunks(self) -> list[int]:
-        """Audio tokens placed after each frame group: token k (starting at k x 80 ms) goes
-        with the last group that starts at or before it."""
+        """Audio tokens placed after each frame group (``report``): token k (starting at
+        k x 80 ms) goes with the last group that starts at or before it."""
         starts = [self.timestamps[self.group_frames(g)[0]] for g in range(self.num_groups)]
         chunks = [0] * self.num_groups
         for k in range(self.audio_tokens):
@@ -77,7 +100,11 @@ class VideoPlan:
 @dataclass(frozen=True)
 class AudioPlan:
     num_samples: int  # after downmix and resampling
-    num_tokens: int
+    clips: tuple[int, ...]  # tokens of each encoder input (clip) the stream becomes
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.clips)
 
 
 Plan = ImagePlan | VideoPlan | AudioPlan
@@ -90,27 +117,15 @@ class Layout:
     pieces: list[list[int] | tuple[int, int]] = field(default_factory=list)  # ids | (id, n)
     loss: list[bool] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)  # media part index per piece; -1: text
-    current_part: int = -1  # set by layout() while it lays out a media part
 
-    def text(self, ids: list[int], loss: bool = False) -> None:
-        self.pieces.append(ids)
+    def add(self, piece: list[int] | tuple[int, int], loss: bool, owner: int) -> None:
+        self.pieces.append(piece)
         self.loss.append(loss)
-        self.owner.append(self.current_part)
-
-    def run(self, start: int, placeholder: int, n: int, end: int) -> None:
-        if n:
-            self.text([start])
-            self.pieces.append((placeholder, n))
-            self.loss.append(False)
-            self.owner.append(self.current_part)
-            self.text([end])
+        self.owner.append(owner)
 
     @property
     def num_tokens(self) -> int:
-        text = sum(len(p) for p in self.pieces if isinstance(p, list))
-        runs = [p[1] for p in self.pieces if isinstance(p, tuple)]
-        # each run's two markers were added as text pieces: count them on the run's side
-        return tokens.sample_tokens(text - tokens.MARKERS_PER_RUN * len(runs), runs)
+        return sum(len(p) if isinstance(p, list) else p[1] for p in self.pieces)
 
     def truncate(self, limit: int) -> tuple[Layout, int]:
         """The longest prefix of at most ``limit`` tokens that cuts only text: a media part
@@ -129,15 +144,13 @@ class Layout:
                 if used + n > limit:
                     break
                 for k in range(i, j):
-                    out.pieces.append(self.pieces[k])
-                    out.loss.append(self.loss[k])
-                    out.owner.append(part)
+                    out.add(self.pieces[k], self.loss[k], part)
                 used, kept, i = used + n, part + 1, j
                 continue
             piece = self.pieces[i]
             take = piece[: limit - used]
             if take:
-                out.text(list(take), self.loss[i])
+                out.add(list(take), self.loss[i], -1)
                 used += len(take)
             if len(take) < len(piece):
                 break
@@ -156,43 +169,179 @@ class Layout:
 
 
 def frame_label(plan: VideoPlan, g: int) -> str:
-    """Timestamp text before frame group ``g`` (frames are numbered from 1)."""
+    """The processor's text before frame group ``g`` (frames are numbered from 1)."""
     a, b = plan.group_frames(g)
-    if a == b:
-        return f"Frame {a + 1} at {plan.timestamps[a]:.2f}s: "
-    return f"Frames {a + 1}-{b + 1} at {plan.timestamps[a]:.2f}s-{plan.timestamps[b]:.2f}s: "
+    parts = [
+        f"{'Frame' if f == a else 'frame'} {f + 1} sampled at {plan.label_seconds[f]:.2f} seconds"
+        for f in range(a, b + 1)
+    ]
+    return " and ".join(parts) + ": "
 
 
-def layout(turns: list[Turn], plans: list[Plan], tok: Tokenizer) -> Layout:
-    """Lay out ``turns``; ``plans`` holds one plan per media part, in part order."""
-    s = tok.specials
-    out = Layout()
+def _part_text(part, plan: Plan, tok: Tokenizer, mode: str) -> str:
+    """What a media part renders as in the prompt (before expansion)."""
+    c = tok.cfg
+    if isinstance(plan, ImagePlan):
+        return c.image
+    if isinstance(plan, AudioPlan):
+        return c.audio
+    if plan.audio_clips and mode == "processor":
+        return f"{c.video}\n{c.audio}"
+    return c.video
+
+
+def render(
+    turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor"
+) -> str:
+    """The prompt text: turns through the chat template, media as single placeholders, the
+    assistant spans marked by the sentinels (:data:`_OPEN`/:data:`_CLOSE`)."""
     todo = iter(plans)
-    num_parts = 0
+    messages = []
     for turn in turns:
-        learn = turn.role == "assistant"
-        out.text([s.im_start] + tok.encode(f"{turn.role}\n"))
-        for i, part in enumerate(turn.parts):
-            if i:
-                out.text(tok.encode("\n"), learn)
+        texts = []
+        for part in turn.parts:
             if part.kind == "text":
-                out.text(tok.encode(part.text), learn)
-                continue
-            plan = next(todo)
-            out.current_part, num_parts = num_parts, num_parts + 1
-            if isinstance(plan, ImagePlan):
-                out.run(s.image_start, s.image, plan.num_tokens, s.image_end)
-            elif isinstance(plan, AudioPlan):
-                out.run(s.audio_start, s.audio, plan.num_tokens, s.audio_end)
+                bad = tok.media_strings_in(part.text)
+                if bad or _OPEN in part.text or _CLOSE in part.text:
+                    raise SampleError(
+                        "placeholder_mismatch",
+                        f"text contains media token strings {bad or ['(private-use U+E000/1)']}",
+                    )
+                texts.append(part.text)
             else:
-                chunks = plan.audio_chunks()
-                for g in range(plan.num_groups):
-                    out.text(tok.encode(frame_label(plan, g)))
-                    out.run(s.video_start, s.video, plan.tokens_per_group, s.video_end)
-                    out.run(s.audio_start, s.audio, chunks[g], s.audio_end)
-            out.current_part = -1
-        out.text([s.im_end], learn)
-        out.text(tok.encode("\n"))
+                texts.append(_part_text(part, next(todo), tok, mode))
+        content = "\n".join(texts)
+        if turn.role == "assistant":
+            content = _OPEN + content + _CLOSE
+        messages.append({"role": turn.role, "content": content})
     if next(todo, None) is not None:
         raise AssertionError("more media plans than media parts")
+    return tok.render(messages)
+
+
+def prompt(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor") -> str:
+    """The text a user would hand the released processor for this sample: the chat template's
+    output with one placeholder per media part (per video and its audio, in ``processor``)."""
+    return render(turns, plans, tok, mode).replace(_OPEN, "").replace(_CLOSE, "")
+
+
+def _expansions(plans: list[Plan], tok: Tokenizer, mode: str) -> list[tuple[str, str, list]]:
+    """Per placeholder the prompt holds, in order: (placeholder string, expansion text with
+    one placeholder per run, run sizes), and the media part it belongs to."""
+    c = tok.cfg
+    image_run = c.image_start + c.image + c.image_end
+    audio_run = c.audio_start + c.audio + c.audio_end
+    out = []
+    for k, plan in enumerate(plans):
+        if isinstance(plan, ImagePlan):
+            out.append((c.image, image_run, [plan.num_tokens], k))
+        elif isinstance(plan, AudioPlan):
+            out.append((c.audio, audio_run, [plan.num_tokens], k))
+        else:
+            chunks = plan.audio_chunks() if mode == "report" else [0] * plan.num_groups
+            text, runs = [], []
+            for g in range(plan.num_groups):
+                group = frame_label(plan, g) + image_run
+                runs.append(plan.tokens_per_group)
+                if chunks[g]:
+                    group += audio_run
+                    runs.append(chunks[g])
+                text.append(group)
+            out.append((c.video, "\n".join(text), runs, k))
+            if plan.audio_clips and mode == "processor":
+                out.append((c.audio, audio_run, [plan.audio_tokens], k))
+    return out
+
+
+def layout(
+    turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor"
+) -> Layout:
+    """Lay out ``turns``; ``plans`` holds one plan per media part, in part order."""
+    if mode not in LAYOUTS:
+        raise ValueError(f"layout {mode!r}; valid: {LAYOUTS}")
+    prompt = render(turns, plans, tok, mode)
+    c = tok.cfg
+    expected = _expansions(plans, tok, mode)
+    # longest first, so that a placeholder containing another one matches whole
+    strings = sorted({_OPEN, _CLOSE, c.image, c.video, c.audio}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(s) for s in strings))
+    # the expanded text as segments: (start offset, carries loss, media part or -1)
+    text: list[str] = []
+    starts: list[int] = []
+    attrs: list[tuple[bool, int]] = []
+    runs: list[int] = []
+    length = 0
+
+    def emit(s: str, loss: bool, owner: int) -> None:
+        nonlocal length
+        if s:
+            text.append(s)
+            starts.append(length)
+            attrs.append((loss, owner))
+            length += len(s)
+
+    in_loss, close_turn, pos, k = False, False, 0, 0
+    for m in pattern.finditer(prompt):
+        plain = prompt[pos : m.start()]
+        if close_turn and plain.startswith(c.im_end):  # the end-of-turn token learns too
+            emit(c.im_end, True, -1)
+            plain = plain[len(c.im_end) :]
+        close_turn = False
+        emit(plain, in_loss, -1)
+        pos = m.end()
+        token = m.group()
+        if token in (_OPEN, _CLOSE):
+            if in_loss == (token == _OPEN):
+                raise SampleError("bad_content", "the chat template reorders assistant content")
+            in_loss, close_turn = token == _OPEN, token == _CLOSE
+            continue
+        if k >= len(expected) or expected[k][0] != token:
+            raise SampleError(
+                "placeholder_mismatch",
+                f"the chat template's output holds {token!r} where the media parts expect "
+                f"{expected[k][0] if k < len(expected) else 'none'!r}",
+            )
+        _, expansion, sizes, part = expected[k]
+        emit(expansion, False, part)
+        runs += sizes
+        k += 1
+    plain = prompt[pos:]
+    if close_turn and plain.startswith(c.im_end):
+        emit(c.im_end, True, -1)
+        plain = plain[len(c.im_end) :]
+    emit(plain, in_loss, -1)
+    if k != len(expected) or in_loss:
+        raise SampleError(
+            "placeholder_mismatch",
+            f"the chat template's output holds {k} of the {len(expected)} media placeholders",
+        )
+    ids, offsets = tok.encode_with_offsets("".join(text))
+    return _pieces(ids, offsets, starts, attrs, runs, tok)
+
+
+def _pieces(ids, offsets, starts, attrs, runs, tok: Tokenizer) -> Layout:
+    """Group tokens into text pieces of equal (loss, owner) and widen placeholders into runs."""
+    out = Layout()
+    placeholders = (tok.specials.image, tok.specials.audio)
+    todo = iter(runs)
+    current: list[int] = []
+    key = None
+    for tid, (a, _) in zip(ids, offsets, strict=True):
+        seg = bisect.bisect_right(starts, a) - 1
+        loss, owner = attrs[seg]
+        if tid in placeholders:
+            if current:
+                out.add(current, *key)
+                current, key = [], None
+            out.add((tid, next(todo)), False, owner)
+            continue
+        if key != (loss, owner) and current:
+            out.add(current, *key)
+            current = []
+        key = (loss, owner)
+        current.append(tid)
+    if current:
+        out.add(current, *key)
+    if next(todo, None) is not None:
+        raise AssertionError("placeholder runs left over: the tokenizer merged a placeholder")
     return out

@@ -81,6 +81,7 @@ def task_encoder(
         vision=cfg.model.vision,
         audio=cfg.model.audio,
         context_length=cfg.trainer.seq_length,
+        layout=cfg.data.layout,
         pad_multiple=per_batch,
         video_fps=cfg.data.video_fps,
         max_video_frames=cfg.data.max_video_frames,

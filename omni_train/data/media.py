@@ -17,7 +17,13 @@ class Media:
 
     - ``images``: ``[3, H, W]`` normalised pixels, H and W multiples of 32;
     - ``videos``: ``[F, 3, H, W]`` frames in time order;
-    - ``audio``: ``[n]`` mono float waveform at the audio encoder's sample rate.
+    - ``audio``: ``[n]`` mono float waveform at the audio encoder's sample rate, one encoder
+      input (clip) each; a sample's clips fill its audio placeholders in order.
+
+    ``vision_kinds`` gives, for every image and video in token order, its kind: video frames
+    fill image placeholders (the released layout has no video token), so the order of images
+    and videos within a sample decides which features go where. Left empty, it is filled as
+    "each sample's images, then its videos".
     """
 
     images: list[torch.Tensor] = field(default_factory=list)
@@ -27,6 +33,7 @@ class Media:
     audio: list[torch.Tensor] = field(default_factory=list)
     audio_sample: list[int] = field(default_factory=list)
     sample_names: list[str] | None = None  # for error messages (e.g. the dataset key)
+    vision_kinds: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for kind in ("image", "video"):
@@ -40,6 +47,29 @@ class Media:
             if owners != sorted(owners):
                 # features fill placeholders in token order, so items must come sample by sample
                 raise ValueError(f"Media: {kind} items must be in sample order, got {owners}")
+        if not self.vision_kinds:
+            for s in sorted(set(self.image_sample) | set(self.video_sample)):
+                self.vision_kinds += ["image"] * self.image_sample.count(s)
+                self.vision_kinds += ["video"] * self.video_sample.count(s)
+        if sorted(self.vision_kinds) != sorted(
+            ["image"] * len(self.images) + ["video"] * len(self.videos)
+        ):
+            raise ValueError(
+                f"Media: vision_kinds {self.vision_kinds} do not list the {len(self.images)} "
+                f"images and {len(self.videos)} videos"
+            )
+
+    def vision_items(self) -> list[tuple[str, int, int]]:
+        """``(kind, index within its list, sample)`` of every image and video, in token order."""
+        out, i, v = [], 0, 0
+        for kind in self.vision_kinds:
+            if kind == "image":
+                out.append((kind, i, self.image_sample[i]))
+                i += 1
+            else:
+                out.append((kind, v, self.video_sample[v]))
+                v += 1
+        return out
 
     def to(self, device) -> Media:
         move = lambda xs: [x.to(device, non_blocking=True) for x in xs]  # noqa: E731
@@ -51,6 +81,7 @@ class Media:
             move(self.audio),
             list(self.audio_sample),
             self.sample_names,
+            list(self.vision_kinds),
         )
 
     def name(self, sample: int) -> str:

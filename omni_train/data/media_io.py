@@ -7,8 +7,11 @@ failed underneath. Arguments that are the caller's bug (a negative size, unsorte
 raise a plain ``ValueError`` instead.
 
 Pixel tensors are float32 ``[3, H, W]`` (images) or ``[F, 3, H, W]`` (video frames), scaled to
-[0, 1] and normalised with the CLIP mean/std. Both paths resize with PIL bicubic, so an image
-and a video frame of the same picture give the same tensor. Waveforms are float32 ``[n]`` mono.
+[0, 1] and normalised with the CLIP mean/std. Both paths resize as the released image and video
+processors do (transformers 5.23 ``nemotron_h_omni``): the 8-bit RGB pixels as float32, torch's
+bicubic interpolation with antialiasing, no clamping of the overshoot, so an image and a video
+frame of the same picture give the same tensor, and both equal the reference's pixels (within
+float rounding; ``tests/test_processor_parity.py``). Waveforms are float32 ``[n]`` mono.
 
 Decoding is deterministic: no seeking, no threads inside the codecs (the data loader's worker
 processes provide the parallelism), and fixed resampling settings.
@@ -50,6 +53,7 @@ __all__ = [
     "encode_mp4",
     "encode_png",
     "encode_wav",
+    "frame_label_seconds",
     "probe_image",
     "probe_video",
     "sample_video_timestamps",
@@ -112,20 +116,20 @@ def _check_size(width: int, height: int) -> None:
         raise ValueError(f"target size must be positive, got {width}x{height}")
 
 
-def _normalise(rgb: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` uint8-range pixels -> float32 ``[3, H, W]`` CLIP-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
+def _pixels(img: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An RGB image -> float32 ``[3, height, width]``, resized and CLIP-normalised.
+
+    Resized in float32 with torch's antialiased bicubic, as the released processors do (PIL's
+    bicubic on uint8 differs from it by up to a few grey levels, and clamps the overshoot).
+    """
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32)
+    if (x.shape[1], x.shape[2]) != (height, width):
+        x = torch.nn.functional.interpolate(
+            x[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True
+        )[0]
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
-def _resize_rgb(img: Image.Image, width: int, height: int) -> np.ndarray:
-    if img.size != (width, height):
-        # PIL's bicubic widens its kernel when shrinking, i.e. it antialiases; a plain bicubic
-        # interpolation would alias the thin lines of documents and screenshots
-        img = img.resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.float32)
+    return ((x / 255.0 - mean) / std).contiguous()
 
 
 # ----------------------------------------------------------------------------------- images
@@ -175,8 +179,7 @@ def decode_image(data: bytes, width: int, height: int) -> torch.Tensor:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     with _failures_as("image", "cannot decode image"), Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = _resize_rgb(_to_rgb(img), width, height)
-    return _normalise(rgb)
+        return _pixels(_to_rgb(img), width, height)
 
 
 # ------------------------------------------------------------------------------------ video
@@ -262,6 +265,21 @@ def sample_video_timestamps(info: VideoInfo, fps: float, max_frames: int) -> lis
     return [k / fps for k in range(max(count, 1))]
 
 
+def frame_label_seconds(info: VideoInfo, timestamps: list[float]) -> list[float]:
+    """The released processor's label time of each frame :func:`decode_video_frames` picks for
+    ``timestamps``: the frame's index times ``int(1000 / fps)`` ms (its arithmetic, truncation
+    included: at 30 fps frame 60 is labelled 1.98 s)."""
+    period_ms = int(1000.0 / info.fps)
+    return [_frame_index(info, t) * period_ms / 1000.0 for t in timestamps]
+
+
+def _frame_index(info: VideoInfo, t: float) -> int:
+    """Index of the frame :func:`decode_video_frames` takes for time ``t``: the first frame
+    presented at or after ``t - period / 2``."""
+    index = math.ceil(t * info.fps - 0.5 - 1e-9)
+    return min(max(index, 0), info.num_frames - 1)
+
+
 def decode_video_frames(
     data: bytes, timestamps: list[float], width: int, height: int
 ) -> torch.Tensor:
@@ -270,7 +288,7 @@ def decode_video_frames(
     Returns float32 ``[len(timestamps), 3, height, width]``. Time 0 is the first decoded frame.
     For each timestamp the first frame presented at or after ``timestamp - period / 2`` is
     taken, i.e. the nearest one; timestamps past the end repeat the last frame, so the output
-    always has ``len(timestamps)`` frames. Frames are resized with PIL bicubic, like images.
+    always has ``len(timestamps)`` frames. Frames are resized like images.
 
     Decoding is sequential without seeking (exact and deterministic, independent of keyframe
     placement), so a long video costs a decode of every frame up to the last timestamp.
@@ -304,7 +322,7 @@ def decode_video_frames(
             converted = None
             while len(picked) < len(times) and t - origin >= times[len(picked)] - period / 2:
                 if converted is None:
-                    converted = _normalise(_resize_rgb(frame.to_image(), width, height))
+                    converted = _pixels(frame.to_image(), width, height)
                 picked.append(converted)
             if len(picked) == len(times):
                 break
@@ -313,7 +331,7 @@ def decode_video_frames(
             raise MediaError("video", "no frame decodes")
         if len(picked) < len(times):
             if tail is None:
-                tail = _normalise(_resize_rgb(tail_frame.to_image(), width, height))
+                tail = _pixels(tail_frame.to_image(), width, height)
             picked.extend([tail] * (len(times) - len(picked)))
     return torch.stack(picked)
 

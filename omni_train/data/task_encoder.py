@@ -104,7 +104,8 @@ class OmniSample(Sample):
     loss_mask: torch.Tensor  # float32 [L]
     images: list  # [3, H, W] each, CLIP-normalised
     videos: list  # [F, 3, H, W] each
-    audio: list  # [n] mono 16 kHz each (a video's audio track included, in part order)
+    audio: list  # [n] mono 16 kHz clips: each one encoder input (video tracks too), in order
+    vision_kinds: list  # "image" | "video" per vision item, in token order
     category: str
 
 
@@ -173,6 +174,7 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         vision: VisionConfig | None,
         audio: AudioConfig | None,
         context_length: int,
+        layout: str = "processor",
         pad_id: int | None = None,
         pad_multiple: int = 1,
         video_fps: float = 2.0,
@@ -191,6 +193,7 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         self.vision = vision
         self.audio_cfg = audio
         self.context_length = context_length
+        self.layout = layout
         self.pad_multiple = pad_multiple
         self.video_fps = video_fps
         self.max_video_frames = max_video_frames
@@ -260,16 +263,9 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
     def plan(self, sample: Conversation) -> PlannedSample:
         """Lay a sample out from media metadata (decodes audio only, to measure it)."""
         turns = parse_conversation(sample.conversation, set(sample.members))
-        for turn in turns:
-            for part in turn.parts:
-                forged = self.tok.media_strings_in(part.text)
-                if forged:
-                    raise SampleError(
-                        "placeholder_mismatch", f"text contains media token strings {forged}"
-                    )
         parts = [p for t in turns for p in t.parts if p.kind != "text"]
         plans = [self._plan(sample, part) for part in parts]
-        lay = layout(turns, plans, self.tok)
+        lay = layout(turns, plans, self.tok, self.layout)
         if lay.num_tokens > self.context_length:
             too_long = SampleError(
                 "too_long",
@@ -304,20 +300,32 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
 
     def decode(self, sample: PlannedSample) -> OmniSample:
         """Decode the media of a planned sample or raise SampleError."""
-        images, videos, streams = [], [], []
+        images, videos, clips, kinds = [], [], [], []
         for part, plan in zip(sample.parts, sample.plans, strict=True):
             data = sample.members[part.member]
             if isinstance(plan, ImagePlan):
                 images.append(self._decode(media_io.decode_image, "image", data, plan))
+                kinds.append("image")
             elif isinstance(plan, VideoPlan):
                 videos.append(self._decode(media_io.decode_video_frames, "video", data, plan))
+                kinds.append("video")
                 if part.audio_member:
-                    streams.append(self._track(sample.members, part))
+                    clips += self._clips(self._track(sample.members, part))
             else:
-                streams.append(self._audio(data, media_io.decode_audio))
-        return self._finish(sample, sample.layout, images, videos, streams)
+                clips += self._clips(self._audio(data, media_io.decode_audio))
+        return self._finish(sample, sample.layout, images, videos, clips, kinds)
 
-    def _finish(self, sample: PlannedSample, lay: Layout, images, videos, audio) -> OmniSample:
+    def _clips(self, wav: torch.Tensor) -> list[torch.Tensor]:
+        """One stream -> its encoder inputs: whole (``processor``) or 30 s clips (``report``)."""
+        return list(torch.split(wav, self._clip_sizes(wav.shape[0])))
+
+    def _clip_sizes(self, num_samples: int) -> list[int]:
+        clip = 0.0 if self.layout == "processor" else None  # None: model.audio.clip_seconds
+        return tokens.audio_clip_samples(num_samples, self.audio_cfg, clip)
+
+    def _finish(
+        self, sample: PlannedSample, lay: Layout, images, videos, audio, kinds
+    ) -> OmniSample:
         ids, loss = lay.materialize()
         assert len(ids) == lay.num_tokens  # the accounting and the layout agree by construction
         t = torch.tensor(ids, dtype=torch.int64)
@@ -331,6 +339,7 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             images=images,
             videos=videos,
             audio=audio,
+            vision_kinds=kinds,
             category=sample.category,
         )
 
@@ -370,15 +379,16 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         except media_io.MediaError as e:
             raise SampleError(f"undecodable_{e.kind}", str(e)) from None
         stamps = media_io.sample_video_timestamps(info, self.video_fps, self.max_video_frames)
-        budget = self._patch_budget(sample.__key__, part.member)
-        rows, cols = tokens.frame_grid(info.width, info.height, budget, patch=v.patch_size)
-        n_audio = self._audio_tokens(self._track(sample.members, part)) if part.audio_member else 0
+        target = self._patch_budget(sample.__key__, part.member)
+        rows, cols = tokens.frame_grid(info.width, info.height, target, patch=v.patch_size)
+        clips = self._audio_tokens(self._track(sample.members, part)) if part.audio_member else ()
         return VideoPlan(
             tuple(stamps),
+            tuple(media_io.frame_label_seconds(info, stamps)),
             rows,
             cols,
             v.tubelet_frames,
-            n_audio,
+            clips,
             tokens.audio_token_seconds(self.audio_cfg) if self.audio_cfg else 0.08,
         )
 
@@ -402,15 +412,18 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             )
         return wav
 
-    def _audio_tokens(self, wav: torch.Tensor) -> int:
-        return tokens.audio_tokens_for_samples(wav.shape[0], self.audio_cfg)
+    def _audio_tokens(self, wav: torch.Tensor) -> tuple[int, ...]:
+        """Tokens of each encoder input one stream becomes."""
+        sizes = self._clip_sizes(wav.shape[0])
+        return tuple(tokens.audio_clip_tokens(n, self.audio_cfg) for n in sizes)
 
     def _patch_budget(self, key: str, member: str) -> int:
-        """Per-video patch budget: drawn from the configured budgets in training (the same
-        draw for the same video on every visit, so resumes and restores reproduce it); the
-        largest budget in evaluation."""
+        """Per-video target patch count per frame. ``processor``: the largest budget (1,024 by
+        default, the released video processor's ``video_target_num_patches``). ``report``:
+        drawn from the configured budgets in training (the same draw for the same video on
+        every visit, so resumes and restores reproduce it); the largest in evaluation."""
         budgets = self.vision.video_patch_budgets
-        if not self.training:
+        if not self.training or self.layout == "processor":
             return max(budgets)
         digest = hashlib.sha256(f"{self.seed}/{key}/{member}".encode()).digest()
         return budgets[int.from_bytes(digest[:8], "little") % len(budgets)]
@@ -557,6 +570,7 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
 
 
 def _add_media(media: Media, sample: OmniSample, owner: int) -> None:
+    media.vision_kinds += sample.vision_kinds
     for items, owners, new in (
         (media.images, media.image_sample, sample.images),
         (media.videos, media.video_sample, sample.videos),

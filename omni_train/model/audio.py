@@ -4,10 +4,16 @@ Using NeMo's own classes keeps parameter names identical to released ``.nemo`` c
 (``encoder.*``). NeMo is imported lazily: ``import nemo.collections.asr`` costs ~9 s, which a
 text-only or vision-only job should not pay.
 
-Every waveform is cut into clips of ``clip_seconds`` (the last clip holds the remainder, never
-padded up to a full clip) and all clips of a micro-batch run through the encoder as one padded
+Every waveform is one encoder input (the data layout decides how a stream is cut into clips:
+``omni_train.data.chat``), and all clips of a micro-batch run through the encoder as one padded
 batch; NeMo masks the padding by length. The encoder is replicated on every tensor-parallel
 rank: each rank sees the same clips and computes the same features.
+
+Features are NeMo's mel preprocessor's, which equal the released processor's
+``ParakeetFeatureExtractor`` (within 1e-4, ``tests/test_processor_parity.py``; dither, in
+training only, aside): ``1 + n // hop`` frames, the last one masked. As in the released model
+(``get_audio_features``), the encoder runs with the feature extractor's length (``n // hop``)
+and the features of ``1 + n // hop`` frames are kept: ``tokens.audio_clip_tokens``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from omni_train.config.schema import AudioConfig
-from omni_train.data.tokens import audio_clip_samples
+from omni_train.data.tokens import audio_clip_tokens
 
 
 def build_nemo_encoder(audio: AudioConfig) -> torch.nn.Module:
@@ -90,27 +96,23 @@ class AudioEncoder(torch.nn.Module):
         mel.to(device=probe.device)
         return self
 
-    def clips(self, waveform: torch.Tensor) -> list[torch.Tensor]:
-        """``[n]`` mono samples -> clips ``[<= clip_samples]`` (see ``audio_clip_samples``)."""
-        sizes = audio_clip_samples(waveform.shape[0], self.cfg)
-        return list(torch.split(waveform, sizes))
-
-    def forward(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``waveforms``: mono float ``[n_i]`` at ``sample_rate`` -> ``[tokens_i, d_model]``."""
-        clips, owners = [], []
-        for i, w in enumerate(waveforms):
-            parts = self.clips(w)
-            clips += parts
-            owners += [i] * len(parts)
+    def features(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips ``[n_i]`` -> mel features ``[clips, 1 + max n // hop, mels]`` (float32, zero
+        past each clip's ``n_i // hop`` valid frames) and the valid lengths ``[clips]``."""
         mel = self._mel[0]
         mel.train(self.training)  # dither only in training, as NeMo does
         lengths = torch.tensor([c.shape[0] for c in clips], device=clips[0].device)
         signal = pad_sequence([c.float() for c in clips], batch_first=True)  # [clips, n_max]
         with torch.no_grad():  # features are inputs; nothing upstream needs their gradient
             feats, feat_lengths = mel(input_signal=signal, length=lengths)  # [clips, mels, T]
+        return feats.transpose(1, 2), feat_lengths
+
+    def forward(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``clips``: mono float ``[n_i]`` at ``sample_rate`` -> ``[tokens_i, d_model]``."""
+        feats, feat_lengths = self.features(clips)
         dtype = next(self.encoder.parameters()).dtype
-        out, out_lengths = self.encoder(audio_signal=feats.to(dtype), length=feat_lengths)
-        per_stream: list[list[torch.Tensor]] = [[] for _ in waveforms]
-        for k, owner in enumerate(owners):
-            per_stream[owner].append(out[k, :, : int(out_lengths[k])].transpose(0, 1))
-        return [torch.cat(parts) for parts in per_stream]
+        out, _ = self.encoder(audio_signal=feats.transpose(1, 2).to(dtype), length=feat_lengths)
+        return [
+            out[k, :, : audio_clip_tokens(c.shape[0], self.cfg)].transpose(0, 1)
+            for k, c in enumerate(clips)
+        ]

@@ -4,7 +4,7 @@ Data flow per micro-batch::
 
     input_ids [b, s] --LM embedding--> [b, s, h]
     images/videos --RADIO (one packed ViT pass)--> pixel shuffle --vision projector--+
-    audio --mel--> FastConformer (clips) --audio projector---------------------------+--> replace
+    audio clips --mel--> FastConformer --audio projector-----------------------------+--> replace
     the placeholder tokens in place --(CP: keep this rank's shard)--(SP: scatter)--> MambaStack
     --> per-token loss [b, s] ([b, s/cp] under context parallel)
 
@@ -141,6 +141,8 @@ class OmniModel(MegatronModule):
         return mask
 
     def _vision_features(self, media: Media, ids, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Images and videos fill the image placeholders together, in token order (the
+        released layout: video frame groups use the image placeholder)."""
         enc, p = self.vision_encoder, self.cfg.vision.patch_size
         img_n = [tokens.grid_tokens(x.shape[-2] // p, x.shape[-1] // p) for x in media.images]
         vid_n = [
@@ -148,30 +150,22 @@ class OmniModel(MegatronModule):
             * tokens.grid_tokens(v.shape[-2] // p, v.shape[-1] // p)
             for v in media.videos
         ]
-        t = self.cfg.media_tokens
-        img_mask = self._check_counts(
-            "image", t.image, media.image_sample, img_n, ids, where, media
-        )
-        vid_mask = self._check_counts(
-            "video", t.video, media.video_sample, vid_n, ids, where, media
+        order = media.vision_items()
+        counts = [(img_n if kind == "image" else vid_n)[i] for kind, i, _ in order]
+        owners = [owner for _, _, owner in order]
+        mask = self._check_counts(
+            "image/video", self.cfg.media_tokens.image, owners, counts, ids, where, media
         )
         images, videos = enc.encode(media.images, media.videos)
-        out = []
-        for mask, feats, counts in ((img_mask, images, img_n), (vid_mask, videos, vid_n)):
-            if feats:
-                _assert_counts(feats, counts, "vision")
-                projected = self._project(self.vision_projector, torch.cat(feats))
-                out.append((mask, projected))
-        return out
+        _assert_counts(images, img_n, "vision")
+        _assert_counts(videos, vid_n, "vision")
+        feats = [(images if kind == "image" else videos)[i] for kind, i, _ in order]
+        return [(mask, self._project(self.vision_projector, torch.cat(feats)))]
 
     def _audio_features(self, media: Media, ids, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        counts = [tokens.audio_tokens_for_samples(a.shape[0], self.cfg.audio) for a in media.audio]
-        for wav, owner, n in zip(media.audio, media.audio_sample, counts, strict=True):
-            if n == 0:  # (a tail clip is never this short: it joins the previous clip)
-                raise ValueError(
-                    f"{media.name(owner)}: an audio stream of {wav.shape[0]} samples is shorter "
-                    "than one encoder frame; the data pipeline must skip it"
-                )
+        """Every audio item is one encoder input; a sample's items fill its audio
+        placeholders in order."""
+        counts = [tokens.audio_clip_tokens(a.shape[0], self.cfg.audio) for a in media.audio]
         t = self.cfg.media_tokens
         mask = self._check_counts("audio", t.audio, media.audio_sample, counts, ids, where, media)
         feats = self.audio_encoder(media.audio)
@@ -198,9 +192,7 @@ class OmniModel(MegatronModule):
             self._require("vision_encoder", "image/video")
             spliced += self._vision_features(media, input_ids, where)
         else:  # no vision media: a stray placeholder is still an error
-            for modality in ("image", "video"):
-                tid = getattr(ids, modality)
-                self._check_counts(modality, tid, [], [], input_ids, where, media)
+            self._check_counts("image/video", ids.image, [], [], input_ids, where, media)
             unused += [self.vision_encoder, self.vision_projector]
         if media.audio:
             self._require("audio_encoder", "audio")

@@ -307,7 +307,7 @@ def _audio_batch(probe: Probe, cfg, frames: int):
     num_samples = frames * a.subsampling_factor * a.hop_samples
     g = torch.Generator().manual_seed(frames)
     wav = torch.randn(num_samples, generator=g) * 0.1
-    n = tokens.audio_tokens_for_samples(num_samples, a)
+    n = tokens.audio_clip_tokens(num_samples, a)  # one clip, one encoder input
     ids = probe.pad([20] + [cfg.model.media_tokens.audio] * n)
     return torch.tensor([ids]), Media(audio=[wav], audio_sample=[0]), n
 

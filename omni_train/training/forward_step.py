@@ -66,10 +66,9 @@ def batch_geometry(batch: dict, model_cfg) -> flops.Geometry:
             vision_features += groups * tokens.grid_tokens(rows, cols)
     frames, audio_features = [], 0
     if a is not None:
-        for wav in media.audio:
-            for clip in tokens.audio_clip_samples(wav.shape[0], a):
-                frames.append(clip // a.hop_samples + 1)  # centred STFT frames
-            audio_features += tokens.audio_tokens_for_samples(wav.shape[0], a)
+        for clip in media.audio:  # each item is one encoder input
+            frames.append(clip.shape[0] // a.hop_samples + 1)  # centred STFT frames
+            audio_features += tokens.audio_clip_tokens(clip.shape[0], a)
     return flops.Geometry(lengths, pieces, vision_features, frames, audio_features)
 
 

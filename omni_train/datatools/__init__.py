@@ -1,0 +1,1 @@
+"""Dataset tooling that never runs inside a training job: inspection (``data show``)."""
