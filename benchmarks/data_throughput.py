@@ -26,8 +26,8 @@ import torch
 
 from omni_train.config import compose_job
 from omni_train.data.loader import EnergonBatches
-from omni_train.data.prepare import synthesize
-from omni_train.data.synth_media import CATEGORIES
+from omni_train.datatools.prepare import synthesize
+from omni_train.datatools.synth_media import CATEGORIES
 
 
 def measure(cfg, num_batches: int) -> tuple[float, float]:

@@ -155,7 +155,7 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
         return _data_show(args, overrides)
     if overrides:
         raise ValueError(f"omni-train data {args.action} takes no overrides, got {overrides}")
-    from omni_train.data import prepare
+    from omni_train.datatools import prepare
 
     if args.out is None:
         raise ValueError(f"omni-train data {args.action} needs --out DIR")
@@ -163,15 +163,19 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
         counts = prepare.synthesize(args.out, args.samples, args.seed, overwrite=args.overwrite)
         print(f"wrote {sum(counts.values())} samples in {len(counts)} datasets under {args.out}")
     elif args.action == "convert":
-        if not args.jsonl or not args.media:
-            raise ValueError("data convert needs FILE.jsonl and --media DIR")
-        counts = prepare.convert_jsonl(
+        from omni_train.datatools.convert import convert
+
+        if not args.jsonl:
+            raise ValueError("data convert needs FILE (.jsonl, .json or .parquet)")
+        counts = convert(
             args.jsonl,
             args.media,
             args.out,
             val_fraction=args.val_fraction,
             samples_per_shard=args.samples_per_shard,
             overwrite=args.overwrite,
+            workers=args.workers,
+            asr_prompt=args.asr_prompt,
         )
         skipped = counts["skipped"]
         print(
@@ -296,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         help="make, convert or show datasets (show takes config overrides: model=, data.layout=)",
     )
     data.add_argument("action", choices=["synth", "convert", "show", "tokenizer"])
-    data.add_argument("jsonl", nargs="?", help="convert/show: the JSONL file")
+    data.add_argument(
+        "jsonl",
+        nargs="?",
+        help="convert: a .jsonl, .json or .parquet file (omni-train, LLaVA/ShareGPT, OpenAI "
+        "messages, NeMo manifest or ASR rows); show: a JSONL file",
+    )
     data.add_argument("--out", help="synth/convert/tokenizer: output folder")
     data.add_argument("--json", action="store_true", help="show: machine-readable output")
     data.add_argument("--samples", type=int, default=64, help="synth: samples per category")
@@ -306,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     data.add_argument("--val-fraction", type=float, default=0.02, help="convert: val share")
     data.add_argument("--samples-per-shard", type=int, default=1000, help="convert")
+    data.add_argument("--workers", type=int, default=1, help="convert: processes converting rows")
+    data.add_argument(
+        "--asr-prompt", default="Transcribe the audio.", help="convert: the user turn of ASR rows"
+    )
     data.add_argument(
         "--overwrite",
         action="store_true",

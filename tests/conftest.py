@@ -23,7 +23,7 @@ def pytest_configure(config) -> None:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """Synthetic energon datasets of every category (16 samples each), made once per worker."""
-    from omni_train.data.prepare import synthesize
+    from omni_train.datatools.prepare import synthesize
 
     root = tmp_path_factory.mktemp("synth_root")
     synthesize(root, 16, seed=0)

@@ -182,9 +182,9 @@ def packed_mode(data: str, out: str) -> dict:
 
 def encoders_mode(root: str, out: str) -> dict:
     from omni_train.data.loader import task_encoder
-    from omni_train.data.prepare import read_raw
-    from omni_train.data.synth_media import CATEGORIES
     from omni_train.data.task_encoder import cook_raw
+    from omni_train.datatools.prepare import read_raw
+    from omni_train.datatools.synth_media import CATEGORIES
     from omni_train.model import build_model
     from omni_train.parallel.state import init_parallel
     from omni_train.platform import setup

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from omni_train.data.media_io import encode_mp4, encode_png, encode_wav
+from omni_train.datatools.encode import encode_mp4, encode_png, encode_wav
 
 RNG = np.random.default_rng(7)
 

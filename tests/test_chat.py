@@ -36,8 +36,14 @@ def test_shipped_tokenizer_is_reproducible(tmp_path):
 
 def test_release_vocabulary_by_name_and_model_ids(tok):
     s = tok.specials
-    names = {"<img>": s.image_start, "</img>": s.image_end, "<image>": s.image,
-             "<so_start>": s.audio_start, "<so_embedding>": s.audio, "<so_end>": s.audio_end}  # fmt: skip
+    names = {
+        "<img>": s.image_start,
+        "</img>": s.image_end,
+        "<image>": s.image,
+        "<so_start>": s.audio_start,
+        "<so_embedding>": s.audio,
+        "<so_end>": s.audio_end,
+    }
     for name, tid in names.items():
         assert tok.hf.convert_tokens_to_ids(name) == tid, name
     assert (s.image, s.audio) == (10, 12)  # model=tiny's media_tokens
@@ -89,7 +95,9 @@ def test_template_tokens_and_loss_mask(tok):
     answer = tok.encode("<think>red</think>A red square.") + [s.im_end]
     start = len(tok.encode(expanded.split("<think>")[0]))
     assert ids[start : start + len(answer)] == answer
-    assert loss == [False] * start + [True] * len(answer) + [False] * (len(ids) - start - len(answer))
+    assert loss == [False] * start + [True] * len(answer) + [False] * (
+        len(ids) - start - len(answer)
+    )
     assert answer[0] == s.think_start and s.think_end in answer  # reasoning is plain text
     assert lay.num_tokens == len(ids)
 
@@ -127,9 +135,7 @@ def test_media_strings_in_text_are_refused(tok):
             layout(turns, [], tok)
 
 
-VIDEO = VideoPlan(
-    (0.0, 0.5, 1.0, 1.5, 2.0), (0.0, 0.5, 1.0, 1.5, 2.0), 4, 4, 2, audio_clips=(40,)
-)
+VIDEO = VideoPlan((0.0, 0.5, 1.0, 1.5, 2.0), (0.0, 0.5, 1.0, 1.5, 2.0), 4, 4, 2, audio_clips=(40,))
 
 
 def test_video_frame_labels_and_audio_in_both_layouts(tok):
@@ -154,7 +160,9 @@ def test_video_frame_labels_and_audio_in_both_layouts(tok):
     ):
         ids, _ = layout(turns, [VIDEO], tok, mode).materialize()
         head = prompt(turns, [VIDEO], tok, mode).split("<video>")[0]
-        assert ids == tok.encode(head + video_text + "<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n")
+        assert ids == tok.encode(
+            head + video_text + "<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
+        )
         assert ids.count(s.image) == 12 and ids.count(s.audio) == 40
     no_tube = VideoPlan((0.0, 0.5, 1.0), (0.0, 0.5, 1.0), 2, 2, 1)
     assert no_tube.num_groups == 3 and no_tube.audio_chunks() == [0, 0, 0]
@@ -264,7 +272,7 @@ def test_data_show_prints_what_the_model_sees(tmp_path):
     import numpy as np
 
     from omni_train.cli import main
-    from omni_train.data.media_io import encode_png
+    from omni_train.datatools.encode import encode_png
 
     (tmp_path / "a.png").write_bytes(encode_png(np.zeros((40, 60, 3), dtype=np.uint8)))
     lines = [

@@ -18,10 +18,11 @@ from omni_train.data import REASONS, tokens
 from omni_train.data.chat import AudioPlan, ImagePlan, VideoPlan, layout
 from omni_train.data.conversation import parse_conversation
 from omni_train.data.loader import task_encoder
-from omni_train.data.media_io import VideoInfo, encode_png, encode_wav, sample_video_timestamps
-from omni_train.data.prepare import RawSample, read_raw, synthesize, write_dataset
-from omni_train.data.synth_media import CATEGORIES, synth_samples
+from omni_train.data.media_io import VideoInfo, sample_video_timestamps
 from omni_train.data.task_encoder import cook_raw
+from omni_train.datatools.encode import encode_png, encode_wav
+from omni_train.datatools.prepare import RawSample, read_raw, synthesize, write_dataset
+from omni_train.datatools.synth_media import CATEGORIES, synth_samples
 from omni_train.stage.launch import torchrun
 
 NUM_SYNTH = 16
@@ -57,7 +58,7 @@ def test_synth_is_deterministic_and_idempotent(synth, tmp_path):
 def _plans_from_truth(te, key: str, conversation: dict, truth: dict) -> list:
     """What the encoder must plan for a sample, from what the generator encoded (not from
     probing the files)."""
-    v, a, rate = te.vision, te.audio_cfg, te.audio_cfg.sample_rate
+    v, rate = te.vision, te.audio_cfg.sample_rate
     images, videos, audio = iter(truth["images"]), iter(truth["videos"]), iter(truth["audio"])
     plans = []
     for turn in conversation["conversation"]:
@@ -92,9 +93,7 @@ def _plans_from_truth(te, key: str, conversation: dict, truth: dict) -> list:
                 # the frame the decoder takes for time s: the first at or after s - period / 2
                 index = [min(math.ceil(s * t["fps"] - 0.5), t["num_frames"] - 1) for s in stamps]
                 labels = tuple(i * period_ms / 1000 for i in index)
-                plans.append(
-                    VideoPlan(tuple(stamps), labels, rows, cols, v.tubelet_frames, clips)
-                )
+                plans.append(VideoPlan(tuple(stamps), labels, rows, cols, v.tubelet_frames, clips))
     return plans
 
 
@@ -138,8 +137,12 @@ def test_encoded_length_equals_accounting_for_every_synthetic_sample(synth, data
                 n_aud += sum(p.audio_tokens for p in videos)
                 counts = [int((sample.tokens == i).sum()) for i in (ids.image, ids.audio)]
                 assert counts == [n_img + n_vid, n_aud], key  # video frames: image placeholders
-                clips = [c for p in plans for c in getattr(p, "clips", getattr(p, "audio_clips", ()))]
-                assert [tokens.audio_clip_tokens(x.shape[0], te.audio_cfg) for x in sample.audio] == clips
+                clips = [
+                    c for p in plans for c in getattr(p, "clips", getattr(p, "audio_clips", ()))
+                ]
+                assert [
+                    tokens.audio_clip_tokens(x.shape[0], te.audio_cfg) for x in sample.audio
+                ] == clips
                 assert sample.loss_mask.sum() > 0
                 seen += 1
     assert seen == NUM_SYNTH * len(CATEGORIES)
@@ -376,7 +379,7 @@ def test_stage_resume_on_energon_data_equals_uninterrupted(synth, tmp_path, pack
 def test_convert_jsonl_with_media_folder(tmp_path):
     """The users' layout (JSONL + media folder) -> a prepared dataset the task encoder reads;
     a line with bad JSON or a missing file is counted, not converted."""
-    from omni_train.data.prepare import convert_jsonl
+    from omni_train.datatools.convert import convert as convert_jsonl
 
     media = tmp_path / "media"
     (media / "imgs").mkdir(parents=True)

@@ -353,7 +353,7 @@ def test_convert_never_deletes_what_it_did_not_write(tmp_path):
 def test_bad_input_is_counted_by_reason_and_no_good_sample_is_lost(tmp_path):
     """The corpus: every convert reason once (twice for paths outside --media), GIF/WebP
     images, a 0.01 s clip; a 2-rank stage with no validation split and no evaluation."""
-    from omni_train.data.prepare import convert_jsonl
+    from omni_train.datatools.convert import convert as convert_jsonl
 
     jsonl, media, expected = fault_corpus.write(tmp_path / "corpus")
     counts = convert_jsonl(jsonl, media, tmp_path / "ds", val_fraction=0.0)

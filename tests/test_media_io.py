@@ -1,5 +1,5 @@
 """Media codec layer (omni_train.data.media_io) and the synthetic sample generator
-(omni_train.data.synth_media): round trips, error kinds, exact probes, determinism."""
+(omni_train.datatools.synth_media): round trips, error kinds, exact probes, determinism."""
 
 from __future__ import annotations
 
@@ -23,17 +23,19 @@ from omni_train.data.media_io import (
     decode_image,
     decode_video_audio,
     decode_video_frames,
+    probe_image,
+    probe_video,
+    sample_video_timestamps,
+)
+from omni_train.datatools.encode import (
     encode_flac,
     encode_jpeg,
     encode_mp3,
     encode_mp4,
     encode_png,
     encode_wav,
-    probe_image,
-    probe_video,
-    sample_video_timestamps,
 )
-from omni_train.data.synth_media import CATEGORIES, synth_samples
+from omni_train.datatools.synth_media import CATEGORIES, synth_samples
 
 _MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(3, 1, 1)

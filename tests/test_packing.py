@@ -184,8 +184,8 @@ def encoded():
 
     from omni_train.config import compose_job
     from omni_train.data.loader import task_encoder
-    from omni_train.data.synth_media import synth_samples
     from omni_train.data.task_encoder import cook_raw
+    from omni_train.datatools.synth_media import synth_samples
 
     cfg = compose_job(["stage=smoke_omni", "model=tiny"])
     te = task_encoder(cfg, training=True)
@@ -306,7 +306,7 @@ def test_packed_and_unpacked_training_give_the_same_loss(tmp_path):
     import json
     from pathlib import Path
 
-    from omni_train.data.prepare import synthesize
+    from omni_train.datatools.prepare import synthesize
     from omni_train.stage.launch import torchrun
 
     synthesize(tmp_path / "synth", 16, seed=0)

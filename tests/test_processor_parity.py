@@ -23,14 +23,17 @@ import torch
 from PIL import Image
 
 from omni_train.config.schema import AudioConfig, TokenizerConfig, VisionConfig
-from omni_train.data import media_io, tokens
+from omni_train.data import media_io
 from omni_train.data.chat import prompt
 from omni_train.data.conversation import parse_conversation
 from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
 from omni_train.data.tokenizer import TINY_DIR
+from omni_train.datatools import encode, tokens
 from omni_train.model.vision import patchify
 
-pytestmark = pytest.mark.skipif(reference.available() is not None, reason=str(reference.available()))
+pytestmark = pytest.mark.skipif(
+    reference.available() is not None, reason=str(reference.available())
+)
 
 VISION, AUDIO = VisionConfig(), AudioConfig()  # the released model's
 SR = AUDIO.sample_rate
@@ -52,7 +55,9 @@ def test_grid_and_audio_token_rules_equal_the_reference():
         ]
     )
     assert [tokens.image_grid(w, h) for w, h in sizes] == [tuple(g) for g in grids]
-    assert [tokens.frame_grid(w, h, 1024) for w, h in sizes[:500]] == [tuple(g) for g in video_grids]
+    assert [tokens.frame_grid(w, h, 1024) for w, h in sizes[:500]] == [
+        tuple(g) for g in video_grids
+    ]
     assert [tokens.frame_grid(w, h, 256) for w, h in small] == [tuple(g) for g in video_small]
     assert [tokens.audio_clip_tokens(n) for n in lengths] == audio
 
@@ -64,14 +69,14 @@ def _png(width: int, height: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     rgb[height // 4 : height // 2, width // 4 : width // 2] = (200, 30, 30)  # edges to resample
-    return media_io.encode_png(rgb)
+    return encode.encode_png(rgb)
 
 
 def _mp4(num_frames: int, fps: int, width: int, height: int, seconds_audio: float = 0.0):
     rng = np.random.default_rng(num_frames * 100 + fps)
     frames = rng.integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
     audio = _tone(seconds_audio, 7) if seconds_audio else None
-    return media_io.encode_mp4(frames, fps, audio)
+    return encode.encode_mp4(frames, fps, audio)
 
 
 def _tone(seconds: float, seed: int) -> np.ndarray:
@@ -91,7 +96,12 @@ def _frames(data: bytes, info: media_io.VideoInfo, stamps: list[float]):
 
 
 CASES = {
-    "images": [((1280, 720), "png"), ((37, 2000), "png"), ((640, 481), "jpg"), ((3000, 500), "png")],
+    "images": [
+        ((1280, 720), "png"),
+        ((37, 2000), "png"),
+        ((640, 481), "jpg"),
+        ((3000, 500), "png"),
+    ],
     "video_odd_2fps": (5, 2, 64, 48, 0.0),
     "video_even_30fps": (60, 30, 96, 64, 0.0),
     "video_odd_5fps": (7, 5, 320, 240, 0.0),
@@ -110,14 +120,14 @@ def _sample(name: str):
         for i, ((w, h), fmt) in enumerate(case):
             data = _png(w, h, i)
             if fmt == "jpg":
-                data = media_io.encode_jpeg(np.asarray(Image.open(io.BytesIO(data))))
+                data = encode.encode_jpeg(np.asarray(Image.open(io.BytesIO(data))))
             members[f"img{i}.{fmt}"] = data
             user.append({"type": "image", "member": f"img{i}.{fmt}"})
             ref["images"].append(data)
     elif name == "audio":
         ref["audio"] = []
         for i, seconds in enumerate(case):
-            members[f"a{i}.wav"] = media_io.encode_wav(_tone(seconds, i), SR)
+            members[f"a{i}.wav"] = encode.encode_wav(_tone(seconds, i), SR)
             user.append({"type": "audio", "member": f"a{i}.wav"})
     else:
         num_frames, fps, w, h, audio_s = case
@@ -184,7 +194,9 @@ def _bf16_close(ours: torch.Tensor, ref: np.ndarray) -> None:
     torch.testing.assert_close(ours, torch.from_numpy(ref).float(), rtol=2**-8, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["images", "video_odd_2fps", "video_even_30fps", "video_odd_5fps", "audio_video"])
+@pytest.mark.parametrize(
+    "name", ["images", "video_odd_2fps", "video_even_30fps", "video_odd_5fps", "audio_video"]
+)
 def test_pixels_equal_the_reference(parity, name):
     ours, ref = parity
     sample, answer = ours[name], ref[name]

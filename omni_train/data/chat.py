@@ -41,6 +41,7 @@ from omni_train.config.schema import LAYOUTS
 from omni_train.data import tokens
 from omni_train.data.conversation import SampleError, Turn
 from omni_train.data.tokenizer import Tokenizer
+
 # Private-use code points around assistant content while the template renders (never in data:
 # a sample whose text holds them is refused).
 _OPEN, _CLOSE = "\ue000", "\ue001"
@@ -190,9 +191,7 @@ def _part_text(part, plan: Plan, tok: Tokenizer, mode: str) -> str:
     return c.video
 
 
-def render(
-    turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor"
-) -> str:
+def render(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor") -> str:
     """The prompt text: turns through the chat template, media as single placeholders, the
     assistant spans marked by the sentinels (:data:`_OPEN`/:data:`_CLOSE`)."""
     todo = iter(plans)
@@ -253,9 +252,7 @@ def _expansions(plans: list[Plan], tok: Tokenizer, mode: str) -> list[tuple[str,
     return out
 
 
-def layout(
-    turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor"
-) -> Layout:
+def layout(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor") -> Layout:
     """Lay out ``turns``; ``plans`` holds one plan per media part, in part order."""
     if mode not in LAYOUTS:
         raise ValueError(f"layout {mode!r}; valid: {LAYOUTS}")

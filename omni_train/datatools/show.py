@@ -68,8 +68,8 @@ def _runs(flags: list[bool]) -> str:
 def show(jsonl: str | Path, media_root: str | Path, cfg) -> tuple[list[dict], Counter]:
     """One record per line of ``jsonl`` (samples in the ``data convert`` format), and the
     skip reasons counted."""
-    from omni_train.data.prepare import ConvertError, _from_line
     from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
+    from omni_train.datatools.convert import ConvertError, sample_from_line
 
     encoder = OmniTaskEncoder(
         tokenizer=cfg.data.tokenizer,
@@ -88,7 +88,7 @@ def show(jsonl: str | Path, media_root: str | Path, cfg) -> tuple[list[dict], Co
         if not line.strip():
             continue
         try:
-            raw = _from_line(line, Path(media_root), f"line_{lineno}")
+            raw = sample_from_line(line, Path(media_root), f"line_{lineno}")
             members = {"json": json.dumps(raw.conversation).encode(), **raw.members}
             planned = encoder.plan(cook_raw(raw.key, members))
         except (ConvertError, SampleError) as e:

@@ -115,7 +115,7 @@ def _ensure_synthetic(cfg: JobConfig) -> None:
     """The tiny curriculum's synthetic datasets, made once (deterministic: seed 0)."""
     root = cfg.data.synthetic_root
     if cfg.data.kind == "energon" and root and not Path(root).exists():
-        from omni_train.data import prepare
+        from omni_train.datatools import prepare
 
         print(f"omni-train curriculum: writing synthetic datasets to {root}", flush=True)
         prepare.synthesize(root, 64, 0)

@@ -51,8 +51,8 @@ class ParitySample:
 
 def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[ParitySample]:
     """Every line of a ``data convert`` JSONL through omni-train's task encoder (eval mode)."""
-    from omni_train.data.prepare import _from_line
     from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
+    from omni_train.datatools.convert import sample_from_line
 
     encoder = OmniTaskEncoder(
         tokenizer=cfg.data.tokenizer,
@@ -69,7 +69,7 @@ def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[P
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        raw = _from_line(line, Path(media_root), f"line_{lineno}")
+        raw = sample_from_line(line, Path(media_root), f"line_{lineno}")
         members = {"json": json.dumps(raw.conversation).encode(), **raw.members}
         s = encoder.encode(cook_raw(raw.key, members))
         media = Media(
@@ -250,7 +250,7 @@ def write_parity_set(out: str | Path, seed: int = 0) -> Path:
     35 s of audio (two encoder clips); a video with its audio track. Returns the JSONL path."""
     import numpy as np
 
-    from omni_train.data.media_io import encode_mp4, encode_png, encode_wav
+    from omni_train.datatools.encode import encode_mp4, encode_png, encode_wav
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from omni_train.data.media_io import (
+from omni_train.datatools.encode import (
     encode_flac,
     encode_jpeg,
     encode_mp3,

@@ -6,8 +6,8 @@ the same dataset. Train and validation samples go to separate shards (``train-*.
 ``val-*.tar``) and energon's own CLI indexes them with explicit split parts, so no split depends
 on a ratio over a handful of shards.
 
-:func:`convert_jsonl` turns the layout users already have - one JSON conversation per line,
-media files in a folder - into such a dataset.
+:mod:`omni_train.datatools.convert` turns the formats users already have into such a dataset,
+streaming: :class:`DatasetWriter` takes one sample at a time.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import os
 import re
 import shutil
 import tarfile
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_train.data.conversation import MEDIA_KINDS
 from omni_train.log import get_logger
 
 log = get_logger()
@@ -36,16 +34,6 @@ EXTENSIONS += ("ogg", "m4a")
 MEMBER = re.compile(rf"^[a-z0-9_]+\.({'|'.join(EXTENSIONS)})$")
 # Marks a folder this module wrote: only such a folder may be replaced (and only when asked).
 STAMP = ".omni-train-dataset.json"
-# Why `data convert` did not convert a row (stable strings: printed and returned as counts).
-CONVERT_REASONS = (
-    "bad_encoding",  # the line is not UTF-8
-    "bad_json",  # not JSON, or not an object with a 'conversation' list
-    "bad_key",  # a key webdataset cannot carry (letters, digits, '_' and '-' only)
-    "duplicate_key",
-    "bad_extension",  # a media file of a type omni-train does not read
-    "outside_media",  # an absolute path, or one that leaves the --media folder
-    "missing_media",  # the media file does not exist
-)
 
 
 @dataclass(frozen=True)
@@ -72,27 +60,53 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+class ShardWriter:
+    """``<prefix>-NNNNNN.tar`` shards of ``samples_per_shard`` samples, written as samples
+    arrive (one open tar at a time: memory holds one sample, not a dataset)."""
+
+    def __init__(self, out_dir: Path, prefix: str, samples_per_shard: int):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.prefix, self.size = out_dir, prefix, samples_per_shard
+        self.names: list[str] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+
+    def add(self, s: RawSample) -> None:
+        if not KEY.match(s.key):
+            raise ValueError(f"sample key {s.key!r}: use letters, digits, '_' or '-'")
+        bad = [m for m in s.members if not MEMBER.match(m)]
+        if bad:
+            raise ValueError(f"sample {s.key}: member names {bad} must match {MEMBER.pattern}")
+        if self._tar is None:
+            self.names.append(f"{self.prefix}-{len(self.names):06d}.tar")
+            path = self.out_dir / self.names[-1]
+            # kept open across add() calls, closed by flush(): a context manager cannot span them
+            self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        _add(self._tar, f"{s.key}.json", json.dumps(s.conversation, sort_keys=True).encode())
+        for member in sorted(s.members):
+            _add(self._tar, f"{s.key}.{member}", s.members[member])
+        self._count += 1
+        if self._count == self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._tar, self._count = None, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        return self.names
+
+
 def write_shards(
     samples: Iterable[RawSample], out_dir: Path, prefix: str, samples_per_shard: int
 ) -> list[str]:
     """Write ``<prefix>-NNNNNN.tar`` shards; returns their names."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names: list[str] = []
-    for chunk in _chunks(samples, samples_per_shard):
-        names.append(f"{prefix}-{len(names):06d}.tar")
-        with tarfile.open(out_dir / names[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in chunk:
-                if not KEY.match(s.key):
-                    raise ValueError(f"sample key {s.key!r}: use letters, digits, '_' or '-'")
-                bad = [m for m in s.members if not MEMBER.match(m)]
-                if bad:
-                    raise ValueError(
-                        f"sample {s.key}: member names {bad} must match {MEMBER.pattern}"
-                    )
-                _add(tar, f"{s.key}.json", json.dumps(s.conversation, sort_keys=True).encode())
-                for member in sorted(s.members):
-                    _add(tar, f"{s.key}.{member}", s.members[member])
-    return names
+    writer = ShardWriter(out_dir, prefix, samples_per_shard)
+    for s in samples:
+        writer.add(s)
+    return writer.close()
 
 
 def energon_prepare(out_dir: Path, splits: list[str]) -> None:
@@ -181,6 +195,57 @@ def _staging(out: Path):
         raise
 
 
+class DatasetWriter:
+    """A complete energon dataset in ``out_dir``, fed one sample at a time, written beside it
+    and renamed into place on success (see :func:`check_target` for what may be replaced)::
+
+        with DatasetWriter(out, 1000, overwrite=False) as w:
+            w.add(sample, val=False)
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        samples_per_shard: int = 100,
+        *,
+        overwrite: bool = False,
+        protect: Iterable[Path] = (),
+    ):
+        self.out = Path(out_dir)
+        check_target(self.out, overwrite=overwrite, protect=protect)
+        self.samples_per_shard = samples_per_shard
+
+    def __enter__(self) -> DatasetWriter:
+        self._staging = _staging(self.out)
+        self.tmp = self._staging.__enter__()
+        self.splits = {
+            split: ShardWriter(self.tmp, split, self.samples_per_shard)
+            for split in ("train", "val")
+        }
+        return self
+
+    def add(self, sample: RawSample, val: bool = False) -> None:
+        self.splits["val" if val else "train"].add(sample)
+
+    def __exit__(self, kind, error, tb) -> None:
+        names = {split: w.close() for split, w in self.splits.items()}
+        if kind is None:
+            try:
+                if not names["train"]:
+                    raise ValueError(f"{self.out}: no training samples")
+                energon_prepare(self.tmp, list(names))
+                (self.tmp / STAMP).write_text(json.dumps({"format": 1}) + "\n")
+            except BaseException as e:
+                self._staging.__exit__(type(e), e, e.__traceback__)
+                raise
+        if self._staging.__exit__(kind, error, tb):
+            return
+        if kind is None:
+            if self.out.exists() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            _replace(self.tmp, self.out)
+
+
 def write_dataset(
     out_dir: str | Path,
     train: Iterable[RawSample],
@@ -190,133 +255,19 @@ def write_dataset(
     overwrite: bool = False,
     protect: Iterable[Path] = (),
 ) -> Path:
-    """A complete energon dataset in ``out_dir``, written beside it and renamed into place
-    (see :func:`check_target` for what may be replaced)."""
-    out = Path(out_dir)
-    check_target(out, overwrite=overwrite, protect=protect)
-    with _staging(out) as tmp:
-        _write_into(tmp, train, val, samples_per_shard)
-        (tmp / STAMP).write_text(json.dumps({"format": 1}) + "\n")
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    _replace(tmp, out)
-    return out
+    """A complete energon dataset in ``out_dir`` from two iterables (:class:`DatasetWriter`)."""
+    with DatasetWriter(out_dir, samples_per_shard, overwrite=overwrite, protect=protect) as w:
+        for s in train:
+            w.add(s)
+        for s in val:
+            w.add(s, val=True)
+    return Path(out_dir)
 
 
 def is_val(key: str, val_fraction: float) -> bool:
     """Deterministic split by key: the same sample lands in the same split every time."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
     return h / 2**64 < val_fraction
-
-
-def convert_jsonl(
-    jsonl: str | Path,
-    media_root: str | Path,
-    out_dir: str | Path,
-    *,
-    val_fraction: float = 0.02,
-    samples_per_shard: int = 1000,
-    overwrite: bool = False,
-) -> dict:
-    """JSONL conversations with media paths relative to ``media_root`` -> energon dataset.
-
-    Each line is a conversation document (``docs/data_format.md``), optionally with a ``key``;
-    media parts name files as paths under ``media_root``. Media are renamed to member names
-    (``m0.jpg``, ``m1.wav``, ...). A line that cannot be converted is skipped, logged with its
-    line number and counted under one of :data:`CONVERT_REASONS`. Returns ``converted``,
-    ``train``, ``val`` and ``skipped`` (reason -> count). ``out_dir`` is written beside itself
-    and renamed into place; see :func:`check_target` for what may be replaced.
-    """
-    jsonl, root, out = Path(jsonl), Path(media_root), Path(out_dir)
-    check_target(out, overwrite=overwrite, protect=[root])
-    skipped: Counter[str] = Counter()
-    seen: set[str] = set()
-
-    def read() -> Iterator[tuple[bool, RawSample]]:
-        with jsonl.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                    if not line.strip():
-                        continue
-                    sample = _from_line(line, root, f"{jsonl.stem}_{lineno:09d}")
-                    if sample.key in seen:
-                        raise ConvertError("duplicate_key", f"key {sample.key} seen before")
-                except ConvertError as e:
-                    skipped[e.reason] += 1
-                    log.warning("%s:%d not converted (%s): %s", jsonl, lineno, e.reason, e)
-                    continue
-                except UnicodeDecodeError as e:
-                    skipped["bad_encoding"] += 1
-                    log.warning("%s:%d not converted (bad_encoding): %s", jsonl, lineno, e)
-                    continue
-                seen.add(sample.key)
-                yield is_val(sample.key, val_fraction), sample
-
-    samples = list(read())
-    write_dataset(
-        out,
-        (s for v, s in samples if not v),
-        (s for v, s in samples if v),
-        samples_per_shard,
-        overwrite=overwrite,
-        protect=[root],
-    )
-    num_val = sum(v for v, _ in samples)
-    return {
-        "converted": len(samples),
-        "train": len(samples) - num_val,
-        "val": num_val,
-        "skipped": dict(sorted(skipped.items())),
-    }
-
-
-class ConvertError(ValueError):
-    def __init__(self, reason: str, message: str):
-        assert reason in CONVERT_REASONS, reason
-        super().__init__(message)
-        self.reason = reason
-
-
-def _from_line(line: str, root: Path, default_key: str) -> RawSample:
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConvertError("bad_json", f"not JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("conversation"), list):
-        raise ConvertError("bad_json", "expected an object with a 'conversation' list")
-    key = str(doc.get("key", default_key))
-    if not KEY.match(key):
-        raise ConvertError("bad_key", f"key {key!r}: use letters, digits, '_' or '-' (no dots)")
-    members: dict[str, bytes] = {}
-    renamed: dict[str, str] = {}
-    base = root.resolve()
-
-    def member(path: str) -> str:
-        if path not in renamed:
-            file = (root / path).resolve()
-            if Path(path).is_absolute() or not file.is_relative_to(base):
-                raise ConvertError("outside_media", f"media path {path!r} is not under {root}")
-            suffix = file.suffix.lower().lstrip(".")
-            if suffix not in EXTENSIONS:
-                raise ConvertError(
-                    "bad_extension", f"{path}: .{suffix} is not one of {', '.join(EXTENSIONS)}"
-                )
-            if not file.is_file():
-                raise ConvertError("missing_media", f"media file {file} does not exist")
-            name = f"m{len(renamed)}.{suffix}"
-            renamed[path] = name
-            members[name] = file.read_bytes()
-        return renamed[path]
-
-    turns = json.loads(json.dumps(doc["conversation"]))  # a copy we may rewrite
-    for turn in turns:
-        for part in turn.get("content", []) if isinstance(turn, dict) else []:
-            if isinstance(part, dict) and part.get("type") in MEDIA_KINDS:
-                part["member"] = member(str(part.get("member", "")))
-                if isinstance(part.get("audio"), str):
-                    part["audio"] = member(part["audio"])
-    return RawSample(key, {"conversation": turns}, members)
 
 
 SYNTH_STAMP = ".omni-synth.json"
@@ -333,7 +284,7 @@ def synthesize(
     Other arguments replace it only with ``overwrite`` (see :func:`check_target`); the new
     folder is written beside it and renamed into place.
     """
-    from omni_train.data.synth_media import CATEGORIES, synth_samples
+    from omni_train.datatools.synth_media import CATEGORIES, synth_samples
 
     if num_samples < 2:
         raise ValueError(f"--samples={num_samples}: need at least 2 (train and val)")
