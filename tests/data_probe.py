@@ -48,7 +48,7 @@ def stream(root: str, out: str, *overrides: str, gbs: int = 4) -> EnergonBatches
 
 def check_batch(batch: dict, cfg) -> None:
     """Placeholders per row and modality == the accounting of that row's media."""
-    media, ids = batch["media"], batch["tokens"]
+    media, ids = batch.media, batch.tokens
     v, a = cfg.model.vision, cfg.model.audio
     for row in range(ids.shape[0]):
         img = [x for x, o in zip(media.images, media.image_sample, strict=True) if o == row]
@@ -66,7 +66,7 @@ def check_batch(batch: dict, cfg) -> None:
         got = [int((ids[row] == t).sum()) for t in (ids_.image, ids_.audio)]
         # video frames fill image placeholders (the released layout)
         assert got == [want_img + want_vid, want_aud], (row, got, want_img, want_vid, want_aud)
-        real = batch["loss_mask"][row].sum()
+        real = batch.loss_mask[row].sum()
         assert real > 0  # every sample has assistant tokens
 
 
@@ -78,8 +78,8 @@ def blends_mode(root: str, out: str) -> dict:
         for _ in range(6):
             batch = next(data)
             check_batch(batch, data.cfg)
-            keys += batch["media"].sample_names
-            cats |= set(batch["categories"])
+            keys += batch.media.sample_names
+            cats |= set(batch.categories)
         result[name] = {"keys": keys, "categories": sorted(cats)}
     return result
 
@@ -96,7 +96,7 @@ def restore_mode(root: str, out: str) -> dict:
     again.load_state_dict(common, rank)
     got = [next(again) for _ in range(2)]
     same = all(
-        torch.equal(w[k], g[k])
+        torch.equal(getattr(w, k), getattr(g, k))
         for w, g in zip(want, got, strict=True)
         for k in ("tokens", "labels", "loss_mask")
     )
@@ -105,15 +105,15 @@ def restore_mode(root: str, out: str) -> dict:
         return len(w) == len(g) and all(torch.equal(x, y) for x, y in zip(w, g, strict=True))
 
     same_media = all(
-        same_items(getattr(w["media"], kind), getattr(g["media"], kind))
+        same_items(getattr(w.media, kind), getattr(g.media, kind))
         for w, g in zip(want, got, strict=True)
         for kind in ("images", "videos", "audio")
     )
     return {
         "same_tokens": same,
         "same_media": same_media,
-        "keys": [w["media"].sample_names for w in want],
-        "restored_keys": [g["media"].sample_names for g in got],
+        "keys": [w.media.sample_names for w in want],
+        "restored_keys": [g.media.sample_names for g in got],
         "totals": common,
     }
 
@@ -132,7 +132,7 @@ def epoch_mode(data: str, out: str, num_batches: str) -> dict:
     )
     keys = []
     for _ in range(int(num_batches)):
-        keys += next(s)["media"].sample_names
+        keys += next(s).media.sample_names
     s.end_step()
     return {"keys": keys, "totals": s.state_dict()}
 

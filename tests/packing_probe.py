@@ -46,8 +46,8 @@ class Recorded:
 
     def __next__(self) -> dict:
         batch = next(self.batches)
-        mask = batch["loss_mask"]
-        self.step["samples"] += len(batch["media"].sample_names)
+        mask = batch.loss_mask
+        self.step["samples"] += len(batch.media.sample_names)
         self.step["tokens"] += int(mask.sum())
         self.step["positions"] += mask.numel()
         return batch
@@ -73,7 +73,7 @@ class Recording:
 
     def __next__(self) -> dict:
         batch = next(self.data)
-        self.bins.append(list(batch["media"].sample_names))
+        self.bins.append(list(batch.media.sample_names))
         return batch
 
     def end_step(self) -> dict:

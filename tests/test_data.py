@@ -1,5 +1,6 @@
 """Synthetic data and the micro-batch stream: determinism, layout independence, resume."""
 
+import pytest
 import torch
 
 from omni_train.data import MicroBatches, SyntheticTokens
@@ -28,14 +29,14 @@ def test_samples_are_deterministic_and_splits_disjoint():
 
 def test_batch_fields_and_shapes():
     batch = next(_stream(1, 0))
-    assert batch["tokens"].shape == batch["labels"].shape == (2, 16)
-    assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])  # next-token labels
-    assert batch["loss_mask"].sum() == 32
-    assert torch.equal(batch["position_ids"][0], torch.arange(16))
+    assert batch.tokens.shape == batch.labels.shape == (2, 16)
+    assert torch.equal(batch.tokens[:, 1:], batch.labels[:, :-1])  # next-token labels
+    assert batch.loss_mask.sum() == 32
+    assert torch.equal(batch.position_ids[0], torch.arange(16))
 
 
 def _step_tokens(stream, num_microbatches):
-    return torch.cat([next(stream)["tokens"] for _ in range(num_microbatches)])
+    return torch.cat([next(stream).tokens for _ in range(num_microbatches)])
 
 
 def test_a_step_sees_the_same_samples_for_any_dp_layout():
@@ -56,3 +57,30 @@ def test_state_restores_the_identical_next_batch():
     resumed = _stream(2, 1)
     resumed.load_state_dict(state)
     assert torch.equal(_step_tokens(resumed, 2), expected)
+
+
+def test_dataset_tooling_stays_off_the_runtime_path():
+    """A training process (entry point, loaders, task encoder, forward step, loop) never
+    imports omni_train.datatools: converting and making datasets is not training."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, omni_train.train, omni_train.stage.runner, omni_train.data.loader, "
+        "omni_train.data.task_encoder, omni_train.training.forward_step, omni_train.training.loop; "
+        "print(sorted(m for m in sys.modules if m.startswith('omni_train.datatools')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_micro_batch_rejects_mismatched_fields():
+    from omni_train.data.microbatch import MicroBatch
+
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+    ok = MicroBatch(ids, ids, torch.ones(2, 8), ids)
+    assert ok.media.images == [] and ok.packed_seq_params is None
+    with pytest.raises(ValueError, match=r"must all be \[b, s\]"):
+        MicroBatch(ids, ids[:, :7], torch.ones(2, 8), ids)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        MicroBatch(ids, ids.float(), torch.ones(2, 8), ids)

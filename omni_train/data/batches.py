@@ -14,15 +14,13 @@ import numpy as np
 import torch
 
 from omni_train.config import JobConfig
+from omni_train.data.microbatch import MicroBatch
 from omni_train.data.synthetic import SyntheticTokens
 
 
 class MicroBatches:
-    """Iterator of micro-batch dicts; ``state_dict()`` is the data position for checkpoints.
-
-    Each batch: ``tokens`` and ``labels`` [b, s] int64, ``loss_mask`` [b, s] float32 (1 = token
-    carries loss), ``position_ids`` [b, s] int64.
-    """
+    """Iterator of :class:`MicroBatch` (text only, every token carries loss);
+    ``state_dict()`` is the data position for checkpoints."""
 
     def __init__(
         self,
@@ -53,22 +51,22 @@ class MicroBatches:
         self._queue = list(range(base, base + self.per_rank))
         self.consumed_samples += self.global_batch_size
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> MicroBatch:
         if not self._queue:
             self._refill()
         indices, self._queue = self._queue[: self.mbs], self._queue[self.mbs :]
         seqs = torch.from_numpy(np.stack([self.source.tokens(i) for i in indices]))
         s = seqs.shape[1] - 1
-        batch = {
-            "tokens": seqs[:, :-1].contiguous(),
-            "labels": seqs[:, 1:].contiguous(),
-            "loss_mask": torch.ones(len(indices), s, dtype=torch.float32),
-            "position_ids": torch.arange(s, dtype=torch.int64).expand(len(indices), s).contiguous(),
-        }
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = MicroBatch(
+            tokens=seqs[:, :-1].contiguous().to(torch.int64),
+            labels=seqs[:, 1:].contiguous().to(torch.int64),
+            loss_mask=torch.ones(len(indices), s, dtype=torch.float32),
+            position_ids=torch.arange(s, dtype=torch.int64).expand(len(indices), s).contiguous(),
+        )
+        return batch.to(self.device)
 
     def end_step(self) -> dict:
         """The step's samples and tokens (all real: synthetic sequences have no padding)."""

@@ -31,6 +31,7 @@ from megatron.energon import (
 from omni_train.config import JobConfig
 from omni_train.data import blends
 from omni_train.data.conversation import REASONS, SkipLimitError
+from omni_train.data.microbatch import MicroBatch
 from omni_train.data.task_encoder import OmniBatch, OmniTaskEncoder
 from omni_train.data.tokenizer import check_media_ids, load_tokenizer
 from omni_train.log import get_logger
@@ -96,19 +97,21 @@ def task_encoder(
     )
 
 
-def to_device(batch: OmniBatch, device: torch.device) -> dict:
-    """The dict the forward step reads (``packed_seq_params`` for a packed micro-batch)."""
-    out = {
-        k: getattr(batch, k).to(device, non_blocking=True)
-        for k in ("tokens", "labels", "loss_mask", "position_ids")
-    }
-    out["media"] = batch.media.to(device)
-    out["categories"] = list(batch.categories)  # bookkeeping; the forward step ignores it
+def to_device(batch: OmniBatch, device: torch.device) -> MicroBatch:
+    """What the forward step reads (``packed_seq_params`` for a packed micro-batch)."""
+    packed = None
     if batch.cu_seqlens is not None:
-        out["packed_seq_params"] = packed_seq_params(
-            batch.cu_seqlens.to(device), batch.cu_seqlens_padded.to(device)
-        )
-    return out
+        packed = packed_seq_params(batch.cu_seqlens.to(device), batch.cu_seqlens_padded.to(device))
+    move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+    return MicroBatch(
+        tokens=move(batch.tokens),
+        labels=move(batch.labels),
+        loss_mask=move(batch.loss_mask),
+        position_ids=move(batch.position_ids),
+        media=batch.media.to(device),
+        packed_seq_params=packed,
+        categories=list(batch.categories),
+    )
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor):

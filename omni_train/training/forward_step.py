@@ -18,6 +18,7 @@ import torch
 
 from omni_train.data import tokens
 from omni_train.data.media import Media
+from omni_train.data.microbatch import MicroBatch
 from omni_train.parallel.context import shard_index
 from omni_train.training import flops
 from omni_train.training.metrics import MODALITIES
@@ -40,17 +41,17 @@ def sample_modalities(media: Media | None, num_samples: int) -> list[int]:
     return out
 
 
-def batch_geometry(batch: dict, model_cfg) -> flops.Geometry:
+def batch_geometry(batch: MicroBatch, model_cfg) -> flops.Geometry:
     """What the FLOPs count needs of a micro-batch: LM segment lengths (real tokens of each
     packed sample; an unpacked row counts its padded length), ViT pieces, audio clips."""
-    packed = batch.get("packed_seq_params")
-    b, s = batch["tokens"].shape
+    packed = batch.packed_seq_params
+    b, s = batch.tokens.shape
     if packed is not None:
         cu = packed.cu_seqlens_q.tolist()
         lengths = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
     else:
         lengths = [s] * b
-    media = batch.get("media") or Media()
+    media = batch.media
     pieces, vision_features = [], 0
     v, a = model_cfg.vision, model_cfg.audio
     if v is not None:
@@ -105,12 +106,12 @@ def forward_step(data_iterator, model):
     this rank's positions, so labels and loss mask are cut to the same positions here."""
     from omni_train.model.omni import sample_index
 
-    batch = next(data_iterator)
-    packed = batch.get("packed_seq_params")
-    labels, loss_mask = batch["labels"], batch["loss_mask"]
-    where = sample_index(batch["tokens"], packed)
+    batch: MicroBatch = next(data_iterator)
+    packed = batch.packed_seq_params
+    labels, loss_mask = batch.labels, batch.loss_mask
+    where = sample_index(batch.tokens, packed)
     num_samples = int(where.max()) + 1 if where.numel() else 0
-    table = torch.tensor(sample_modalities(batch.get("media"), num_samples), dtype=torch.long)
+    table = torch.tensor(sample_modalities(batch.media, num_samples), dtype=torch.long)
     token_modality = table.to(where.device)[where]
     cp_index = shard_index(labels.shape[1], packed)
     if cp_index is not None:
@@ -123,11 +124,11 @@ def forward_step(data_iterator, model):
     if not math.isfinite(work.model):
         raise ValueError("non-finite FLOPs count")
     output = model(
-        input_ids=batch["tokens"],
-        position_ids=batch["position_ids"],  # unused: Nemotron-H has no position embedding
+        input_ids=batch.tokens,
+        position_ids=batch.position_ids,  # unused: Nemotron-H has no position embedding
         attention_mask=None,  # causal masking is built into the attention layers
         labels=labels,
-        media=batch.get("media"),  # omni_train.data.media.Media, or None for text-only
+        media=batch.media,
         packed_seq_params=packed,
         cp_index=cp_index,
     )
