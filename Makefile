@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python benchmarks/equivalence.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mamba_scan.py --out benchmarks/results/mamba_scan_cpu.md
 	$(BIN)/python benchmarks/data_throughput.py --data $(SYNTH) --out benchmarks/results/data_throughput_cpu.md
+	$(BIN)/python benchmarks/convert_rows.py --rows 100000 --out benchmarks/results/convert_rows_cpu.md
 	$(BIN)/python benchmarks/packing.py
 	$(BIN)/python benchmarks/hf_checkpoint.py --out benchmarks/results/hf_checkpoint_cpu.md
 

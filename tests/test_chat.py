@@ -8,7 +8,15 @@ import json
 import pytest
 
 from omni_train.config.schema import MediaTokenConfig, TokenizerConfig
-from omni_train.data.chat import AudioPlan, ImagePlan, VideoPlan, frame_label, layout, prompt
+from omni_train.data.chat import (
+    AudioPlan,
+    ImagePlan,
+    VideoPlan,
+    check_template,
+    frame_label,
+    layout,
+    prompt,
+)
 from omni_train.data.conversation import SampleError, parse_conversation
 from omni_train.data.tokenizer import (
     TINY_DIR,
@@ -126,6 +134,12 @@ def test_a_folder_template_renders_the_conversation(tmp_path, tok):
     dropping = Tokenizer(TokenizerConfig(path=str(tmp_path)))
     with pytest.raises(SampleError, match="placeholder_mismatch"):
         layout(turns, [ImagePlan(2, 2)], dropping)
+    # ... and the start-up check stops the job before any data is read, with the fix
+    check_template(other)
+    with pytest.raises(
+        ValueError, match=r"its chat template cannot lay out .* chat_template.jinja"
+    ):
+        check_template(dropping)
 
 
 def test_media_strings_in_text_are_refused(tok):

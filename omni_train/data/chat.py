@@ -342,3 +342,29 @@ def _pieces(ids, offsets, starts, attrs, runs, tok: Tokenizer) -> Layout:
     if next(todo, None) is not None:
         raise AssertionError("placeholder runs left over: the tokenizer merged a placeholder")
     return out
+
+
+def check_template(tok: Tokenizer, mode: str = "processor") -> None:
+    """Start-up check: the chat template keeps one placeholder per media part and the
+    assistant content in place (a probe conversation), so a template that cannot be used stops
+    the job here with a fix, instead of skipping every sample."""
+    from omni_train.data.conversation import Part
+
+    probe = [
+        Turn("user", (Part("text", text="What is shown?"), Part("image", member="a.png"))),
+        Turn("assistant", (Part("text", text="A square."),)),
+    ]
+    try:
+        ids, loss = layout(probe, [ImagePlan(2, 2)], tok, mode).materialize()
+    except SampleError as e:
+        raise ValueError(
+            f"data.tokenizer.path={tok.cfg.path!r}: its chat template cannot lay out a "
+            f"conversation ({e}); give the folder a template that renders each message's "
+            "content string as it is (a chat_template.jinja beside tokenizer.json)"
+        ) from None
+    learned = [i for i, on in zip(ids, loss, strict=True) if on]
+    if learned[: len(tok.encode("A square."))] != tok.encode("A square."):
+        raise ValueError(
+            f"data.tokenizer.path={tok.cfg.path!r}: its chat template changes the assistant's "
+            "text, so the loss cannot be placed on it; use a template that keeps it verbatim"
+        )

@@ -30,6 +30,7 @@ from megatron.energon import (
 
 from omni_train.config import JobConfig
 from omni_train.data import blends
+from omni_train.data.chat import check_template
 from omni_train.data.conversation import REASONS, SkipLimitError
 from omni_train.data.microbatch import MicroBatch
 from omni_train.data.task_encoder import OmniBatch, OmniTaskEncoder
@@ -315,6 +316,7 @@ def build_energon_data(cfg: JobConfig, ps, device: torch.device):
     the tokenizer against the model first."""
     tok = load_tokenizer(cfg.data.tokenizer)
     check_media_ids(tok, cfg.model.media_tokens, cfg.model.vocab_size)
+    check_template(tok, cfg.data.layout)
     train = EnergonBatches(
         cfg,
         dp_size=ps.dp,
