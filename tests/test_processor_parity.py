@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 
 from omni_train.config.schema import AudioConfig, TokenizerConfig, VisionConfig
-from omni_train.data import media_io
+from omni_train.data import media_io, tokens
 from omni_train.data.chat import prompt
 from omni_train.data.conversation import parse_conversation
 from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
 from omni_train.data.tokenizer import TINY_DIR
-from omni_train.datatools import encode, tokens
+from omni_train.datatools import encode
 from omni_train.model.vision import patchify
 
 pytestmark = pytest.mark.skipif(

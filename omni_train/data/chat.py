@@ -323,9 +323,11 @@ def _pieces(ids, offsets, starts, attrs, runs, tok: Tokenizer) -> Layout:
     todo = iter(runs)
     current: list[int] = []
     key = None
-    for tid, (a, _) in zip(ids, offsets, strict=True):
-        seg = bisect.bisect_right(starts, a) - 1
-        loss, owner = attrs[seg]
+    for tid, (a, b) in zip(ids, offsets, strict=True):
+        # owner by the token's first character; loss by its last, so that a token which
+        # carries the space before the answer (" A") learns the answer
+        owner = attrs[bisect.bisect_right(starts, a) - 1][1]
+        loss = attrs[bisect.bisect_right(starts, max(a, b - 1)) - 1][0]
         if tid in placeholders:
             if current:
                 out.add(current, *key)
@@ -362,8 +364,8 @@ def check_template(tok: Tokenizer, mode: str = "processor") -> None:
             f"conversation ({e}); give the folder a template that renders each message's "
             "content string as it is (a chat_template.jinja beside tokenizer.json)"
         ) from None
-    learned = [i for i, on in zip(ids, loss, strict=True) if on]
-    if learned[: len(tok.encode("A square."))] != tok.encode("A square."):
+    learned = tok.hf.decode([i for i, on in zip(ids, loss, strict=True) if on])
+    if not learned.strip().startswith("A square."):
         raise ValueError(
             f"data.tokenizer.path={tok.cfg.path!r}: its chat template changes the assistant's "
             "text, so the loss cannot be placed on it; use a template that keeps it verbatim"
