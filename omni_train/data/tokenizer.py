@@ -153,9 +153,7 @@ class Tokenizer:
     def render(self, messages: list[dict]) -> str:
         """A conversation (``role`` and string ``content`` per message) through the chat
         template, as text."""
-        return self.hf.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False
-        )
+        return self.hf.apply_chat_template(messages, tokenize=False)
 
     def media_strings_in(self, text: str) -> list[str]:
         """Media placeholder/marker strings that occur in ``text`` (they would forge media)."""

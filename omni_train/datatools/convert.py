@@ -130,7 +130,7 @@ def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
 # ---- one row -> a sample ------------------------------------------------------------------
 
 
-def convert_row(where: str, row, default_key: str, opts: Options) -> RawSample:
+def convert_row(row, default_key: str, opts: Options) -> RawSample:
     """One row in any known format -> a sample, or raise ConvertError."""
     if isinstance(row, ConvertError):
         raise row
@@ -345,7 +345,7 @@ def _cut(row: dict, opts: Options):
     except (RuntimeError, TypeError, ValueError):
         length = None
     if offset <= 0 and length is not None and float(duration) >= length - 0.01:
-        return path  # the whole file
+        return {"bytes": data, "path": path}  # the whole file, as read
     from omni_train.data.media_io import MediaError, decode_audio
     from omni_train.datatools.encode import encode_flac
 
@@ -439,7 +439,7 @@ def _member(source, members: dict, named: dict, opts: Options) -> str:
 def _work(item: tuple) -> tuple[str, object]:
     where, row, default_key, opts = item
     try:
-        return where, convert_row(where, row, default_key, opts)
+        return where, convert_row(row, default_key, opts)
     except ConvertError as e:
         return where, e
 
@@ -517,4 +517,4 @@ def sample_from_line(line: str, root: Path, default_key: str) -> RawSample:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ConvertError("bad_json", f"not JSON ({e})") from None
-    return convert_row("", row, default_key, Options(root))
+    return convert_row(row, default_key, Options(root))

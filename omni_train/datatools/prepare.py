@@ -42,6 +42,12 @@ class RawSample:
     conversation: dict
     members: dict[str, bytes]  # member name (e.g. "img0.png") -> bytes
 
+    def tar_members(self) -> dict[str, bytes]:
+        """Every member as a shard stores it: ``json`` (the conversation), then the media
+        members in name order (what ``cook_raw`` and energon read back)."""
+        conversation = json.dumps(self.conversation, sort_keys=True).encode()
+        return {"json": conversation, **{m: self.members[m] for m in sorted(self.members)}}
+
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -82,9 +88,8 @@ class ShardWriter:
             path = self.out_dir / self.names[-1]
             # kept open across add() calls, closed by flush(): a context manager cannot span them
             self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        _add(self._tar, f"{s.key}.json", json.dumps(s.conversation, sort_keys=True).encode())
-        for member in sorted(s.members):
-            _add(self._tar, f"{s.key}.{member}", s.members[member])
+        for member, data in s.tar_members().items():
+            _add(self._tar, f"{s.key}.{member}", data)
         self._count += 1
         if self._count == self.size:
             self.flush()

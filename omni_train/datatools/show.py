@@ -9,7 +9,6 @@ line that cannot be used is reported with its line number and skip reason, and c
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -68,20 +67,11 @@ def _runs(flags: list[bool]) -> str:
 def show(jsonl: str | Path, media_root: str | Path, cfg) -> tuple[list[dict], Counter]:
     """One record per line of ``jsonl`` (samples in the ``data convert`` format), and the
     skip reasons counted."""
-    from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
+    from omni_train.data.loader import task_encoder
+    from omni_train.data.task_encoder import cook_raw
     from omni_train.datatools.convert import ConvertError, sample_from_line
 
-    encoder = OmniTaskEncoder(
-        tokenizer=cfg.data.tokenizer,
-        vision=cfg.model.vision,
-        audio=cfg.model.audio,
-        context_length=cfg.trainer.seq_length,
-        layout=cfg.data.layout,
-        video_fps=cfg.data.video_fps,
-        max_video_frames=cfg.data.max_video_frames,
-        training=False,
-        over_long=cfg.data.over_long,
-    )
+    encoder = task_encoder(cfg, training=False)  # the evaluation stream's: no random budgets
     rate = cfg.model.audio.sample_rate if cfg.model.audio else 16000
     records, skipped = [], Counter()
     for lineno, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
@@ -89,8 +79,7 @@ def show(jsonl: str | Path, media_root: str | Path, cfg) -> tuple[list[dict], Co
             continue
         try:
             raw = sample_from_line(line, Path(media_root), f"line_{lineno}")
-            members = {"json": json.dumps(raw.conversation).encode(), **raw.members}
-            planned = encoder.plan(cook_raw(raw.key, members))
+            planned = encoder.plan(cook_raw(raw.key, raw.tar_members()))
         except (ConvertError, SampleError) as e:
             skipped[e.reason] += 1
             records.append({"line": lineno, "skipped": e.reason, "error": str(e)})

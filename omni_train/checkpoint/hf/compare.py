@@ -70,8 +70,7 @@ def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[P
         if not line.strip():
             continue
         raw = sample_from_line(line, Path(media_root), f"line_{lineno}")
-        members = {"json": json.dumps(raw.conversation).encode(), **raw.members}
-        s = encoder.encode(cook_raw(raw.key, members))
+        s = encoder.encode(cook_raw(raw.key, raw.tar_members()))
         media = Media(
             images=s.images,
             image_sample=[0] * len(s.images),
