@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from omni_train.model.cpu_mamba import ssd_chunk_scan
+from omni_train.platform.kernels.mamba import ssd_chunk_scan
 
 HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 32, 64, 128, 4, 128
 

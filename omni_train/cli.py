@@ -1,7 +1,8 @@
 """``omni-train``: the command-line front door.
 
 omni-train run [--nproc-per-node N] stage=smoke model=tiny [overrides]
-    launches ``torchrun -m omni_train.train`` with the same overrides (same code path);
+    launches ``torchrun -m omni_train.train`` with the same overrides (same code path); on
+    several nodes, the same command on each with ``--nnodes N --rdzv-endpoint HOST:PORT``;
 omni-train run --dry-run stage=stage6_omni_sft_256k [--rank R] [--json]
     resolves the stage's full-scale layout in one CPU process (fake process groups, meta
     device): group sizes and per-rank parameter, gradient and optimizer memory;
@@ -55,9 +56,13 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         node_rank=args.node_rank,
         master_addr=args.master_addr,
         master_port=args.master_port,
-        endpoint=args.rdzv_endpoint,
+        endpoint=args.rdzv_endpoint or None,
+        run_id=args.rdzv_id,
     )
-    if not args.no_plan and args.node_rank in (None, 0):  # one verdict per job, not per node
+    # One verdict per job, not per node. c10d numbers the nodes only once torchrun runs, so
+    # there Slurm's node id stands in (a job started by hand prints it on every node).
+    node = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
+    if not args.no_plan and node == 0:
         _print_verdict(overrides)
     # Pre-flight here, in one process, before torchrun starts N of them (a bad config, an
     # unwritable or full output folder, a folder another run holds, a refused resume/handoff).
@@ -260,10 +265,21 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run one stage (launches torchrun)")
     run.add_argument("--nproc-per-node", type=int, default=1)
     run.add_argument("--nnodes", type=int, default=1)
+    run.add_argument(
+        "--rdzv-endpoint",
+        default="",
+        help="c10d rendezvous (nnodes > 1; the same command on every node): HOST[:PORT] of one "
+        "of the nodes, port 29400 if left out",
+    )
+    run.add_argument(
+        "--rdzv-id",
+        default=None,
+        help="with --rdzv-endpoint: the job's id, the same on every node (default "
+        "$SLURM_JOB_ID, else 'omni-train')",
+    )
     run.add_argument("--node-rank", type=int, default=None, help="this node (static rendezvous)")
     run.add_argument("--master-addr", default=None, help="with --node-rank: node 0's address")
-    run.add_argument("--master-port", type=int, default=29500, help="with --node-rank")
-    run.add_argument("--rdzv-endpoint", default="", help="host:port of node 0 when nnodes > 1")
+    run.add_argument("--master-port", type=int, default=None, help="with --node-rank (29500)")
     run.add_argument(
         "--dry-run", action="store_true", help="resolve the layout and memory; launch nothing"
     )
@@ -350,14 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown option(s) {bad}; overrides look like key=value")
     if args.command == "checkpoint" and args.action != "compare-hf" and not args.out:
         parser.error(f"checkpoint {args.action} needs --out DIR")
-    multinode = args.command == "run" and args.nnodes > 1 and not args.dry_run
-    if multinode and not args.rdzv_endpoint and args.node_rank is None:
-        parser.error(
-            "--nnodes > 1 needs --node-rank R --master-addr HOST (static, e.g. under Slurm) or "
-            "--rdzv-endpoint HOST:PORT"
-        )
-    if args.command == "run" and args.node_rank is not None and not args.master_addr:
-        parser.error("--node-rank needs --master-addr (node 0's address)")
     try:
         return args.func(args, overrides)
     except ValueError as e:

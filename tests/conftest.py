@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite tests the CPU platform, also on a GPU host: every process it starts (torchrun ranks
+# included) inherits these. Tests of the GPU-side choice fake CUDA in a child process.
+os.environ["OMNI_TRAIN_PLATFORM"] = "cpu"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def pytest_configure(config) -> None:

@@ -1,4 +1,4 @@
-"""CPU Mamba2 kernels (omni_train.model.cpu_mamba) against naive step-by-step references.
+"""CPU Mamba2 kernels (omni_train.platform.kernels.mamba) against naive step-by-step references.
 
 The references below loop over time in float64 and implement the recurrence literally, so
 they share no code (and no chunking or masking tricks) with the chunked implementation.
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni_train.model.cpu_mamba import (
+from omni_train.platform.kernels.mamba import (
     TorchGatedRMSNorm,
     causal_conv1d,
     gated_rms_norm,

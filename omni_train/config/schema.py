@@ -432,6 +432,10 @@ class TrainerConfig:
     exit_after_steps: int = 0
     seed: int = 1234
     precision: str = "bf16"  # "bf16" | "fp32"
+    # Initialise every weight full-size from the CPU RNG and slice it per TP rank, so TP=1 and
+    # TP=2 start from the same model on GPU too (the CPU always does). false: megatron's
+    # per-rank GPU init, faster for 30B when the weights come from a checkpoint anyway.
+    tp_invariant_init: bool = True
 
     def __post_init__(self) -> None:
         _positive(

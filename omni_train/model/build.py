@@ -39,9 +39,11 @@ def _common(cfg: JobConfig, platform: Platform, init: bool) -> dict:
         pipeline_model_parallel_size=cfg.parallel.pp,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # CPU init draws each full weight from the CPU RNG before slicing it, so TP layouts
-        # start from identical global weights; on GPU weights are initialised in place.
-        use_cpu_initialization=not platform.is_cuda,
+        # CPU init draws each full weight from the CPU RNG before slicing it, so every TP layout
+        # starts from identical global weights, on every platform (then the model moves to the
+        # device). Off: megatron's per-rank init on the GPU (faster at 30B scale; weights then
+        # depend on the TP layout, which does not matter when they come from a checkpoint).
+        use_cpu_initialization=cfg.trainer.tp_invariant_init or not platform.is_cuda,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -50,7 +52,7 @@ def _common(cfg: JobConfig, platform: Platform, init: bool) -> dict:
         bias_dropout_fusion=False,
         bias_activation_fusion=False,
         apply_rope_fusion=False,
-        masked_softmax_fusion=platform.is_cuda,
+        masked_softmax_fusion=platform.has_transformer_engine,
         gradient_accumulation_fusion=False,
     )
 
@@ -73,7 +75,7 @@ def transformer_config(cfg: JobConfig, platform: Platform, init: bool = True) ->
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_router_dtype="fp32" if m.moe_router_fp32 else None,
             moe_token_dispatcher_type=p.moe_token_dispatcher,
-            moe_grouped_gemm=platform.has_transformer_engine,
+            moe_grouped_gemm=platform.experts == "te_grouped",
             moe_permute_fusion=False,
         )
     return TransformerConfig(

@@ -4,7 +4,7 @@ The released Nemotron-H (transformers ``nemotron_h``: ``NemotronHMamba2Mixer``) 
 processed time step ``softplus(dt + dt_bias)`` below at ``time_step_min`` (1e-3) in every scan;
 megatron-core 0.16.1's ``MambaMixer`` passes no ``dt_limit`` to its scan kernels, so it does not
 clamp (about 1e-4 relative logit difference on the released weights). Both kernels we run take
-``dt_limit``: mamba-ssm's Triton scans (GPU) and ``omni_train.model.cpu_mamba`` (CPU, patched
+``dt_limit``: mamba-ssm's Triton scans (GPU) and ``omni_train.platform.kernels.mamba`` (CPU, patched
 into the same module attribute), so the subclass only adds the keyword; parameters, sharding and
 checkpoints are megatron's. ``dt_clamp_min=0`` is megatron's behaviour.
 

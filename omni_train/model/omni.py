@@ -27,7 +27,7 @@ from omni_train.config import ModelConfig
 from omni_train.config.schema import RecomputeConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
-from omni_train.model.cpu_attention import segment_ids  # pure PyTorch; used on both platforms
+from omni_train.platform.kernels.attention import segment_ids  # pure PyTorch; used on both platforms
 from omni_train.model.recompute import recomputed
 
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")

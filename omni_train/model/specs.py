@@ -1,12 +1,14 @@
-"""megatron-core module specs for every part of the model, one leaf set per platform.
+"""megatron-core module specs for every part of the model, leaves chosen by the platform.
 
-GPU: Transformer Engine layers (fused norm+linear, TE attention incl. THD packed sequences,
-TE grouped-GEMM experts) and mamba-ssm mixers, as megatron-core's own ``mamba_stack_spec`` and
+With Transformer Engine (CUDA): TE layers (fused norm+linear, TE attention incl. THD packed
+sequences, TE grouped-GEMM experts), as megatron-core's own ``mamba_stack_spec`` and
 ``get_vit_layer_with_transformer_engine_spec``.
-CPU: the same megatron layer classes (TransformerLayer, MLPLayer, MoETransformerLayer, MambaLayer,
-MambaMixer, SelfAttention, MLP, MoELayer) with pure-PyTorch leaves from ``cpu_layers`` /
-``cpu_attention`` (and the Mamba2 kernels patched in by the CPU platform). Parameter names and
-shapes are the same on both, so checkpoints move between platforms.
+Without it (the CPU, or CUDA without TE): the same megatron layer classes (TransformerLayer,
+MLPLayer, MoETransformerLayer, MambaLayer, MambaMixer, SelfAttention, MLP, MoELayer) with
+pure-PyTorch leaves from ``omni_train.platform.kernels`` (attention: SDPA on the CPU,
+FlexAttention on CUDA). The Mamba2 kernels are mamba-ssm's or ours, chosen by the platform
+(``omni_train.platform.standins``). Parameter names and shapes are the same everywhere, so
+checkpoints move between platforms.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from omni_train.config import ModelConfig
-from omni_train.model.cpu_attention import TorchDotProductAttention
-from omni_train.model.cpu_layers import TorchNorm, TorchNormColumnParallelLinear
+from omni_train.platform.kernels.attention import (
+    FlexDotProductAttention,
+    TorchDotProductAttention,
+)
+from omni_train.platform.kernels.layers import TorchNorm, TorchNormColumnParallelLinear
 from omni_train.platform import Platform
 
 
@@ -48,8 +53,8 @@ class Leaves:
 
 
 def platform_leaves(platform: Platform) -> Leaves:
-    """TE leaves under CUDA (required there), pure-PyTorch leaves on the CPU platform."""
-    if platform.is_cuda and platform.has_transformer_engine:
+    """TE leaves where the platform uses Transformer Engine, pure-PyTorch leaves elsewhere."""
+    if platform.linear == "te":
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,
             TELayerNormColumnParallelLinear,
@@ -64,13 +69,13 @@ def platform_leaves(platform: Platform) -> Leaves:
             TEDotProductAttention,
             True,
         )
-    if platform.is_cuda:
-        raise RuntimeError(
-            "CUDA is present but Transformer Engine is not importable; run inside an NVIDIA "
-            "PyTorch/NeMo container or install the [gpu] extra (see docs/gpu.md)"
-        )
+    attention = {"flex": FlexDotProductAttention, "sdpa": TorchDotProductAttention}
     return Leaves(
-        TorchNormColumnParallelLinear, RowParallelLinear, TorchNorm, TorchDotProductAttention, False
+        TorchNormColumnParallelLinear,
+        RowParallelLinear,
+        TorchNorm,
+        attention[platform.attention],
+        False,
     )
 
 

@@ -1,62 +1,73 @@
-"""Which platform this process runs on, and what that implies for megatron-core.
+"""The platform: what this process runs on, the building blocks chosen for it, and the patches
+megatron-core needs there. One package, split by kind:
 
-GPU (CUDA present): NCCL, Transformer Engine / mamba-ssm layer specs, no patches.
-CPU (no CUDA): gloo, pure-PyTorch layer specs, and ``cpu_patches`` applied once.
-The choice is automatic; ``OMNI_TRAIN_PLATFORM=cpu`` forces the CPU path on a GPU machine
-(for CPU-vs-GPU comparisons), never the other way round.
+* ``capabilities``: detection (device, libraries) and the choice of each block;
+* ``registry``: how a patch is declared, applied and checked;
+* ``device``: patches for the CPU device (torch proxy, CPU RNG, gloo collectives);
+* ``standins``: missing-library patches (Transformer Engine, mamba-ssm, fused Adam, Triton);
+* ``kernels``: the pure-PyTorch kernels the stand-ins and the layer specs use (attention,
+  norms and norm+linear, the Mamba2 scan, tensor ops), on any device.
+
+:func:`setup` is called once per process before anything is built; the chosen blocks are
+logged. ``OMNI_TRAIN_PLATFORM=cpu`` selects the CPU device on a GPU host (comparisons, tests);
+``OMNI_TRAIN_PLATFORM=cuda`` insists on a GPU.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+import sys
 from functools import cache
 
 import torch
 
+from omni_train.platform import registry
+from omni_train.platform.capabilities import Libraries, Platform, choose, forced_platform, probe
 
-@dataclass(frozen=True)
-class Platform:
-    name: str  # "cuda" | "cpu"
-    backend: str  # torch.distributed backend
-    device: torch.device
-    has_transformer_engine: bool
+__all__ = ["Libraries", "Platform", "check_patches", "detect", "patched_modules", "setup"]
 
-    @property
-    def is_cuda(self) -> bool:
-        return self.name == "cuda"
-
-
-def _has_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # TE raises OSError/RuntimeError, not only ImportError, without CUDA
-        return False
-    return True
+log = logging.getLogger(__name__)
 
 
 @cache
 def detect() -> Platform:
-    forced = os.environ.get("OMNI_TRAIN_PLATFORM", "").lower()
-    if forced not in ("", "cpu", "cuda"):
-        raise ValueError(f"OMNI_TRAIN_PLATFORM={forced!r}: use 'cpu', 'cuda' or leave it unset")
-    cuda = torch.cuda.is_available() and forced != "cpu"
-    if forced == "cuda" and not cuda:
-        raise ValueError("OMNI_TRAIN_PLATFORM=cuda but torch sees no CUDA device")
-    if cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return Platform("cuda", "nccl", torch.device("cuda", local_rank), _has_transformer_engine())
-    return Platform("cpu", "gloo", torch.device("cpu"), False)
+    """This process's platform (libraries probed once)."""
+    return choose(probe(), forced_platform(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @cache
 def setup() -> Platform:
     """Detect the platform and prepare megatron-core for it. Call before building anything."""
+    from omni_train.platform import device, standins
+
     platform = detect()
+    standins.provide_tensor_ops()
     if platform.is_cuda:
         torch.cuda.set_device(platform.device)
     else:
-        from omni_train.platform.cpu_patches import apply_cpu_patches
-
-        apply_cpu_patches()
+        device.quiet_rng_warning()
+    sets = registry.patch_sets()
+    for name in platform.patch_sets:
+        registry.apply(sets[name])
+    log.info("%s", platform.describe())
     return platform
+
+
+def check_patches() -> list[str]:
+    """Problems with any patch of any set (targets gone, patches no longer needed), whatever
+    this process's platform: the suite runs it so a megatron-core upgrade fails loudly."""
+    from omni_train.platform import standins
+
+    standins.provide_tensor_ops()  # else ssm.mamba_mixer cannot even be imported
+    return [p for s in registry.patch_sets().values() for p in registry.check(s)]
+
+
+def patched_modules() -> list[str]:
+    """Names of the megatron modules whose ``torch`` is currently a proxy."""
+    return [
+        t.module
+        for s in registry.patch_sets().values()
+        for t in s.proxies
+        if t.module in sys.modules and sys.modules[t.module].torch is s.proxy
+    ]

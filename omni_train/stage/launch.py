@@ -37,30 +37,89 @@ from omni_train.stage.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_
 _HEADROOM = 1.1  # free space wanted beyond the estimated checkpoint size
 
 
+DEFAULT_RUN_ID = "omni-train"
+C10D_PORT = 29400  # torchrun's own default for a c10d endpoint without a port
+
+
+def default_run_id(environ=os.environ) -> str:
+    """The c10d rendezvous id when none is given: every node of a Slurm job sees the same
+    ``SLURM_JOB_ID`` (and a requeued job keeps it); elsewhere a constant, which is enough while
+    one job at a time uses an endpoint."""
+    return environ.get("SLURM_JOB_ID") or DEFAULT_RUN_ID
+
+
 @dataclass(frozen=True)
 class Rendezvous:
-    """How this node's torchrun finds the others: one node (``--standalone``), a static
-    rendezvous where every node knows its rank (Slurm: ``node_rank`` + ``master_addr``), or a
-    c10d ``endpoint`` (host:port of node 0)."""
+    """How this node's torchrun finds the others. Raises ``ValueError`` for a combination
+    torchrun would misread, since the misreading shows only as a hang or a wrong world.
+
+    - one node, nothing else given: ``--standalone`` (a private store on a free port);
+    - ``endpoint`` (host[:port], one of the nodes): c10d. Every node runs the same command
+      and the rendezvous numbers the nodes, so nothing per node has to be known; what Slurm
+      uses. ``run_id`` must be the same on every node (see :func:`default_run_id`);
+    - ``node_rank`` + ``master_addr``: static. Each node is told its rank, node 0 hosts the
+      store; valid torchrun usage for schedulers that hand out node ranks themselves.
+
+    A bare ``--rdzv-endpoint`` without ``--rdzv-backend=c10d`` would be torchrun's static
+    backend with every node claiming node rank 0, which is why c10d is always spelled out.
+    """
 
     nnodes: int = 1
     node_rank: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
     endpoint: str | None = None
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
+        static = self.node_rank is not None
+        if static and self.endpoint:
+            raise ValueError(
+                "--node-rank (static rendezvous) and --rdzv-endpoint (c10d) are two ways to "
+                "find the other nodes; give one"
+            )
+        if self.nnodes > 1 and not static and not self.endpoint:
+            raise ValueError(
+                "--nnodes > 1 needs --rdzv-endpoint HOST:PORT (c10d: the same command on "
+                "every node) or --node-rank R --master-addr HOST (static)"
+            )
+        if static and not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if static and not self.master_addr:
+            raise ValueError("--node-rank needs --master-addr (node 0's address)")
+        if not static and (self.master_addr or self.master_port is not None):
+            raise ValueError("--master-addr and --master-port go with --node-rank (static)")
+        if self.run_id is not None and not self.endpoint:
+            raise ValueError("--rdzv-id goes with --rdzv-endpoint (c10d)")
+        if self.endpoint and not self.endpoint.rsplit(":", 1)[0].strip("[]"):
+            raise ValueError(f"--rdzv-endpoint needs a host: HOST[:PORT], got {self.endpoint!r}")
+
+    @property
+    def backend(self) -> str:
+        if self.endpoint:
+            return "c10d"
+        return "static" if self.node_rank is not None else "standalone"
 
     def torchrun_args(self) -> list[str]:
         args = [f"--nnodes={self.nnodes}"]
-        if self.nnodes == 1 and self.node_rank is None:
+        if self.backend == "standalone":
             return [*args, "--standalone"]
-        if self.node_rank is not None:
+        if self.backend == "static":
             return [
                 *args,
+                "--rdzv-backend=static",
                 f"--node-rank={self.node_rank}",
                 f"--master-addr={self.master_addr}",
                 f"--master-port={self.master_port or 29500}",
             ]
-        return [*args, f"--rdzv-endpoint={self.endpoint}"]
+        return [
+            *args,
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id or default_run_id()}",
+        ]
 
 
 def torchrun_command(nproc: int, *target: str, rendezvous: Rendezvous = Rendezvous()) -> list[str]:

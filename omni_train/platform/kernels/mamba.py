@@ -366,7 +366,7 @@ def mamba_split_conv1d_scan_combined(
     """
     if unused.get("initial_states") is not None or unused.get("return_final_states"):
         raise NotImplementedError(
-            "cpu_mamba.mamba_split_conv1d_scan_combined supports the training path only "
+            "kernels.mamba.mamba_split_conv1d_scan_combined supports the training path only "
             "(no initial_states / return_final_states)"
         )
     if D.dim() == 1:
