@@ -12,19 +12,37 @@ REFERENCE_TORCHVISION := torchvision==0.28.0
 REFERENCE := $(VENV)/reference/.installed
 CONSTRAINTS := requirements/constraints-cpu.txt
 TORCH_PIN := $(shell grep '^torch==' $(CONSTRAINTS))
+# Where `setup` takes torch from. Empty: pip's own configuration decides, and a public PyPI serves
+# Linux the multi-GB CUDA build, which runs on the CPU too. For the CPU build from any machine:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Only a venv without torch takes it from here; to switch builds, remove .venv first.
+TORCH_INDEX ?=
 # Two ranks on two cores: one thread each, or they fight over the cores.
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup curriculum smoke smoke-text test test-slow bench plan activation-costs lint format lock clean
+.PHONY: setup curriculum smoke smoke-text smoke-gpu test test-slow test-slurm bench plan activation-costs lint format lock clean
 
 setup: $(STAMP) $(REFERENCE)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first, alone: any later resolver run then sees it installed and never pulls a CUDA build.
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)"
+	@if $(BIN)/python -c "import importlib.metadata as m; m.version('torch')" 2>/dev/null; then \
+	  echo "setup: torch is already in $(VENV); kept"; \
+	elif [ -n "$(TORCH_INDEX)" ]; then \
+	  echo "setup: installing $(TORCH_PIN) from $(TORCH_INDEX)"; \
+	  $(BIN)/pip install -q --no-deps --index-url "$(TORCH_INDEX)" "$(TORCH_PIN)"; \
+	else \
+	  echo "setup: installing $(TORCH_PIN) from pip's own index settings (PyPI, whose Linux" \
+	    "build is the CUDA one, unless configured otherwise; TORCH_INDEX chooses):"; \
+	  $(BIN)/pip config list | grep -E 'index-url|find-links' | sed 's/^/  /' || true; \
+	  $(BIN)/pip install -q "$(TORCH_PIN)"; \
+	fi
+	@# --no-deps above: torch's own dependencies come from here, pinned, not from the torch index.
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,audio]"
+	@$(BIN)/python -c "import torch; print('setup: torch', torch.__version__, \
+	  f'(CUDA {torch.version.cuda} build)' if torch.version.cuda else '(CPU build)')"
 	@touch $(STAMP)
 
 $(REFERENCE): | $(STAMP)
@@ -49,11 +67,38 @@ smoke: setup
 smoke-text: setup
 	$(BIN)/omni-train run --nproc-per-node 2 stage=smoke model=tiny parallel=tp2
 
+# GPU smoke (never run by this repository's CI: it has no GPU): the omni smoke stage in bf16 with
+# packing on NGPUS GPUs of this machine: 1 -> one process; 2 -> TP2+SP, then CP2, then EP2, each a
+# fresh run. In NVIDIA's container or any CUDA PyTorch with omni-train installed, GPU_PYTHON is
+# that interpreter (`python`, default), not the CPU venv. OMNI_TRAIN_PLATFORM=cuda makes a run
+# without a GPU fail instead of falling back to the CPU; SMOKE_PLATFORM=cpu runs the same recipes
+# on the CPU (what this repository's tests check of this target).
+NGPUS ?= 1
+GPU_PYTHON ?= python
+SMOKE_PLATFORM ?= cuda
+SMOKE_LAYOUTS := $(if $(filter 1,$(NGPUS)),single,tp2 cp2 ep2)
+smoke-gpu:
+	OMNI_TRAIN_PLATFORM=$(SMOKE_PLATFORM) $(GPU_PYTHON) -m omni_train.cli data synth --out $(SYNTH) --samples 64 --seed 0
+	@for layout in $(SMOKE_LAYOUTS); do \
+	  echo "smoke-gpu: parallel=$$layout on $(NGPUS) $(SMOKE_PLATFORM) process(es)"; \
+	  rm -rf runs/smoke_gpu/$$layout; \
+	  OMNI_TRAIN_PLATFORM=$(SMOKE_PLATFORM) $(GPU_PYTHON) -m omni_train.cli run --no-plan \
+	    --nproc-per-node $(NGPUS) stage=smoke_omni_gpu model=tiny parallel=$$layout \
+	    data.synthetic_root=$(SYNTH) checkpoint.output_dir=runs/smoke_gpu/$$layout || exit 1; \
+	done
+
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --timeout 900
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --timeout 1800 -m slow
+
+# launchers/slurm.sbatch under a real one-node Slurm (Debian's slurmctld/slurmd/munge, installed
+# on first use: needs root and apt; daemons and jobs in runs/slurm/, stopped at the end): the
+# smoke stage on the CPU with 2 ranks, GPUs per node from Slurm, SIGUSR1 -> checkpoint ->
+# requeue -> resume. About 3 minutes; not part of `make test`.
+test-slurm: setup
+	$(BIN)/python -m pytest -q --timeout 1200 -m slurm tests/test_slurm.py
 
 # Parallel-layout equivalence, the CPU Mamba2 scan, data throughput, packing and HF checkpoint
 # import/export (about 16 minutes on 2 cores; the last writes ~12 GB of scratch files);
@@ -79,17 +124,32 @@ activation-costs: setup
 	$(BIN)/python benchmarks/activation_costs.py --model $(MODEL) --tp $(TP) --out benchmarks/results/activation_costs_cpu.md
 
 lint: setup
-	$(BIN)/ruff check omni_train tests benchmarks
-	$(BIN)/ruff format --check omni_train tests benchmarks
+	$(BIN)/ruff check omni_train tests benchmarks docker
+	$(BIN)/ruff format --check omni_train tests benchmarks docker
 
 format: setup
-	$(BIN)/ruff format omni_train tests benchmarks
-	$(BIN)/ruff check --fix omni_train tests benchmarks
+	$(BIN)/ruff format omni_train tests benchmarks docker
+	$(BIN)/ruff check --fix omni_train tests benchmarks docker
 
-# Re-resolve the pinned stack after a dependency change in pyproject.toml.
+# Re-resolve the pinned stack after a dependency change in pyproject.toml (the GPU image's too).
 lock: setup
 	@{ head -2 $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > $(CONSTRAINTS).new
 	@mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	@$(MAKE) --no-print-directory lock-gpu
+
+.PHONY: lock-gpu docker-check
+
+# requirements/constraints-gpu.txt from the CPU pins: without what NVIDIA's container provides,
+# with the source-built mamba-ssm and causal-conv1d (docker/pins.py says which and why).
+lock-gpu:
+	$(PYTHON) docker/pins.py gpu
+
+# The GPU image's build, as far as this machine allows: the offline checks of
+# tests/test_docker_build.py, then every pin of constraints-gpu.txt looked up on PyPI for the
+# image's CPython 3.12 on x86_64 (network, under a minute), then `docker build` if a Docker engine
+# answers (the client alone is not enough; it says so and skips).
+docker-check: setup
+	$(BIN)/python docker/check_build.py --resolve --build
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -40,12 +40,11 @@ def test_copied_tree_alone_composes_every_stage(check, tmp_path):
     assert "stages composed" in done.stdout
 
 
-def test_checks_catch_a_missing_input(check, tmp_path, monkeypatch):
-    broken = (
-        check.DOCKERFILE.read_text()
-        .replace("COPY data_blends ./data_blends\n", "")
-        .replace("COPY requirements ./requirements", "COPY requirement ./requirements")
-    )
+def test_checks_catch_a_missing_input(check, tmp_path):
+    text = check.DOCKERFILE.read_text()
+    drop, typo = "COPY data_blends ./data_blends\n", "COPY requirements ./requirements"
+    assert drop in text and typo in text
+    broken = text.replace(drop, "").replace(typo, "COPY requirement ./requirements")
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text(broken)
     problems = check.image_problems(check.read_image(dockerfile))

@@ -13,6 +13,12 @@ Two ways in, kept apart on purpose:
   for the RNG streams (one per rank).
 * :func:`load_weights` starts a new run from another checkpoint: model weights only, resharded
   to the current layout by dist_checkpointing (e.g. saved at TP=2, loaded at TP=1).
+
+Across platforms: Transformer Engine layers add an ``_extra_state`` object per layer (FP8
+scaling metadata) that the PyTorch layers do not have. A checkpoint written without TE loads
+into a TE model with those objects left as initialised (no FP8 history: what a new FP8 run
+starts with), and a TE checkpoint loads into a PyTorch model with them ignored. Parameters
+must match exactly either way.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from omni_train.checkpoint.layout import LATEST as _LATEST
@@ -78,10 +85,49 @@ def _per_rank(name: str, ps: ParallelState, value) -> ShardedObject:
     return ShardedObject(name, value, (ps.world_size,), (ps.rank,), replica_id=0)
 
 
+_EXTRA_STATE = "_extra_state"
+
+
+def model_request(model, path: str | os.PathLike | None = None) -> dict:
+    """``model.sharded_state_dict()``, less the TE ``_extra_state`` objects ``path`` lacks
+    (a checkpoint written by PyTorch layers; see the module docstring)."""
+    sharded = model.sharded_state_dict()
+    if path is None or not any(k.endswith(_EXTRA_STATE) for k in sharded):
+        return sharded
+    saved = set(load_sharded_metadata(str(path)))
+    return {
+        k: v
+        for k, v in sharded.items()
+        if not (
+            isinstance(v, ShardedObject) and k.endswith(_EXTRA_STATE) and v.unique_key not in saved
+        )
+    }
+
+
+def load_model_state(model, state: dict, prefix: str = "") -> None:
+    """``model.load_state_dict(state)`` where only ``_extra_state`` entries may be absent (and
+    only keys under ``prefix`` are required)."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [
+        k for k in result.missing_keys if k.startswith(prefix) and not k.endswith(_EXTRA_STATE)
+    ]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint does not match the model{f' component {prefix[:-1]}' if prefix else ''}"
+            f": missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
 def _sharded_state(
-    model, optimizer, ps: ParallelState, *, is_loading: bool, data_rank: bytes | None = None
+    model,
+    optimizer,
+    ps: ParallelState,
+    *,
+    is_loading: bool,
+    data_rank: bytes | None = None,
+    path: Path | None = None,
 ) -> dict:
-    model_sd = model.sharded_state_dict()
+    model_sd = model_request(model, path if is_loading else None)
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(
@@ -171,9 +217,9 @@ def check_resumable(path: Path, world_size: int) -> None:
 def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG, data position and step from ``path``."""
     check_resumable(path, ps.world_size)
-    sharded = _sharded_state(model, optimizer, ps, is_loading=True)
+    sharded = _sharded_state(model, optimizer, ps, is_loading=True, path=path)
     loaded = dist_checkpointing.load(sharded, str(path))  # sharded entries + the common state
-    model.load_state_dict(loaded["model"])
+    load_model_state(model, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
@@ -195,18 +241,15 @@ def load_component_weights(path: str | os.PathLike, model, component: str) -> No
     """Load one component's weights (keys ``<component>.*``) from a torch_dist checkpoint,
     e.g. a pretrained LM or encoder for stage 0; the rest of ``model`` is left as it is."""
     prefix = f"{component}."
-    wanted = {k: v for k, v in model.sharded_state_dict().items() if k.startswith(prefix)}
+    wanted = {k: v for k, v in model_request(model, path).items() if k.startswith(prefix)}
     if not wanted:
         raise ValueError(f"the model has no weights under {prefix}*")
     # load() returns the sharded entries asked for plus the checkpoint's common state
     loaded = dist_checkpointing.load({"model": wanted}, str(path))["model"]
-    result = model.load_state_dict(loaded, strict=False)
-    missing = [k for k in result.missing_keys if k.startswith(prefix)]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not match component {component}: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+    try:
+        load_model_state(model, loaded, prefix)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 @torch.no_grad()
@@ -222,5 +265,5 @@ def load_weights(path: str | os.PathLike, model) -> None:
         raise FileNotFoundError(
             f"checkpoint.init_from={path} is not a torch_dist checkpoint (no metadata.json)"
         )
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(loaded["model"])
+    loaded = dist_checkpointing.load({"model": model_request(model, path)}, str(path))
+    load_model_state(model, loaded["model"])

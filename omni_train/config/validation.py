@@ -7,8 +7,12 @@ Split by topic; :func:`validate` runs them all.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omni_train.config.schema import JobConfig
+
+if TYPE_CHECKING:  # the config layer stays free of torch imports
+    from omni_train.platform.capabilities import Platform
 
 
 def check_layout(cfg: JobConfig, world_size: int) -> None:
@@ -300,6 +304,21 @@ def _check_splits(path: Path, cfg: JobConfig) -> None:
         raise ValueError(
             f"dataset {path} has no {split!r} shards but trainer.eval_iters="
             f"{cfg.trainer.eval_iters}; set trainer.eval_iters=0 or prepare a {split!r} split"
+        )
+
+
+def check_platform(cfg: JobConfig, platform: Platform) -> None:
+    """What the chosen building blocks can run; called once each rank knows its platform
+    (``omni_train.platform.setup``), before the model is built."""
+    # The ViT always packs its images (THD); synthetic token data has no images for it.
+    vision_runs = cfg.model.vision is not None and cfg.data.kind != "synthetic"
+    thd = cfg.data.packing.enabled or vision_runs
+    if platform.attention == "te" and cfg.trainer.precision == "fp32" and thd:
+        raise ValueError(
+            "trainer.precision=fp32 with packed (THD) sequences: Transformer Engine has no fp32 "
+            "attention backend for packed input (flash and cuDNN attention take bf16/fp16); "
+            "set trainer.precision=bf16 (the GPU smoke stage smoke_omni_gpu does), or "
+            "data.packing.enabled=false for a text-only model"
         )
 
 

@@ -27,8 +27,8 @@ from omni_train.config import ModelConfig
 from omni_train.config.schema import RecomputeConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
-from omni_train.platform.kernels.attention import segment_ids  # pure PyTorch; used on both platforms
 from omni_train.model.recompute import recomputed
+from omni_train.platform.kernels.attention import segment_ids  # pure PyTorch, any device
 
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
 # Named parts a stage may run in eval mode while they train (the CPE's random crop off).

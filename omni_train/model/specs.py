@@ -33,12 +33,12 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from omni_train.config import ModelConfig
+from omni_train.platform import Platform
 from omni_train.platform.kernels.attention import (
     FlexDotProductAttention,
     TorchDotProductAttention,
 )
 from omni_train.platform.kernels.layers import TorchNorm, TorchNormColumnParallelLinear
-from omni_train.platform import Platform
 
 
 @dataclass(frozen=True)

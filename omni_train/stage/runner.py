@@ -31,6 +31,7 @@ from omni_train.checkpoint import (
 )
 from omni_train.checkpoint.lock import LockedError, OutputLock
 from omni_train.config import JobConfig, config_hash, to_dict, validate
+from omni_train.config.validation import check_platform
 from omni_train.data import SkipLimitError, build_data
 from omni_train.log import get_logger
 from omni_train.model import build_model
@@ -160,6 +161,7 @@ def run_stage(cfg: JobConfig) -> dict:
     validate(cfg, world_size)  # before any process group or model exists
     preflight(cfg, world_size)  # the read-only checks too; repeated under the lock
     platform = omni_platform.setup()
+    check_platform(cfg, platform)  # e.g. fp32 + packed + TE attention, before anything is built
     ps: ParallelState = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
     stop = StopRequest().install()
     lock = None
