@@ -37,7 +37,7 @@ def _dense_from_blocks(mask: DocumentMask, block: int) -> torch.Tensor:
                     assert mask.dense()[rows, cols].all(), (qb, kb)  # "full" must be exact
                     out[rows, cols] = True
                 else:
-                    out[rows, cols] = mask.mask_mod(None, None, q_idx[rows], kv_idx)
+                    out[rows, cols] = mask.mask_mod()(None, None, q_idx[rows], kv_idx)
     return out
 
 
@@ -77,3 +77,35 @@ def test_flex_equals_sdpa_on_packed_input(causal):
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(), enable_gqa=True)
     out = flex_attention(q, k, v, mask, scale=None)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_module_equals_the_sdpa_module_on_packed_thd_input():
+    """megatron's core-attention contract (THD ``[t, heads, dim]`` in, ``[t, heads*dim]`` out)
+    through both modules, causal (LM) and bidirectional (ViT)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from omni_train.platform.kernels.attention import (
+        FlexDotProductAttention,
+        TorchDotProductAttention,
+    )
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, attention_dropout=0.0
+    )
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(_TOTAL, 4, 16, generator=g)
+    k, v = (torch.randn(_TOTAL, 2, 16, generator=g) for _ in range(2))
+    cu = _cu()
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    for mask in (AttnMaskType.causal, AttnMaskType.no_mask):
+        ref = TorchDotProductAttention(config, 1, mask, "self")(
+            q, k, v, None, packed_seq_params=params
+        )
+        with torch.no_grad():  # FlexAttention has no CPU backward
+            out = FlexDotProductAttention(config, 1, mask, "self")(
+                q, k, v, None, packed_seq_params=params
+            )
+        assert out.shape == (_TOTAL, 64)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

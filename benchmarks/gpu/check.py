@@ -136,8 +136,9 @@ def check_attention(device: str) -> list[dict]:
     )
 
     config = TransformerConfig(
-        num_layers=1, hidden_size=256, num_attention_heads=8, num_query_groups=2
-    )
+        num_layers=1, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+        attention_dropout=0.0,
+    )  # fmt: skip
     rows = []
     total = 2048
     cu = _packed(total, 1)

@@ -113,6 +113,7 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         "resumed_from": str(resumed_from) if resumed_from else None,
         "checkpoint": str(ckpt) if ckpt else None,
         "platform": omni_platform.detect().name,
+        "platform_blocks": omni_platform.detect().describe(),  # what ran: TE or not, attention...
         "versions": versions(),
     }
 

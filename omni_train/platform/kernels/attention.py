@@ -87,12 +87,20 @@ class DocumentMask:
             mask &= self.pos_k[None, :] <= self.pos_q[:, None]
         return mask
 
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        """FlexAttention's per-element rule (the same as :meth:`dense`)."""
-        keep = self.seg_q[q_idx] == self.seg_k[kv_idx]
-        if self.causal:
-            keep = keep & (self.pos_k[kv_idx] <= self.pos_q[q_idx])
-        return keep
+    def mask_mod(self):
+        """FlexAttention's per-element rule (the same as :meth:`dense`), as a closure over this
+        mask's tensors: the form torch.compile's FlexAttention examples use."""
+        seg_q, seg_k, pos_q, pos_k, causal = (
+            self.seg_q, self.seg_k, self.pos_q, self.pos_k, self.causal
+        )  # fmt: skip
+
+        def document(b, h, q_idx, kv_idx):
+            keep = seg_q[q_idx] == seg_k[kv_idx]
+            if causal:
+                keep = keep & (pos_k[kv_idx] <= pos_q[q_idx])
+            return keep
+
+        return document
 
     def block_mask(self, block: int = FLEX_BLOCK):
         """A FlexAttention ``BlockMask`` from per-block ranges, ``[ceil(sq/B), ceil(sk/B)]``.
@@ -128,7 +136,7 @@ class DocumentMask:
             full_num,
             full_idx,
             BLOCK_SIZE=block,
-            mask_mod=self.mask_mod,
+            mask_mod=self.mask_mod(),
             seq_lengths=(self.seg_q.numel(), self.seg_k.numel()),
         )
 
@@ -146,12 +154,11 @@ def _block_ranges(seg: torch.Tensor, pos: torch.Tensor, block: int) -> _Ranges:
     n = seg.numel()
     blocks = math.ceil(n / block)
     pad = blocks * block - n
-    big = torch.iinfo(torch.int64).max
 
     def lo_hi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = F.pad(x, (0, pad), value=big).view(blocks, block).amin(-1)
-        hi = F.pad(x, (0, pad), value=-big).view(blocks, block).amax(-1)
-        return lo, hi
+        # The padding of the last block repeats its last value: neutral for min and max.
+        full = torch.cat([x, x[-1:].expand(pad)]).view(blocks, block)
+        return full.amin(-1), full.amax(-1)
 
     seg_lo, seg_hi = lo_hi(seg)
     pos_lo, pos_hi = lo_hi(pos)
