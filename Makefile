@@ -96,9 +96,9 @@ test-slow: setup
 # launchers/slurm.sbatch under a real one-node Slurm (Debian's slurmctld/slurmd/munge, installed
 # on first use: needs root and apt; daemons and jobs in runs/slurm/, stopped at the end): the
 # smoke stage on the CPU with 2 ranks, GPUs per node from Slurm, SIGUSR1 -> checkpoint ->
-# requeue -> resume. About 3 minutes; not part of `make test`.
+# requeue -> resume (tests/test_slurm.py). About 4 minutes; not part of `make test`.
 test-slurm: setup
-	$(BIN)/python -m pytest -q --timeout 1200 -m slurm tests/test_slurm.py
+	$(BIN)/python -m pytest -q -s --timeout 1200 -m slurm tests/test_slurm.py
 
 # Parallel-layout equivalence, the CPU Mamba2 scan, data throughput, packing and HF checkpoint
 # import/export (about 16 minutes on 2 cores; the last writes ~12 GB of scratch files);

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from torch.distributed.run import config_from_args, get_args_parser
@@ -152,7 +153,6 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_two_c10d_nodes_train_one_stage(tmp_path):
     """Two ``omni-train run`` processes, one rank each, meet at a c10d endpoint and train the
     smoke stage with TP=2 across them: one world of 2, one manifest, exit 0 on both "nodes"."""
@@ -176,3 +176,53 @@ def test_two_c10d_nodes_train_one_stage(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["layout"]["world"] == 2
     print(f"two c10d nodes: {time.monotonic() - start:.0f} s")
+
+
+def sbatch_script(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """``launchers/slurm.sbatch`` run by bash outside Slurm, srun and scontrol stubbed: what it
+    would hand each node (a two-node job, nodes node7 and node8)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "scontrol").write_text("#!/bin/sh\nprintf 'node7\\nnode8\\n'\n")
+    (stubs / "srun").write_text(
+        "#!/bin/sh\nenv | grep -E '^(GPUS_PER_NODE|NNODES|RDZV_ENDPOINT|RDZV_ID|NODE_RANK)=' "
+        '| sort\necho "srun $*"\n'
+    )
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[7-8]"}
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", **slurm, "SLURM_CPUS_ON_NODE": "32", **env}
+    return subprocess.run(
+        ["bash", "launchers/slurm.sbatch", "stage=smoke"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "ranks"),
+    [
+        ({"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "8", "GPUS_PER_NODE": "2"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "h100:8"}, "8"),
+        ({"SLURM_GPUS_PER_NODE": "8", "GPUS_PER_NODE": "2"}, "8"),
+        ({"GPUS_PER_NODE": "2"}, "2"),
+    ],
+)
+def test_sbatch_takes_gpus_per_node_from_slurm(tmp_path, env, ranks):
+    done = sbatch_script(tmp_path, NODE_RANK="3", **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1:] == [
+        f"GPUS_PER_NODE={ranks}",
+        "NNODES=2",
+        "RDZV_ENDPOINT=node7:29400",
+        "RDZV_ID=77",
+        "srun --kill-on-bad-exit=1 --cpus-per-task=32 launchers/torchrun_multinode.sh stage=smoke",
+    ]  # no NODE_RANK: c10d numbers the nodes
+
+
+@pytest.mark.parametrize(
+    "env", [{}, {"SLURM_GPUS_PER_NODE": "a100:2,v100:2"}, {"GPUS_PER_NODE": "0"}]
+)
+def test_sbatch_without_a_gpu_count_stops(tmp_path, env):
+    done = sbatch_script(tmp_path, **env)
+    assert done.returncode == 2 and "how many GPUs per node?" in done.stderr
+    assert "srun" not in done.stdout

@@ -23,9 +23,11 @@ must match exactly either way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from omni_train.checkpoint.layout import LATEST as _LATEST
 from omni_train.checkpoint.layout import checkpoints_dir, find_latest  # noqa: F401 (re-export)
 from omni_train.parallel import ParallelState
+from omni_train.stage.lifecycle import STOP_SIGNALS
 
 # dp_reshardable: fully parallel save/load, no gathers. Resume keeps the TP/EP layout anyway
 # (RNG streams are per rank); a change of layout goes through init_from (weights only).
@@ -138,6 +141,28 @@ def _sharded_state(
     }
 
 
+@contextlib.contextmanager
+def _helpers_ignore_stop_signals():
+    """Block the stop signals while megatron saves. Its checkpoint writer starts helper
+    processes (a multiprocessing manager) during the first save, and they inherit this signal
+    mask. Slurm's SIGTERM (scancel, time limit, preemption) goes to every process of the job: a
+    helper with the default disposition would die of it and break the very checkpoint the stop
+    asks for (BrokenPipeError). Blocked, the helpers never act on it; this rank's own handler
+    runs as soon as the save returns.
+
+    multiprocessing's resource tracker is started first: starting it (which the helpers'
+    "spawn" context does on first use) unblocks SIGINT and SIGTERM in the calling thread
+    (bpo-33613), which would leave every helper started after it unprotected."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     model,
@@ -168,7 +193,8 @@ def save_checkpoint(
         "world_size": ps.world_size,
     }
     try:
-        dist_checkpointing.save(sharded, str(path))
+        with _helpers_ignore_stop_signals():
+            dist_checkpointing.save(sharded, str(path))
     except BaseException:
         # e.g. ENOSPC: the partial step folder goes, so `latest` (still the previous
         # checkpoint) is what a rerun resumes and the rerun's save at this step starts clean
