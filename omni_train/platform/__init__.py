@@ -8,14 +8,14 @@ megatron-core needs there. One package, split by kind:
 * ``kernels``: the pure-PyTorch kernels the stand-ins and the layer specs use (attention,
   norms and norm+linear, the Mamba2 scan, tensor ops), on any device.
 
-:func:`setup` is called once per process before anything is built; the chosen blocks are
-logged. ``OMNI_TRAIN_PLATFORM=cpu`` selects the CPU device on a GPU host (comparisons, tests);
+:func:`setup` is called once per process before anything is built; a stage logs the chosen
+blocks (``Platform.describe()``) at start-up and records them in its manifest.
+``OMNI_TRAIN_PLATFORM=cpu`` selects the CPU device on a GPU host (comparisons, tests);
 ``OMNI_TRAIN_PLATFORM=cuda`` insists on a GPU.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from functools import cache
@@ -26,9 +26,6 @@ from omni_train.platform import registry
 from omni_train.platform.capabilities import Libraries, Platform, choose, forced_platform, probe
 
 __all__ = ["Libraries", "Platform", "check_patches", "detect", "patched_modules", "setup"]
-
-log = logging.getLogger(__name__)
-
 
 @cache
 def detect() -> Platform:
@@ -50,7 +47,6 @@ def setup() -> Platform:
     sets = registry.patch_sets()
     for name in platform.patch_sets:
         registry.apply(sets[name])
-    log.info("%s", platform.describe())
     return platform
 
 

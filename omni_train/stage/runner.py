@@ -162,6 +162,7 @@ def run_stage(cfg: JobConfig) -> dict:
     validate(cfg, world_size)  # before any process group or model exists
     preflight(cfg, world_size)  # the read-only checks too; repeated under the lock
     platform = omni_platform.setup()
+    log.info("%s", platform.describe())
     check_platform(cfg, platform)  # e.g. fp32 + packed + TE attention, before anything is built
     ps: ParallelState = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
     stop = StopRequest().install()
