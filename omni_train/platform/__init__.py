@@ -27,6 +27,7 @@ from omni_train.platform.capabilities import Libraries, Platform, choose, forced
 
 __all__ = ["Libraries", "Platform", "check_patches", "detect", "patched_modules", "setup"]
 
+
 @cache
 def detect() -> Platform:
     """This process's platform (libraries probed once)."""
