@@ -237,15 +237,15 @@ def smoke(out: Path, device: str) -> list[dict]:
         ("cpu (forced on this host)", "cpu", ["trainer.train_steps=2", "trainer.eval_iters=0"]),
     ]
     rows = []
-    for label, platform, extra in runs:
-        run_dir = out / f"smoke_{platform}"
+    for i, (label, platform, extra) in enumerate(runs):
+        run_dir = out / f"smoke_{i}_{platform}"
         cmd = [
             *py, "run", "--no-plan", "--nproc-per-node", "1", "stage=smoke_omni_gpu",
             "model=tiny", "parallel=single", f"data.synthetic_root={synth}",
             f"checkpoint.output_dir={run_dir}", *extra,
         ]  # fmt: skip
         started = time.time()
-        log = out / f"smoke_{platform}.log"
+        log = out / f"smoke_{i}_{platform}.log"
         with log.open("w") as f:
             rc = subprocess.call(
                 cmd, cwd=ROOT, env=dict(env, OMNI_TRAIN_PLATFORM=platform), stdout=f, stderr=f

@@ -7,13 +7,14 @@
 # On the device machine, from the repository root (the device tool: carry [".whl"]):
 #   bash benchmarks/gpu/check.sh "$OUT"
 # It stops itself after 7 min 50 s; check.md and check.json land in the given folder.
-# Plumbing test without a GPU: bash benchmarks/gpu/check.sh /tmp/check --device cpu
+# Plumbing test without a GPU, in the CPU venv (the .whl/ wheels are cp312, for the device):
+#   CHECK_WHEELS=0 PYTHON=.venv/bin/python bash benchmarks/gpu/check.sh /tmp/check --device cpu
 set -euo pipefail
 out="${1:-${OUT:-runs/gpu_check}}"
 shift || true
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ "${CHECK_WHEELS:-1}" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
