@@ -126,13 +126,11 @@ MIB = 1024 * 1024
 
 
 def pins():
-    out = {}
-    for line in Path("requirements/constraints-cpu.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if "==" in line:
-            name, ver = line.split("==", 1)
-            out[canonicalize_name(name)] = ver.strip()
-    return out
+    """Our CPU pins, read by the parser the GPU constraints are made with (docker/pins.py)."""
+    sys.path.insert(0, "docker")
+    from pins import CPU_CONSTRAINTS, read_pins
+
+    return {key: version for key, (_, version) in read_pins(CPU_CONSTRAINTS).items()}
 
 
 def pinned(names):

@@ -102,7 +102,7 @@ class Platform:
         return f"platform {self.name}: {blocks} (present: {present}; patches: {patches})"
 
 
-def _imports(module: str) -> bool:
+def importable(module: str) -> bool:
     try:
         importlib.import_module(module)
     except Exception:  # noqa: BLE001 - see LIBRARY_MODULES: any failure means "not usable"
@@ -130,7 +130,7 @@ def probe() -> Libraries:
     return Libraries(
         cuda=torch.cuda.is_available(),
         flex_attention=_has_flex_attention(),
-        **{name: _imports(module) for name, module in LIBRARY_MODULES.items()},
+        **{name: importable(module) for name, module in LIBRARY_MODULES.items()},
     )
 
 

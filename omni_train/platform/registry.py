@@ -194,9 +194,9 @@ def applied() -> dict[str, PatchReport]:
 
 
 def _library_present(name: str) -> bool:
-    from omni_train.platform.capabilities import LIBRARY_MODULES, _imports
+    from omni_train.platform.capabilities import LIBRARY_MODULES, importable
 
-    return bool(name) and _imports(LIBRARY_MODULES[name])
+    return bool(name) and importable(LIBRARY_MODULES[name])
 
 
 def check(patch_set: PatchSet) -> list[str]:
