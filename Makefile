@@ -21,7 +21,7 @@ TORCH_INDEX ?=
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup curriculum smoke smoke-text smoke-gpu test test-slow test-slurm bench plan activation-costs lint format lock clean
+.PHONY: setup curriculum smoke smoke-text smoke-gpu test test-slow test-slurm bench learn learn-parallel plan activation-costs lint format lock clean
 
 setup: $(STAMP) $(REFERENCE)
 
@@ -110,6 +110,18 @@ bench: setup
 	$(BIN)/python benchmarks/convert_rows.py --rows 100000 --out benchmarks/results/convert_rows_cpu.md
 	$(BIN)/python benchmarks/packing.py
 	$(BIN)/python benchmarks/hf_checkpoint.py --out benchmarks/results/hf_checkpoint_cpu.md
+
+# Does the tiny omni model read its media? Trains it on the learnability tasks (answers only
+# the image, page, video or tone tell) with real media, with noise in their place and without
+# them, then scores held-out answers per task (benchmarks/learning.py; targets: real >= 90 %,
+# controls <= chance + 10 points). About LEARN_MINUTES on 2 cores; learn-parallel: the real run
+# against TP2 + SP and CP2 on 2 processes.
+learn: setup
+	$(BIN)/python benchmarks/learning.py --out benchmarks/results/learning_cpu.md
+
+learn-parallel: setup
+	$(BIN)/python benchmarks/learning.py --runs real,real_tp2,real_cp2 \
+	  --out benchmarks/results/learning_parallel_cpu.md
 
 # The seven full-scale stages' plans: per-rank memory with activations, verdict on the cluster's
 # GPUs, smallest fix, time (one CPU process, about a minute).

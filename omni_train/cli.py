@@ -12,13 +12,17 @@ omni-train plan stage=stage6_omni_sft_256k [overrides] [--json] [--mfu 0.3]
     smallest change that makes a failing stage fit, step time and GPU-hours;
 omni-train curriculum [--nproc-per-node 2] [--name N] [--from STAGE] [--plan] [overrides]
     runs every stage in order into runs/<name>/stage<k>_<name>/, each from the previous
-    stage's weights (default model=tiny: the CPU overlay); completed stages are skipped;
+    stage's weights (default model=tiny: the CPU overlay); completed stages are skipped; on
+    learnability data the answer probe scores the weights after stages 0, 3, 6 (--probe-after);
 omni-train config [overrides]
     prints the composed, validated config as YAML.
 omni-train model summary model=NAME [--json]
     parameters per component, total and active per token (meta device, no weight memory).
-omni-train data synth --out DIR --samples N --seed S
-    writes one energon dataset per synthetic category (every modality, real encoded media).
+omni-train data synth --out DIR --samples N --seed S [--flavour learn [--learn-media noise]]
+    writes one energon dataset per synthetic category (every modality, real encoded media);
+    the learn flavour: the learnability tasks (answers only the media tell), real/noise/none;
+omni-train probe CHECKPOINT --data ROOT [--json OUT] [overrides]
+    answer accuracy per learnability task on ROOT's held-out samples (one process);
 omni-train data convert FILE.jsonl --media DIR --out DIR
     turns JSONL conversations plus a media folder into a prepared energon dataset.
 omni-train data tokenizer --out DIR
@@ -127,7 +131,10 @@ def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"{s.action:7s} {s.name:34s} {' '.join(s.overrides)}")
         return 0
     try:
-        manifests = curriculum.run(run_dir, overrides, args.nproc_per_node, args.from_stage)
+        probe_after = tuple(int(i) for i in args.probe_after.split(",") if i.strip())
+        manifests = curriculum.run(
+            run_dir, overrides, args.nproc_per_node, args.from_stage, probe_after
+        )
     except curriculum.CurriculumInterruptedError as e:
         from omni_train.stage.lifecycle import EXIT_INTERRUPTED
 
@@ -165,7 +172,10 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.out is None:
         raise ValueError(f"omni-train data {args.action} needs --out DIR")
     if args.action == "synth":
-        counts = prepare.synthesize(args.out, args.samples, args.seed, overwrite=args.overwrite)
+        counts = prepare.synthesize(
+            args.out, args.samples, args.seed, overwrite=args.overwrite, flavour=args.flavour,
+            media=args.learn_media,
+        )  # fmt: skip
         print(f"wrote {sum(counts.values())} samples in {len(counts)} datasets under {args.out}")
     elif args.action == "convert":
         from omni_train.datatools.convert import convert
@@ -208,6 +218,17 @@ def _data_show(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps({"samples": records, "skipped": dict(skipped)}))
     else:
         print(format_text(records, skipped))
+    return 0
+
+
+def _probe(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omni_train.config import compose_job
+    from omni_train.stage.launch import torchrun
+
+    compose_job(overrides)  # a bad override fails here with one line
+    extra = ["--json", args.json] if args.json else []
+    target = ["-m", "omni_train.stage.probe", args.checkpoint, "--data", args.data, *extra]
+    torchrun(1, *target, *overrides, timeout=None, capture=False)  # a free port, one process
     return 0
 
 
@@ -303,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--runs-dir", default="runs")
     cur.add_argument("--from", dest="from_stage", help="re-run from this stage (name or index)")
     cur.add_argument("--plan", action="store_true", help="print what would run, run nothing")
+    cur.add_argument(
+        "--probe-after", default="0,3,6",
+        help="stage indices whose weights the answer probe scores (learnability data only); "
+        "'' for none",
+    )  # fmt: skip
     cur.set_defaults(func=_curriculum)
     show = sub.add_parser("config", help="print the composed config")
     show.add_argument("--world-size", type=int, default=0, help="also validate for this size")
@@ -327,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--samples", type=int, default=64, help="synth: samples per category")
     data.add_argument("--seed", type=int, default=0, help="synth: random seed")
     data.add_argument(
+        "--flavour", default="general", choices=["general", "learn"],
+        help="synth: general conversations, or the learnability tasks (answers only the media "
+        "tell; omni_train/datatools/learn_tasks.py)",
+    )  # fmt: skip
+    data.add_argument(
+        "--learn-media", default="real", choices=["real", "noise", "none"],
+        help="synth --flavour learn: the media as drawn, replaced by noise, or left out",
+    )  # fmt: skip
+    data.add_argument(
         "--media", help="convert/show: folder the JSONL's media paths are relative to"
     )
     data.add_argument("--val-fraction", type=float, default=0.02, help="convert: val share")
@@ -342,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         "folder)",
     )
     data.set_defaults(func=_data)
+    probe = sub.add_parser(
+        "probe", help="answer accuracy per learnability task of a stage's weights (1 process)"
+    )
+    probe.add_argument("checkpoint", help="a stage's output folder or one of its checkpoints")
+    probe.add_argument("--data", required=True, help="a `data synth --flavour learn` root")
+    probe.add_argument("--json", default=None, help="also write the results here")
+    probe.set_defaults(func=_probe)
     report = sub.add_parser("report", help="plots and an HTML summary of a stage or curriculum")
     report.add_argument("run_dir", help="a stage's output folder or a curriculum folder")
     report.add_argument("--out", default=None, help="where to write (default RUN_DIR/report)")

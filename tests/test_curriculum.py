@@ -122,6 +122,8 @@ def test_tiny_overlay_scales_context_and_batch_and_keeps_the_rest(full, tiny, k)
         "cluster.nodes",
         "cluster.gpu",
         "data.synthetic_root",
+        "data.synthetic_flavour",
+        "optimizer.lr_scale",
         "data.num_workers",
         "data.packing.buffer_size",
     }

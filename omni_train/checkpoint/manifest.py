@@ -55,6 +55,7 @@ TRAINING_FIELDS = frozenset(
         "name",
         "hf_path",
         "init_method_std",
+        "projector_init_method_std",
         "moe_aux_loss_coeff",
         "vision.min_patches",
         "vision.max_patches",

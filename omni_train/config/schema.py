@@ -236,6 +236,10 @@ class ModelConfig:
     vision_projector_ffn_hidden_size: int = 0
     audio_projector_ffn_hidden_size: int = 0
     projector_norm_eps: float = 1e-5  # the projectors' RMSNorm (fixed at 1e-5 in the release)
+    # The projectors' init std (None: init_method_std). megatron's 0.02 suits inputs thousands
+    # wide; a projector 32 wide with a squared ReLU would start out passing ~1e-3 of the text
+    # embeddings' scale, and its modality would be ignored (model=tiny sets it).
+    projector_init_method_std: float | None = None
     media_tokens: MediaTokenConfig = field(default_factory=MediaTokenConfig)
     # `model=hf model.hf_path=DIR`: every field above is derived from DIR/config.json (the omni
     # model, its LM, RADIO or Parakeet; omni_train/checkpoint/hf/config.py); command-line
@@ -303,6 +307,8 @@ class ModelConfig:
                 f"model.mamba_dt_clamp_min={self.mamba_dt_clamp_min} must be >= 0 (0: no clamp)"
             )
         _positive("model", projector_norm_eps=self.projector_norm_eps)
+        if self.projector_init_method_std is not None:
+            _positive("model", projector_init_method_std=self.projector_init_method_std)
         for encoder, ffn in (
             ("vision", self.vision_projector_ffn_hidden_size),
             ("audio", self.audio_projector_ffn_hidden_size),
@@ -398,13 +404,17 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0  # 0: no clipping
     decay_style: str = "cosine"
+    # Multiplies lr and min_lr (the schedule's shape is unchanged). Only the tiny CPU overlay
+    # (recipes/scale/tiny) sets it: a 1M-parameter model on a few thousand samples needs far
+    # larger steps than the published 30B recipe, whose lr values stay as published.
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name != "adamw":
             raise ValueError(f"optimizer.name={self.name!r}; only 'adamw' is supported")
         if self.decay_style != "cosine":
             raise ValueError(f"optimizer.decay_style={self.decay_style!r}; only 'cosine'")
-        _positive("optimizer", lr=self.lr)
+        _positive("optimizer", lr=self.lr, lr_scale=self.lr_scale)
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"optimizer.min_lr={self.min_lr} must lie in [0, lr={self.lr}]")
         if not 0.0 <= self.warmup_fraction < 1.0:
@@ -605,6 +615,10 @@ class DataConfig:
     # Dataset root of `omni-train data synth`; with `blend`, every blend variable not in
     # `paths` points at the matching synthetic category under it (data_blends/synthetic.yaml).
     synthetic_root: str | None = None
+    # What synthetic_root holds (omni-train data synth --flavour): "general" conversations, or
+    # "learn": the learnability tasks (omni_train/datatools/learn_tasks.py), which the
+    # curriculum's answer probe scores. The curriculum makes the root when it is missing.
+    synthetic_flavour: str = "general"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = 2  # decoding processes per data-parallel rank (0: in the main process)
     shuffle_buffer_size: int = 100  # samples; 0 reads shards in order
@@ -627,6 +641,10 @@ class DataConfig:
             raise ValueError(f"data.over_long={self.over_long!r}; valid: skip, truncate")
         if self.layout not in LAYOUTS:
             raise ValueError(f"data.layout={self.layout!r}; valid: {', '.join(LAYOUTS)}")
+        if self.synthetic_flavour not in ("general", "learn"):
+            raise ValueError(
+                f"data.synthetic_flavour={self.synthetic_flavour!r}; valid: general, learn"
+            )
         if self.kind not in ("synthetic", "energon"):
             raise ValueError(f"data.kind={self.kind!r}; valid: synthetic, energon")
         if self.kind == "energon" and (self.blend is None) == (self.path is None):

@@ -278,23 +278,57 @@ def is_val(key: str, val_fraction: float) -> bool:
 SYNTH_STAMP = ".omni-synth.json"
 
 
+FLAVOURS = ("general", "learn")
+# samples per category (general) or per task (learn) when a curriculum makes the data itself
+DEFAULT_SAMPLES = {"general": 64, "learn": 1000}
+LEARN_METADATASET = "learn.yaml"
+
+
 def synthesize(
-    out_dir: str | Path, num_samples: int, seed: int, val_every: int = 8, *, overwrite=False
+    out_dir: str | Path,
+    num_samples: int,
+    seed: int,
+    val_every: int = 8,
+    *,
+    overwrite=False,
+    flavour: str = "general",
+    media: str = "real",
+    tasks: Iterable[str] | None = None,
 ) -> dict:
     """``omni-train data synth``: one energon dataset per synthetic category under
     ``out_dir/<category>`` (``num_samples`` each; every ``val_every``-th goes to ``val``).
 
-    Deterministic for ``(num_samples, seed)``; a folder already made with the same arguments
-    is kept as is (a stamp file records them), so setup scripts can call this every time.
-    Other arguments replace it only with ``overwrite`` (see :func:`check_target`); the new
-    folder is written beside it and renamed into place.
+    ``flavour="learn"``: the image, document, video, audio and audio_video folders hold the
+    learnability tasks instead (:mod:`omni_train.datatools.learn_tasks`: ``num_samples`` train
+    samples per task, and a class-balanced val split of ``num_samples // val_every`` rounded up
+    to a multiple of 12 per task), with their ``media`` real, noise or none; text and
+    multi_image stay general. ``out_dir/learn.yaml`` is then an energon metadataset over the
+    task folders, each task drawn in proportion to its ``weight``. ``tasks``: only these tasks'
+    folders (a quick run).
+
+    Deterministic for its arguments; a folder already made with the same arguments is kept as
+    is (a stamp file records them), so setup scripts can call this every time. Other arguments
+    replace it only with ``overwrite`` (see :func:`check_target`); the new folder is written
+    beside it and renamed into place.
     """
-    from omni_train.datatools.synth_media import CATEGORIES, synth_samples
+    from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS
+    from omni_train.datatools.synth_media import CATEGORIES
 
     if num_samples < 2:
         raise ValueError(f"--samples={num_samples}: need at least 2 (train and val)")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour={flavour!r}; valid: {', '.join(FLAVOURS)}")
+    if media not in MEDIA_MODES or (flavour == "general" and media != "real"):
+        raise ValueError(f"media={media!r}: valid for the learn flavour: {', '.join(MEDIA_MODES)}")
+    chosen = list(TASKS) if tasks is None else list(tasks)
+    if unknown := sorted(set(chosen) - set(TASKS)):
+        raise ValueError(f"unknown learnability task(s) {unknown}; valid: {', '.join(TASKS)}")
+    if tasks is not None and flavour != "learn":
+        raise ValueError("tasks are chosen for flavour=learn only")
     out = Path(out_dir)
     args = {"samples": num_samples, "seed": seed, "val_every": val_every, "format": 2}
+    if flavour != "general":
+        args |= {"flavour": flavour, "media": media, "tasks": chosen}
     stamp = out / SYNTH_STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == args:
         log.info("%s already holds this synthetic dataset (%s)", out, args)
@@ -302,26 +336,79 @@ def synthesize(
     check_target(out, overwrite=overwrite)
     counts = {}
     with _staging(out) as tmp:
+        weights = {}
         for category in CATEGORIES:
-            samples = [
-                RawSample(s.key, s.conversation, s.members)
-                for s in synth_samples(category, num_samples, seed)
-            ]
-            # every val_every-th sample, and at least one, goes to val
-            in_val = {i for i in range(len(samples)) if i % val_every == val_every - 1}
-            in_val = in_val or {len(samples) - 1}
-            val = [s for i, s in enumerate(samples) if i in in_val]
-            train = [s for i, s in enumerate(samples) if i not in in_val]
+            held = [t for t in chosen if TASKS[t].category == category]
+            if flavour == "learn" and held:
+                train, val = _task_splits(held, num_samples, seed, val_every, media)
+                # a category's tasks alternate in its folder: their weights must agree
+                if len({TASKS[t].weight for t in held}) != 1:
+                    raise ValueError(f"tasks {held} share the folder {category}: same weight")
+                weights[category] = TASKS[held[0]].weight * len(held)
+            elif tasks is not None:
+                continue
+            else:
+                train, val = _general_splits(category, num_samples, seed, val_every)
             (tmp / category).mkdir()
             _write_into(tmp / category, train, val, max(1, len(train) // 4))
             (tmp / category / STAMP).write_text(json.dumps({"format": 1}) + "\n")
-            counts[category] = len(samples)
+            counts[category] = len(train) + len(val)
             log.info("%s: %d train, %d val samples", out / category, len(train), len(val))
+        if weights:
+            _write_learn_metadataset(tmp / LEARN_METADATASET, weights)
         (tmp / SYNTH_STAMP).write_text(json.dumps(args) + "\n")
     if out.exists() and not any(out.iterdir()):
         out.rmdir()
     _replace(tmp, out)
     return counts
+
+
+def _general_splits(category: str, num_samples: int, seed: int, val_every: int):
+    from omni_train.datatools.synth_media import synth_samples
+
+    samples = [
+        RawSample(s.key, s.conversation, s.members)
+        for s in synth_samples(category, num_samples, seed)
+    ]
+    # every val_every-th sample, and at least one, goes to val
+    in_val = {i for i in range(len(samples)) if i % val_every == val_every - 1}
+    in_val = in_val or {len(samples) - 1}
+    val = [s for i, s in enumerate(samples) if i in in_val]
+    train = [s for i, s in enumerate(samples) if i not in in_val]
+    return train, val
+
+
+def learn_val_size(num_samples: int, val_every: int) -> int:
+    """Val samples per task: a multiple of 12, so every task's classes (2, 3, 4 or 6 of
+    them) are equally many and the answer prior is worth exactly 1 / classes."""
+    return 12 * max(1, -(-(num_samples // val_every) // 12))
+
+
+def _task_splits(tasks: list[str], num_samples: int, seed: int, val_every: int, media: str):
+    """Train: samples 0..n-1 of each task, interleaved; val: the next ones (unseen media)."""
+    from omni_train.datatools.learn_tasks import task_samples
+
+    def raw(samples):
+        return [RawSample(s.key, s.conversation, s.members) for s in samples]
+
+    num_val = learn_val_size(num_samples, val_every)
+    train = [raw(task_samples(t, num_samples, seed, media=media)) for t in tasks]
+    val = [raw(task_samples(t, num_val, seed, media=media, start=num_samples)) for t in tasks]
+    interleave = lambda lists: [s for group in zip(*lists, strict=True) for s in group]  # noqa: E731
+    return interleave(train), interleave(val)
+
+
+def _write_learn_metadataset(path: Path, weights: dict[str, int]) -> None:
+    """An energon MetadatasetV2 over the task folders (paths relative to the file)."""
+    import yaml
+
+    def blend() -> dict:  # a new object per split: no YAML anchors
+        return {"blend": [{"weight": w, "path": c, "subflavors": {"category": c}}
+                          for c, w in weights.items()]}  # fmt: skip
+
+    doc = {"__module__": "megatron.energon", "__class__": "MetadatasetV2"}
+    doc["splits"] = {"train": blend(), "val": blend()}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def read_raw(dataset_dir: str | Path, split: str = "train") -> Iterator[tuple[str, dict]]:

@@ -176,11 +176,17 @@ def _two_colours(rng: np.random.Generator) -> tuple[str, str]:
 
 
 def _draw_shape(
-    rng: np.random.Generator, width: int, height: int, shape: str, colour: str, background: str
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    shape: str,
+    colour: str,
+    background: str,
+    scale: tuple[float, float] = (0.45, 0.8),  # the side, relative to the shorter edge
 ) -> np.ndarray:
     img = Image.new("RGB", (width, height), _COLOURS[background])
     draw = ImageDraw.Draw(img)
-    side = max(8, int(min(width, height) * rng.uniform(0.45, 0.8)))
+    side = max(8, int(min(width, height) * rng.uniform(*scale)))
     side = min(side, width, height)
     x0 = int(rng.integers(0, width - side + 1))
     y0 = int(rng.integers(0, height - side + 1))
@@ -419,13 +425,18 @@ def _video_sample(rng: np.random.Generator, i: int, key: str) -> SynthSample:
 
 def _tones(notes: list[str], num_samples: int, rate: int, amplitude: float) -> np.ndarray:
     """Equal-length sine tones in sequence, with 10 ms fades so the joins do not click."""
+    return _sine([_NOTES[note] for note in notes], num_samples, rate, amplitude)
+
+
+def _sine(freqs: list[float], num_samples: int, rate: int, amplitude: float) -> np.ndarray:
+    """:func:`_tones` by frequency (Hz)."""
     wave = np.zeros(num_samples, dtype=np.float64)
-    bounds = np.linspace(0, num_samples, len(notes) + 1).astype(int)
+    bounds = np.linspace(0, num_samples, len(freqs) + 1).astype(int)
     fade = max(1, rate // 100)
-    for note, start, end in zip(notes, bounds[:-1], bounds[1:], strict=True):
+    for freq, start, end in zip(freqs, bounds[:-1], bounds[1:], strict=True):
         idx = np.arange(end - start)
         ramp = np.minimum(1.0, np.minimum(idx + 1, end - start - idx) / fade)
-        wave[start:end] = np.sin(2 * np.pi * _NOTES[note] * idx / rate) * ramp
+        wave[start:end] = np.sin(2 * np.pi * freq * idx / rate) * ramp
     return (amplitude * wave).astype(np.float32)
 
 

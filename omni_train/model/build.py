@@ -145,7 +145,7 @@ def projector_transformer_config(
         normalization="RMSNorm",
         layernorm_epsilon=m.projector_norm_eps,
         add_bias_linear=False,
-        init_method_std=m.init_method_std,
+        init_method_std=m.projector_init_method_std or m.init_method_std,
         sequence_parallel=False,
         **_common(cfg, platform, init),
     )

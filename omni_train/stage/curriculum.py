@@ -13,13 +13,14 @@ deletes that stage's folder and every later one, and runs them again.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_train.checkpoint import read_manifest
+from omni_train.checkpoint import read_manifest, write_manifest
 from omni_train.config import JobConfig, compose_job, config_hash, validate
 from omni_train.config.compose import available
 from omni_train.training.metrics import GROUP_ENV, TOKENS_AFTER_ENV
@@ -117,14 +118,24 @@ def _ensure_synthetic(cfg: JobConfig) -> None:
     if cfg.data.kind == "energon" and root and not Path(root).exists():
         from omni_train.datatools import prepare
 
-        print(f"omni-train curriculum: writing synthetic datasets to {root}", flush=True)
-        prepare.synthesize(root, 64, 0)
+        flavour = cfg.data.synthetic_flavour
+        print(f"omni-train curriculum: writing {flavour} synthetic data to {root}", flush=True)
+        prepare.synthesize(root, prepare.DEFAULT_SAMPLES[flavour], 0, flavour=flavour)
+
+
+PROBE_AFTER = (0, 3, 6)  # after the vision warmup, the audio encoder, the last stage
 
 
 def run(
-    run_dir: Path, overrides: list[str], nproc: int, from_stage: str | None = None
+    run_dir: Path,
+    overrides: list[str],
+    nproc: int,
+    from_stage: str | None = None,
+    probe_after: tuple[int, ...] = PROBE_AFTER,
 ) -> list[dict]:
-    """Run the curriculum; returns each stage's manifest (in order)."""
+    """Run the curriculum; returns each stage's manifest (in order). On learnability data
+    (``data.synthetic_flavour=learn``) the stages of index ``probe_after`` are scored by the
+    answer probe once they complete (``answers`` in their manifest)."""
     from omni_train.stage.launch import manifest_mtime, stopped_by_signal, torchrun
 
     stages = plan(run_dir, overrides, nproc, from_stage)
@@ -152,6 +163,9 @@ def run(
                 ) from None
             raise
         print(f"omni-train curriculum: {stage.name} took {time.time() - started:.0f} s", flush=True)
+    for i, stage in enumerate(stages):
+        if i in probe_after:
+            _probe(stage)
     manifests = [read_manifest(s.output_dir) for s in stages]
     for m, s in zip(manifests, stages, strict=True):
         m["curriculum_action"] = s.action
@@ -162,6 +176,30 @@ def run(
     return manifests
 
 
+def _probe(stage: PlannedStage) -> None:
+    """Score a completed stage on its data root's held-out learnability questions (in a process
+    of its own: omni_train.stage.probe) and record the result in its manifest, once."""
+    from omni_train.stage.launch import torchrun
+
+    data = stage.cfg.data
+    manifest = read_manifest(stage.output_dir)
+    if data.synthetic_flavour != "learn" or "answers" in manifest:
+        return
+    from omni_train.stage.probe import task_items
+
+    if not task_items(data.synthetic_root):
+        root = data.synthetic_root
+        print(f"omni-train curriculum: no answer probe of {stage.name}: {root} holds no "
+              "learnability tasks (general synthetic data?)", flush=True)  # fmt: skip
+        return
+    result = stage.output_dir / "probe.json"
+    print(f"omni-train curriculum: answer probe of {stage.name}", flush=True)
+    target = ["-m", "omni_train.stage.probe", str(stage.output_dir), "--data", data.synthetic_root]
+    torchrun(1, *target, "--json", str(result), *stage.overrides, timeout=None, capture=False)
+    manifest["answers"] = json.loads(result.read_text())
+    write_manifest(stage.output_dir, manifest)
+
+
 def _stage_tokens(cfg: JobConfig) -> int:
     """Token positions a stage trains on (steps x global batch x context)."""
     t = cfg.trainer
@@ -169,10 +207,15 @@ def _stage_tokens(cfg: JobConfig) -> int:
 
 
 def summary_table(manifests: list[dict]) -> str:
-    """One row per stage: steps, tokens, final and eval loss, trainable parameters, wall time."""
-    head = ("stage", "action", "steps", "tokens", "final loss", "eval loss", "trainable", "wall s")
+    """One row per stage: steps, tokens, final and eval loss, mean answer accuracy over the
+    learnability tasks (probed stages), trainable parameters, wall time; then, if any stage was
+    probed, the accuracy per task and probed stage."""
+    head = ("stage", "action", "steps", "tokens", "final loss", "eval loss", "answer acc",
+            "trainable", "wall s")  # fmt: skip
     rows = [head]
     for m in manifests:
+        answers = m.get("answers") or {}
+        mean = sum(r["accuracy"] for r in answers.values()) / len(answers) if answers else None
         rows.append(
             (
                 m["stage"],
@@ -181,14 +224,30 @@ def summary_table(manifests: list[dict]) -> str:
                 f"{m['tokens']:,}",
                 f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "-",
                 f"{m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "-",
+                f"{mean:.1%}" if mean is not None else "-",
                 f"{m['trainable_parameters']:,}",
                 f"{m['job_time_s']:.0f}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    text = _columns(rows, left=2)
+    probed = [m for m in manifests if m.get("answers")]
+    if probed:
+        tasks = list(probed[0]["answers"])
+        per = [("answer accuracy", "chance", *[m["stage"].split("_")[0] for m in probed])]
+        for task in tasks:
+            cells = [f"{m['answers'][task]['accuracy']:.1%}" if task in m["answers"] else "-"
+                     for m in probed]  # fmt: skip
+            per.append((task, f"{probed[0]['answers'][task]['chance']:.1%}", *cells))
+        text += "\n\n" + _columns(per, left=1)
+    return text
+
+
+def _columns(rows: list[tuple[str, ...]], left: int) -> str:
+    """Aligned columns, the first ``left`` left-aligned, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
+            c.ljust(w) if i < left else c.rjust(w)
             for i, (c, w) in enumerate(zip(r, widths, strict=True))
         )
         for r in rows

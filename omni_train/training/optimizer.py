@@ -35,10 +35,11 @@ def wrap_ddp(cfg: JobConfig, module: torch.nn.Module, tf_config: TransformerConf
 
 def build_optimizer(cfg: JobConfig, ddp_model, tf_config: TransformerConfig):
     o, t = cfg.optimizer, cfg.trainer
+    lr, min_lr = o.lr * o.lr_scale, o.min_lr * o.lr_scale
     opt_config = MegatronOptimizerConfig(
         optimizer="adam",  # megatron's "adam" is AdamW (decoupled weight decay)
-        lr=o.lr,
-        min_lr=o.min_lr,
+        lr=lr,
+        min_lr=min_lr,
         weight_decay=o.weight_decay,
         adam_beta1=o.beta1,
         adam_beta2=o.beta2,
@@ -53,8 +54,8 @@ def build_optimizer(cfg: JobConfig, ddp_model, tf_config: TransformerConfig):
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
+        max_lr=lr,
+        min_lr=min_lr,
         lr_warmup_steps=warmup,
         lr_decay_steps=t.train_steps,  # scheduler steps count optimizer steps, not samples
         lr_decay_style=o.decay_style,

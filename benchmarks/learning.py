@@ -1,0 +1,214 @@
+"""Does the tiny omni model learn to read its media? (CPU, `make learn`)
+
+    .venv/bin/python benchmarks/learning.py [--steps 600] [--runs real,noise,text_only]
+        [--tasks image_colour,...] [--out benchmarks/results/learning_cpu.md]
+
+Trains the tiny omni model (``stage=learn``: every component trainable) on the learnability
+tasks (``omni_train/datatools/learn_tasks.py``: colour and shape of an image, bars on a page,
+direction of a moving square, pitch of a tone, order of two tones in a clip's soundtrack), once
+per run, through the real stack (``omni-train run``: energon, packing, encoders, projectors,
+splice), then scores each run's final weights on the held-out, class-balanced questions with
+``omni-train probe`` (teacher-forced argmax over the answer span). Runs:
+
+- ``real``: the media as drawn, one process;
+- ``noise``: the same questions and answers, every image, frame and waveform replaced by noise
+  of the same size (the same token counts): only the answers' prior is left to learn;
+- ``text_only``: the same questions without any media (the prior, with no media tokens);
+- ``real_tp2``, ``real_cp2``: ``real`` on 2 processes with TP 2 + SP, and with CP 2.
+
+Targets (issue #20): per task, ``real`` >= 90 % answer accuracy and ``noise`` / ``text_only``
+<= chance + 10 points; ``real_tp2`` / ``real_cp2`` meet the real target too. Writes a markdown
+table (with a verdict per target), a loss-curve PNG and the figures as JSON beside it; exits
+3 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from omni_train.datatools import prepare
+from omni_train.datatools.learn_tasks import TASKS
+from omni_train.stage.launch import launch_stage, torchrun
+
+# run -> (media, processes, parallel recipe)
+RUNS = {
+    "real": ("real", 1, "single"),
+    "noise": ("noise", 1, "single"),
+    "text_only": ("none", 1, "single"),
+    "real_tp2": ("real", 2, "tp2"),
+    "real_cp2": ("real", 2, "cp2"),
+}
+DEFAULT_RUNS = ("real", "noise", "text_only")
+REAL_TARGET = 0.90
+CONTROL_MARGIN = 0.10
+STAGE = ["stage=learn", "model=tiny"]
+MISSED = 3  # the exit status when a target is missed (a crash exits 1)
+
+
+def make_data(work: Path, media: str, samples: int, seed: int, tasks: list[str] | None) -> Path:
+    root = work / "data" / media
+    tasks = tasks or list(TASKS)  # only the task folders (no general text / multi-image)
+    prepare.synthesize(root, samples, seed, flavour="learn", media=media, tasks=tasks,
+                       overwrite=True)  # fmt: skip
+    return root
+
+
+def train_and_probe(
+    work: Path, run: str, root: Path, steps: int, extra: list[str]
+) -> tuple[dict, dict, float]:
+    """(manifest, probe results, wall seconds) of one fresh run."""
+    _, nproc, layout = RUNS[run]
+    out = work / run
+    shutil.rmtree(out, ignore_errors=True)
+    # two cores: one process takes both, two processes one each
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+    started = time.perf_counter()
+    manifest = launch_stage(
+        nproc, out, *STAGE, f"parallel={layout}", f"data.path={root / prepare.LEARN_METADATASET}",
+        f"trainer.train_steps={steps}", *extra, timeout=3600,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    if manifest.get("status") != "completed":
+        raise RuntimeError(f"run {run} did not complete: {manifest.get('status')}")
+    result = out / "probe.json"
+    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 2)
+    torchrun(1, "-m", "omni_train.stage.probe", str(out), "--data", str(root), "--json",
+             str(result), *STAGE, *extra)  # fmt: skip
+    return manifest, json.loads(result.read_text()), wall
+
+
+def verdicts(results: dict[str, dict]) -> list[tuple[str, str, bool]]:
+    """(task, target, met) for every target the runs at hand can check."""
+    out = []
+    for task in results["real"]:
+        chance = results["real"][task]["chance"]
+        for run, r in results.items():
+            acc = r[task]["accuracy"]
+            if run.startswith("real"):
+                out.append((task, f"{run} >= {REAL_TARGET:.0%}: {acc:.1%}", acc >= REAL_TARGET))
+            else:
+                limit = chance + CONTROL_MARGIN
+                out.append((task, f"{run} <= chance + 10 ({limit:.1%}): {acc:.1%}", acc <= limit))
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    runs = list(results)
+    head = ["task", "classes", "chance", *[f"{r} acc" for r in runs], *[f"{r} loss" for r in runs]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, real in results["real"].items():
+        cells = [task, str(len(TASKS[task].classes)), f"{real['chance']:.1%}"]
+        cells += [f"{results[r][task]['accuracy']:.1%}" for r in runs]
+        cells += [f"{results[r][task]['loss']:.3f}" for r in runs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(manifests: dict[str, dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run, m in manifests.items():
+        steps = [row["step"] for row in m["metrics"]]
+        axes[0].plot(steps, [row["train/loss"] for row in m["metrics"]], label=run, lw=1)
+    axes[0].set(xlabel="step", ylabel="train loss (answer + end-of-turn tokens)", yscale="log",
+                title="all tasks")  # fmt: skip
+    for run in ("real", "noise"):
+        if run not in manifests:
+            continue
+        rows = manifests[run]["metrics"]
+        for modality in ("image", "video", "audio", "audio+video"):
+            key = f"train/loss/{modality}"
+            pts = [(row["step"], row[key]) for row in rows if key in row]
+            if pts:
+                style = "-" if run == "real" else ":"
+                axes[1].plot(*zip(*pts, strict=True), style, lw=1, label=f"{run} {modality}")
+    axes[1].set(xlabel="step", ylabel="train loss", yscale="log", title="per modality")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--samples", type=int, default=1000, help="train samples per task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"of {', '.join(RUNS)}")
+    parser.add_argument("--tasks", default=None, help="a subset of the tasks (default: all)")
+    parser.add_argument("--work", type=Path, default=Path("runs/learn"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning_cpu.md"))
+    parser.add_argument("overrides", nargs="*", help="more config overrides for every run")
+    args = parser.parse_args()
+    runs = args.runs.split(",")
+    if "real" not in runs or set(runs) - set(RUNS):
+        parser.error(f"--runs must include real and be among {', '.join(RUNS)}")
+    tasks = args.tasks.split(",") if args.tasks else None
+    started = time.perf_counter()
+    roots = {}
+    for media in dict.fromkeys(RUNS[r][0] for r in runs):
+        roots[media] = make_data(args.work, media, args.samples, args.seed, tasks)
+    data_s = time.perf_counter() - started
+    manifests, results, walls = {}, {}, {}
+    for run in runs:
+        media = RUNS[run][0]
+        manifests[run], results[run], walls[run] = train_and_probe(
+            args.work, run, roots[media], args.steps, args.overrides
+        )
+        print(f"{run}: {walls[run]:.0f} s", flush=True)
+    total = time.perf_counter() - started
+    checks = verdicts(results)
+    text = table(results)
+    print(text)
+    for task, target, met in checks:
+        print(f"{'ok  ' if met else 'FAIL'} {task}: {target}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = args.out.with_suffix(".png")
+    plot(manifests, png)
+    command = " ".join(["python benchmarks/learning.py", *sys.argv[1:]])
+    lines = [
+        "# Learnability: answer accuracy on held-out questions (CPU)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}  ",
+        f"Steps per run: {args.steps} (`stage=learn`: {manifests['real']['tokens']:,} tokens "
+        f"in the real run), {args.samples} train samples per task; data {data_s:.0f} s, "
+        + ", ".join(f"{r} {w:.0f} s" for r, w in walls.items())
+        + f"; {total / 60:.1f} min in all.",
+        "",
+        "Answer accuracy: the share of held-out samples (class-balanced) whose every answer "
+        "token is the argmax of the logits before it, teacher-forced; loss: mean cross-entropy "
+        "over answer tokens. `noise`: every image, frame and waveform replaced by noise of the "
+        "same size; `text_only`: no media; `real_tp2` / `real_cp2`: trained with TP 2 + SP / "
+        "CP 2 on 2 processes (scored at world size 1, the checkpoint resharded).",
+        "",
+        text,
+        "",
+        "Targets:",
+        "",
+        *[f"- {'met' if met else '**missed**'}: {task}, {target}" for task, target, met in checks],
+        "",
+        f"![loss curves]({png.name})",
+        "",
+    ]
+    args.out.write_text("\n".join(lines))
+    record = {"runs": results, "wall_s": walls, "steps": args.steps, "samples": args.samples}
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.out}, {png} and its .json")
+    return 0 if all(met for _, _, met in checks) else MISSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The learnability tasks, their datasets and the answer probe's scoring (no processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from omni_train.config import compose_job
+from omni_train.data.loader import task_encoder
+from omni_train.data.task_encoder import cook_raw
+from omni_train.datatools import prepare
+from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS, task_samples
+from omni_train.stage import curriculum
+from omni_train.stage.probe import answer_mask, score, task_items
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    cfg = compose_job(["stage=learn", "model=tiny", "data.packing.enabled=false"])
+    return task_encoder(cfg, training=False)
+
+
+def _encode(encoder, sample):
+    members = {"json": json.dumps(sample.conversation).encode(), **sample.members}
+    return encoder.encode(cook_raw(sample.key, members, TASKS[sample.truth["task"]].category))
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_samples_are_balanced_deterministic_and_noise_keeps_the_token_count(name, encoder):
+    task = TASKS[name]
+    k = len(task.classes)
+    real = task_samples(name, 2 * k, seed=3)
+    assert [s.truth["answer"] for s in real] == list(task.classes) * 2
+    again = task_samples(name, 2 * k, seed=3)
+    assert [s.members for s in again] == [s.members for s in real]
+    assert task_samples(name, 1, seed=3, start=k)[0].members == real[k].members
+    noise = task_samples(name, 2 * k, seed=3, media="noise")
+    none = task_samples(name, 2 * k, seed=3, media="none")
+    tok = encoder.tok
+    for r, n, t in zip(real, noise, none, strict=True):
+        assert r.members.keys() == n.members.keys() and r.members != n.members
+        assert not t.members and r.conversation["answer"] == t.conversation["answer"]
+        er, en, et = _encode(encoder, r), _encode(encoder, n), _encode(encoder, t)
+        # noise media of the same size: the same token count; no media: only text tokens
+        assert er.tokens.shape == en.tokens.shape
+        assert et.tokens.shape[0] < er.tokens.shape[0]
+        # the answer span is exactly the answer's tokens
+        mask = answer_mask(er.labels[None], er.loss_mask[None], tok.specials.im_end)[0]
+        assert tok.hf.decode(er.labels[mask].tolist()) == r.truth["answer"]
+
+
+def test_task_samples_reject_unknown_names():
+    with pytest.raises(ValueError, match="unknown learnability task 'colour'"):
+        task_samples("colour", 1, 0)
+    with pytest.raises(ValueError, match="media='blank'"):
+        task_samples("image_colour", 1, 0, media="blank")
+    assert MEDIA_MODES == ("real", "noise", "none")
+
+
+def test_learn_dataset_has_balanced_val_splits_and_a_metadataset(tmp_path):
+    root = tmp_path / "learn"
+    tasks = ["image_colour", "image_shape", "audio_pitch"]
+    prepare.synthesize(root, 10, 0, flavour="learn", tasks=tasks)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["audio", "image"]
+    items = task_items(root)
+    assert list(items) == tasks
+    assert prepare.learn_val_size(10, 8) == 12
+    for name, found in items.items():
+        answers = [a for *_, a in found]
+        assert len(answers) == 12
+        assert all(answers.count(c) == 12 // len(TASKS[name].classes) for c in TASKS[name].classes)
+    text = (root / prepare.LEARN_METADATASET).read_text()
+    assert "&" not in text  # no YAML anchors (energon reads each split's list on its own)
+    meta = yaml.safe_load(text)
+    for split in ("train", "val"):
+        blend = {e["path"]: e["weight"] for e in meta["splits"][split]["blend"]}
+        assert blend == {"image": 2, "audio": 2}  # two tasks of weight 1; one of weight 2
+    with pytest.raises(ValueError, match=r"unknown learnability task\(s\) \['pitch'\]"):
+        prepare.synthesize(tmp_path / "x", 10, 0, flavour="learn", tasks=["pitch"])
+    with pytest.raises(ValueError, match="valid for the learn flavour"):
+        prepare.synthesize(tmp_path / "x", 10, 0, media="noise")
+
+
+def test_score_counts_exact_answers_tokens_and_loss():
+    labels = torch.tensor([[5, 7, 8, 2], [5, 9, 2, 0]])
+    loss_mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.float32)
+    mask = answer_mask(labels, loss_mask, im_end=2)
+    assert mask.tolist() == [[False, True, True, False], [False, True, False, False]]
+    logits = torch.full((2, 4, 10), -10.0)
+    logits[0, 1, 7] = logits[0, 2, 3] = 10.0  # row 0: first answer token right, second wrong
+    logits[1, 1, 9] = 10.0  # row 1: its one answer token right
+    out = score(logits, labels, mask)
+    assert out["exact"] == [False, True] and out["right"] == [1, 1] and out["tokens"] == [2, 1]
+    expected = torch.nn.functional.cross_entropy(logits[0, 2], labels[0, 2])
+    assert out["loss"][0] == pytest.approx(expected.item() + out["loss"][1], rel=1e-6)
+
+
+def test_summary_table_reports_answer_accuracy_of_probed_stages():
+    m = {
+        "step": 6, "train_steps": 6, "tokens": 1, "final_loss": 1.0, "eval_loss": 1.0,
+        "trainable_parameters": 1, "job_time_s": 1.0,
+    }  # fmt: skip
+    answers = {
+        "image_colour": {"accuracy": 0.5, "chance": 1 / 6},
+        "audio_pitch": {"accuracy": 1.0, "chance": 0.25},
+    }
+    stages = [
+        {**m, "stage": "stage0_vision_projector_warmup", "answers": answers},
+        {**m, "stage": "stage1_vision_sft_16k"},
+    ]
+    text = curriculum.summary_table(stages)
+    table, per_task = text.split("\n\n")
+    assert "answer acc" in table.splitlines()[0]
+    assert "75.0%" in table.splitlines()[2] and table.splitlines()[3].split()[5] == "-"
+    assert per_task.splitlines()[0].split() == ["answer", "accuracy", "chance", "stage0"]
+    assert per_task.splitlines()[2].split() == ["image_colour", "16.7%", "50.0%"]
