@@ -17,7 +17,7 @@ splice), then scores each run's final weights on the held-out, class-balanced qu
 - ``real_tp2``, ``real_cp2``: ``real`` on 2 processes with TP 2 + SP, and with CP 2.
 
 Targets (issue #20): per task, ``real`` >= 90 % answer accuracy and ``noise`` / ``text_only``
-<= chance + 10 points; ``real_tp2`` / ``real_cp2`` meet the real target too. Writes a markdown
+<= chance + 10 points; ``real_tp2`` / ``real_cp2`` within 5 points of ``real``. Writes a markdown
 table (with a verdict per target), a loss-curve PNG and the figures as JSON beside it; exits
 3 if a target is missed.
 """
@@ -48,6 +48,7 @@ RUNS = {
 DEFAULT_RUNS = ("real", "noise", "text_only")
 REAL_TARGET = 0.90
 CONTROL_MARGIN = 0.10
+LAYOUT_TOLERANCE = 0.05
 STAGE = ["stage=learn", "model=tiny"]
 MISSED = 3  # the exit status when a target is missed (a crash exits 1)
 
@@ -85,14 +86,20 @@ def train_and_probe(
 
 
 def verdicts(results: dict[str, dict]) -> list[tuple[str, str, bool]]:
-    """(task, target, met) for every target the runs at hand can check."""
+    """(task, target, met) for every target the runs at hand can check: ``real`` reaches 90 %,
+    the controls stay within chance + 10 points, the parallel layouts within 5 points of
+    ``real`` (the same data and steps; fp32 sums in another order, so not bit-identical)."""
     out = []
     for task in results["real"]:
         chance = results["real"][task]["chance"]
+        base = results["real"][task]["accuracy"]
         for run, r in results.items():
             acc = r[task]["accuracy"]
-            if run.startswith("real"):
+            if run == "real":
                 out.append((task, f"{run} >= {REAL_TARGET:.0%}: {acc:.1%}", acc >= REAL_TARGET))
+            elif run.startswith("real_"):
+                same = abs(acc - base) <= LAYOUT_TOLERANCE
+                out.append((task, f"{run} within 5 points of real ({base:.1%}): {acc:.1%}", same))
             else:
                 limit = chance + CONTROL_MARGIN
                 out.append((task, f"{run} <= chance + 10 ({limit:.1%}): {acc:.1%}", acc <= limit))
@@ -182,7 +189,8 @@ def main() -> int:
         "# Learnability: answer accuracy on held-out questions (CPU)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}  ",
         f"Steps per run: {args.steps} (`stage=learn`: {manifests['real']['tokens']:,} tokens "
         f"in the real run), {args.samples} train samples per task; data {data_s:.0f} s, "
         + ", ".join(f"{r} {w:.0f} s" for r, w in walls.items())
@@ -201,6 +209,9 @@ def main() -> int:
         *[f"- {'met' if met else '**missed**'}: {task}, {target}" for task, target, met in checks],
         "",
         f"![loss curves]({png.name})",
+        "",
+        "What the figures mean, and the configurations tried on the way: "
+        "[docs/curriculum.md](../../docs/curriculum.md#does-the-tiny-curriculum-learn).",
         "",
     ]
     args.out.write_text("\n".join(lines))

@@ -25,7 +25,7 @@ def test_real_media_beat_noise_on_image_and_audio_answers(tmp_path):
     out = tmp_path / "learning.md"
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--runs", "real,noise",
-        "--tasks", ",".join(TASKS), "--steps", "40", "--samples", "96", "--work",
+        "--tasks", ",".join(TASKS), "--steps", "200", "--samples", "300", "--work",
         str(tmp_path / "work"), "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -33,9 +33,9 @@ def test_real_media_beat_noise_on_image_and_audio_answers(tmp_path):
     runs = json.loads(out.with_suffix(".json").read_text())["runs"]
     for task in TASKS:
         real, noise = runs["real"][task], runs["noise"][task]
-        assert real["num_samples"] == noise["num_samples"] == 12
-        assert real["accuracy"] >= 0.75, (task, real)
-        assert noise["accuracy"] <= real["chance"] + 0.25, (task, noise)
-        assert real["accuracy"] - noise["accuracy"] >= 0.5, (task, real, noise)
+        assert real["num_samples"] == noise["num_samples"] == 48
+        assert real["accuracy"] >= 0.6, (task, real)  # measured: 100 % and 79 %
+        assert noise["accuracy"] <= real["chance"] + 0.15, (task, noise)  # 8 % and 25 %
+        assert real["accuracy"] - noise["accuracy"] >= 0.35, (task, real, noise)
         assert real["loss"] < noise["loss"]
     assert out.with_suffix(".png").stat().st_size > 0

@@ -66,10 +66,6 @@ class Task:
     question: str
     classes: tuple[str, ...]  # every answer; sample i answers classes[i % len(classes)]
     draw: Callable[[np.random.Generator, str, str], Built]  # (rng, answer, media) -> parts
-    # How often the learn metadataset draws it, relative to the others. The audio tasks are
-    # drawn 4x as often: drawn as often as the rest, neither left its prior in 600 steps
-    # (benchmarks/learning.py), while audio_pitch alone learned from ~2,400 samples on.
-    weight: int = 1
 
     @property
     def chance(self) -> float:
@@ -203,14 +199,13 @@ TASKS: dict[str, Task] = {
             tuple(_MOVES),
             _video_direction,
         ),  # fmt: skip
-        Task("audio_pitch", "audio", _PITCH_Q, tuple(_PITCHES), _audio_pitch, weight=4),
+        Task("audio_pitch", "audio", _PITCH_Q, tuple(_PITCHES), _audio_pitch),
         Task(
             "audio_video_order",
             "audio_video",
             _ORDER_Q,
             tuple(_LOW_HIGH),
             _audio_video_order,
-            weight=4,
         ),  # fmt: skip
     )
 }
@@ -232,9 +227,7 @@ def task_samples(
     for i in range(start, start + num_samples):
         rng = np.random.default_rng((seed, index, i))
         answer = task.classes[i % len(task.classes)]
-        parts, members = task.draw(rng, answer, media)
-        if media == "none":
-            parts, members = [], {}
+        parts, members = task.draw(rng, answer, media) if media != "none" else ([], {})
         question = {"type": "text", "text": task.question}
         doc = {
             "conversation": [

@@ -303,8 +303,7 @@ def synthesize(
     samples per task, and a class-balanced val split of ``num_samples // val_every`` rounded up
     to a multiple of 12 per task), with their ``media`` real, noise or none; text and
     multi_image stay general. ``out_dir/learn.yaml`` is then an energon metadataset over the
-    task folders, each task drawn in proportion to its ``weight``. ``tasks``: only these tasks'
-    folders (a quick run).
+    task folders, each task equally likely. ``tasks``: only these tasks' folders (a quick run).
 
     Deterministic for its arguments; a folder already made with the same arguments is kept as
     is (a stamp file records them), so setup scripts can call this every time. Other arguments
@@ -341,10 +340,7 @@ def synthesize(
             held = [t for t in chosen if TASKS[t].category == category]
             if flavour == "learn" and held:
                 train, val = _task_splits(held, num_samples, seed, val_every, media)
-                # a category's tasks alternate in its folder: their weights must agree
-                if len({TASKS[t].weight for t in held}) != 1:
-                    raise ValueError(f"tasks {held} share the folder {category}: same weight")
-                weights[category] = TASKS[held[0]].weight * len(held)
+                weights[category] = len(held)  # every task equally likely
             elif tasks is not None:
                 continue
             else:
