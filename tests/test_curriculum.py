@@ -198,14 +198,14 @@ def tiny_stage(k: int, *extra: str):
 
 def test_handoff_accepts_the_completed_previous_stage(tmp_path):
     run = fake_run(tmp_path / "s0", tiny_stage(0))
-    assert check_handoff(tiny_stage(1, f"checkpoint.init_from={run}")).name == "step_0000006"
+    assert check_handoff(tiny_stage(1, f"checkpoint.init_from={run}")).name == "step_0000040"
 
 
 @pytest.mark.parametrize(
     ("source", "kwargs", "extra", "message"),
     [
         (2, {}, [], "starts from stage stage0_vision_projector_warmup, but"),
-        (0, {"status": "interrupted", "step": 3}, [], r"is interrupted \(step 3/6\); finish"),
+        (0, {"status": "interrupted", "step": 3}, [], r"is interrupted \(step 3/40\); finish"),
         (0, {}, ["model.hidden_size=128"], r"another model .*model.hidden_size: 64 -> 128"),
     ],
 )

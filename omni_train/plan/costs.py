@@ -34,6 +34,7 @@ def model_key(m: ModelConfig) -> str:
     """Architecture fingerprint: every model field but the name and where it was read from."""
     data = asdict(m)
     data.pop("name"), data.pop("hf_path")
+    data.pop("projector_init_method_std")  # an init choice (added later): not in the keys
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
