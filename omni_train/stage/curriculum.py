@@ -183,7 +183,7 @@ def _probe(stage: PlannedStage) -> None:
 
     data = stage.cfg.data
     manifest = read_manifest(stage.output_dir)
-    if data.synthetic_flavour != "learn" or "answers" in manifest:
+    if data.synthetic_flavour != "learn" or not data.synthetic_root or "answers" in manifest:
         return
     from omni_train.stage.probe import task_items
 
