@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import yaml
@@ -13,6 +11,7 @@ from omni_train.data.loader import task_encoder
 from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools import prepare
 from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS, task_samples
+from omni_train.datatools.prepare import RawSample
 from omni_train.stage import curriculum
 from omni_train.stage.probe import answer_mask, score, task_items
 
@@ -24,7 +23,7 @@ def encoder():
 
 
 def _encode(encoder, sample):
-    members = {"json": json.dumps(sample.conversation).encode(), **sample.members}
+    members = RawSample(sample.key, sample.conversation, sample.members).tar_members()
     return encoder.encode(cook_raw(sample.key, members, TASKS[sample.truth["task"]].category))
 
 

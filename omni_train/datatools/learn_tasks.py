@@ -72,13 +72,14 @@ class Task:
         return 1.0 / len(self.classes)
 
 
-def _noise_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+def _noise_pixels(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
+    """Uniform noise of ``like``'s shape (an image [h, w, 3] or frames [f, h, w, 3])."""
+    return rng.integers(0, 256, size=like.shape, dtype=np.uint8)
 
 
 def _image(rng, pixels: np.ndarray, media: str) -> Built:
     if media == "noise":
-        pixels = _noise_image(rng, *pixels.shape[:2])
+        pixels = _noise_pixels(rng, pixels)
     return [{"type": "image", "member": "img0.png"}], {"img0.png": encode_png(pixels)}
 
 
@@ -137,7 +138,7 @@ def _video_direction(rng: np.random.Generator, answer: str, media: str) -> Built
     num_frames, (width, height) = 4, _size(rng)
     frames = _frames(rng, answer, num_frames, width, height)
     if media == "noise":
-        frames = rng.integers(0, 256, size=frames.shape, dtype=np.uint8)
+        frames = _noise_pixels(rng, frames)
     return [{"type": "video", "member": "clip.mp4"}], {"clip.mp4": encode_mp4(frames, 2)}
 
 
@@ -171,7 +172,7 @@ def _audio_video_order(rng: np.random.Generator, answer: str, media: str) -> Bui
     num_samples = num_frames * _RATE // fps  # the track spans the video exactly
     wave = _sine([_LOW_HIGH[o] for o in order], num_samples, _RATE, float(rng.uniform(0.3, 0.6)))
     if media == "noise":
-        frames = rng.integers(0, 256, size=frames.shape, dtype=np.uint8)
+        frames = _noise_pixels(rng, frames)
         wave = _noise_like(rng, wave)
     member = encode_mp4(frames, fps, audio=wave, sample_rate=_RATE)
     return [{"type": "video", "member": "clip.mp4", "audio": True}], {"clip.mp4": member}

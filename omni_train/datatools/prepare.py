@@ -359,13 +359,15 @@ def synthesize(
     return counts
 
 
+def _raw(samples) -> list[RawSample]:
+    """Generated samples (``SynthSample``: key, conversation, members) as the writer takes them."""
+    return [RawSample(s.key, s.conversation, s.members) for s in samples]
+
+
 def _general_splits(category: str, num_samples: int, seed: int, val_every: int):
     from omni_train.datatools.synth_media import synth_samples
 
-    samples = [
-        RawSample(s.key, s.conversation, s.members)
-        for s in synth_samples(category, num_samples, seed)
-    ]
+    samples = _raw(synth_samples(category, num_samples, seed))
     # every val_every-th sample, and at least one, goes to val
     in_val = {i for i in range(len(samples)) if i % val_every == val_every - 1}
     in_val = in_val or {len(samples) - 1}
@@ -384,12 +386,9 @@ def _task_splits(tasks: list[str], num_samples: int, seed: int, val_every: int, 
     """Train: samples 0..n-1 of each task, interleaved; val: the next ones (unseen media)."""
     from omni_train.datatools.learn_tasks import task_samples
 
-    def raw(samples):
-        return [RawSample(s.key, s.conversation, s.members) for s in samples]
-
     num_val = learn_val_size(num_samples, val_every)
-    train = [raw(task_samples(t, num_samples, seed, media=media)) for t in tasks]
-    val = [raw(task_samples(t, num_val, seed, media=media, start=num_samples)) for t in tasks]
+    train = [_raw(task_samples(t, num_samples, seed, media=media)) for t in tasks]
+    val = [_raw(task_samples(t, num_val, seed, media=media, start=num_samples)) for t in tasks]
     interleave = lambda lists: [s for group in zip(*lists, strict=True) for s in group]  # noqa: E731
     return interleave(train), interleave(val)
 
