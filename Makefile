@@ -115,14 +115,15 @@ bench: setup
 # Does the tiny omni model read its media? Trains it on the learnability tasks (answers only
 # the image, page, video or tone tell) with real media, with noise in their place and without
 # them, then scores held-out answers per task (benchmarks/learning.py; targets: real >= 90 %,
-# controls <= chance + 10 points). About 17 minutes on 2 cores (95 s of it making the data, once).
+# controls <= chance + 10 points). About 22 minutes on 2 cores: real and noise 1000 steps side by
+# side, text-only 200 (80 s of it making the data, once).
 # learn-parallel: the real run against TP2 + SP and CP2 on 2 processes (same accuracies within
-# 5 points), at half the steps to fit beside it (about 12 minutes).
+# 5 points), at 300 steps, one run after the other (about 12 minutes).
 learn: setup
 	$(BIN)/python benchmarks/learning.py --out benchmarks/results/learning_cpu.md
 
 learn-parallel: setup
-	$(BIN)/python benchmarks/learning.py --runs real,real_tp2,real_cp2 --steps 300 \
+	$(BIN)/python benchmarks/learning.py --runs real,real_tp2,real_cp2 --steps 300 --jobs 1 \
 	  --out benchmarks/results/learning_parallel_cpu.md
 
 # The seven full-scale stages' plans: per-rank memory with activations, verdict on the cluster's
