@@ -1,6 +1,6 @@
 """Does the tiny omni model learn to read its media? (CPU, `make learn`)
 
-    .venv/bin/python benchmarks/learning.py [--steps 1000] [--prior-steps 200]
+    .venv/bin/python benchmarks/learning.py [--steps N] [--prior-steps 200]
         [--runs real,noise,text_only]
         [--tasks image_colour,...] [--out benchmarks/results/learning_cpu.md]
 
@@ -44,6 +44,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from omni_train.config.compose import compose_job
 from omni_train.datatools import prepare
 from omni_train.datatools.learn_tasks import TASKS
 from omni_train.stage.launch import launch_stage, torchrun
@@ -160,7 +161,12 @@ def plot(manifests: dict[str, dict], png: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps of the real runs (default: the stage's trainer.train_steps)",
+    )
     parser.add_argument("--prior-steps", type=int, default=200, help="steps of text_only")
     parser.add_argument("--samples", type=int, default=1000, help="train samples per task")
     parser.add_argument("--seed", type=int, default=0)
@@ -174,6 +180,11 @@ def main() -> int:
     runs = args.runs.split(",")
     if "real" not in runs or set(runs) - set(RUNS):
         parser.error(f"--runs must include real and be among {', '.join(RUNS)}")
+    if args.steps is None:  # one source for the default: recipes/stage/learn.yaml
+        try:
+            args.steps = compose_job([*STAGE, *args.overrides]).trainer.train_steps
+        except ValueError as e:  # a bad override: say so before any data is made
+            parser.error(str(e))
     if min(args.jobs, args.steps, args.prior_steps) < 1:
         parser.error("--jobs, --steps and --prior-steps must be at least 1")
     steps = {r: min(args.steps, args.prior_steps) if r == "text_only" else args.steps for r in runs}

@@ -208,6 +208,7 @@ def test_export_is_bit_identical_and_loads_in_transformers(released, tmp_path):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+@pytest.mark.slow  # a second copy: TP2 import (logits test), resharding (test_stages' handoff)
 def test_export_from_a_tp2_training_run_after_import(released, synth_root, tmp_path):
     """A training step after import (TP=2 + SP, packed omni data, starting from the imported
     checkpoint), then export of that run; the exported model loads in transformers."""

@@ -59,6 +59,7 @@ def test_every_combination_of_libraries_chooses_runnable_blocks(forced):
         expected_attention = "te" if te else ("flex" if cuda and libs.flex_attention else "sdpa")
         assert p.attention == expected_attention
         assert p.mamba == ("mamba_ssm" if cuda and libs.mamba_ssm else "torch")
+        assert p.fusions == ("compiled" if cuda else "eager")
         fused = cuda and (libs.transformer_engine or libs.apex)
         assert (p.optimizer == "torch_adamw") == (not fused)
         sets = set(p.patch_sets)
@@ -183,16 +184,15 @@ from omni_train import platform
 from omni_train.platform import device
 p = platform.setup()
 assert p.name == "cpu" and "cpu_device" in p.patch_sets, p
+import torch._dynamo
+assert p.fusions == "eager" and torch._dynamo.config.disable
 assert device.CPU_TORCH.cuda.is_available() is False
 from omni_train.train import main
 rc = main(["stage=smoke", "model=tiny", "trainer.train_steps=2", "trainer.eval_iters=0",
            "checkpoint.output_dir={tmp_path}"])
 print("rc", rc)
 """,
-        OMNI_TRAIN_PLATFORM="cpu",
-        # torch.compile's own device probing sees the fake GPU and fails under it; on a real GPU
-        # host it compiles the CPU graphs as usual. Eager here.
-        TORCHDYNAMO_DISABLE="1",
+        OMNI_TRAIN_PLATFORM="cpu",  # eager fusions: torch.compile would probe the fake GPU
         RANK="0",
         LOCAL_RANK="0",
         WORLD_SIZE="1",

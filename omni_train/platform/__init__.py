@@ -45,6 +45,8 @@ def setup() -> Platform:
         torch.cuda.set_device(platform.device)
     else:
         device.quiet_rng_warning()
+    if platform.fusions == "eager":
+        device.eager_fusions()
     sets = registry.patch_sets()
     for name in platform.patch_sets:
         registry.apply(sets[name])

@@ -79,6 +79,7 @@ class Platform:
     experts: str  # "te_grouped" | "sequential"
     mamba: str  # "mamba_ssm" | "torch"
     optimizer: str  # "te_fused_adam" | "apex_fused_adam" | "torch_adamw"
+    fusions: str  # "compiled" | "eager": megatron's jit_fuser functions (device.eager_fusions)
     patch_sets: tuple[str, ...]  # names in omni_train.platform.patches.PATCH_SETS, in order
 
     @property
@@ -95,7 +96,7 @@ class Platform:
         blocks = (
             f"device={self.device} collectives={self.backend} linear={self.linear} "
             f"attention={self.attention} experts={self.experts} mamba={self.mamba} "
-            f"optimizer={self.optimizer}"
+            f"optimizer={self.optimizer} fusions={self.fusions}"
         )
         present = ",".join(self.libraries.present()) or "none"
         patches = ",".join(self.patch_sets) or "none"
@@ -174,5 +175,6 @@ def choose(libs: Libraries, forced: str = "", local_rank: int = 0) -> Platform:
         experts="te_grouped" if te else "sequential",
         mamba=mamba,
         optimizer=optimizer,
+        fusions="compiled" if cuda else "eager",
         patch_sets=tuple(patch_sets),
     )
