@@ -295,6 +295,79 @@ def test_global_packing_one_pass_two_ranks_every_good_sample_once(corrupted, tmp
     assert r0["num_read"] == 2 * (len(REASONS) + GOOD_PER_SHARD) and r1["num_read"] == 0
 
 
+def _packed_pass(data: Path, tmp_path: Path, monkeypatch, cache_mib: int) -> tuple[list, int]:
+    """One in-process pass of the packed loader over ``data``: (batches, plan() calls)."""
+    from megatron.energon import WorkerConfig, get_loader, get_val_dataset, reraise_exception
+
+    from omni_train.data.task_encoder import OmniTaskEncoder
+
+    calls = []
+    plan = OmniTaskEncoder.plan
+    monkeypatch.setattr(OmniTaskEncoder, "plan", lambda te, s: calls.append(1) or plan(te, s))
+    cfg = compose_job(
+        [
+            "stage=smoke_omni",
+            "model=tiny",
+            f"data.path={data}",
+            "data.blend=null",
+            "trainer.seq_length=512",
+            "trainer.micro_batch_size=1",
+            "data.packing.enabled=true",
+            "data.packing.buffer_size=6",
+            f"data.packing.plan_cache_mib={cache_mib}",
+            f"checkpoint.output_dir={tmp_path}",
+        ]
+    )
+    worker = WorkerConfig(
+        rank=0, world_size=1, num_workers=0, global_error_handler=reraise_exception
+    )
+    te = task_encoder(cfg, training=True)
+    ds = get_val_dataset(
+        data, split_part="train", worker_config=worker, batch_size=1, task_encoder=te
+    )
+    return list(get_loader(ds)), len(calls)
+
+
+@pytest.mark.parametrize("category", ["image", "audio_video"])
+def test_plan_cache_packs_the_same_bins_without_planning_twice(
+    synth, tmp_path, monkeypatch, category
+):
+    """The packer's planned samples wait in memory (``plan_cache_mib``) instead of being read
+    and planned again when their bin is due: the same packed sequences, media and counts, and
+    every sample planned once instead of twice."""
+    data = synth / category
+    cached, num_cached = _packed_pass(data, tmp_path / "a", monkeypatch, 256)
+    reread, num_reread = _packed_pass(data, tmp_path / "b", monkeypatch, 0)
+    num_samples = sum(len(b.keys) for b in cached)
+    assert num_samples == NUM_SYNTH - NUM_SYNTH // 8  # every train sample of the split (val: 1/8)
+    assert num_cached == num_samples and num_reread == 2 * num_samples
+    assert len(cached) == len(reread)
+    for a, b in zip(cached, reread, strict=True):
+        assert a.keys == b.keys and a.num_read == b.num_read and a.skipped == b.skipped
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        for kind in ("images", "videos", "audio"):
+            got, want = getattr(a.media, kind), getattr(b.media, kind)
+            assert len(got) == len(want) and all(map(torch.equal, got, want)), kind
+
+
+def test_plan_cache_keeps_samples_up_to_its_byte_cap():
+    from types import SimpleNamespace
+
+    from omni_train.data.packed import PlanCache
+
+    def sample(num_bytes: int) -> SimpleNamespace:
+        return SimpleNamespace(members={"json": b"{}", "m0.png": b"x" * (num_bytes - 2)})
+
+    cache = PlanCache(10)
+    kept, too_big, fits = sample(6), sample(6), sample(4)
+    for sid, s in enumerate((kept, too_big, fits)):
+        cache.put(sid, s)
+    assert len(cache) == 2 and cache.size == 10
+    assert cache.pop(1) is None  # not kept: its bin fetches it again by restore key
+    assert cache.pop(0) is kept and cache.size == 4 and cache.pop(0) is None
+
+
 def _corrupted_stage(data: Path) -> list[str]:
     """2 data-parallel ranks, one pass over the corrupted shards: 3 steps x global batch 4 =
     the 12 good samples."""

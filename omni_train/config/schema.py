@@ -559,6 +559,11 @@ class PackingConfig:
 
     enabled: bool = False
     buffer_size: int = 1000  # samples planned ahead, per data worker (not decoded: small)
+    # Planned samples (their media still encoded: bytes as read) kept in each data worker's
+    # memory until their bin is decoded, so a bin's samples are not read and planned a second
+    # time. Past the cap, and for the buffer a resumed stage restores, samples are fetched
+    # again by their energon restore keys (the same sample, planned the same way). 0: always.
+    plan_cache_mib: int = 256
     balance: str = "global"
     min_fill: float = 0.95  # a bin is emitted once this full; emptier ones wait for samples
     max_wait: int = 4  # repacks a sample may wait before its bin is emitted however full
@@ -579,6 +584,8 @@ class PackingConfig:
         if self.balance not in ("global", "local"):
             raise ValueError(f"data.packing.balance={self.balance!r}; valid: global, local")
         _positive("data.packing", buffer_size=self.buffer_size, max_wait=self.max_wait)
+        if self.plan_cache_mib < 0:
+            raise ValueError(f"data.packing.plan_cache_mib={self.plan_cache_mib} must be >= 0")
         if self.sample_pad_multiple is not None:
             _positive("data.packing", sample_pad_multiple=self.sample_pad_multiple)
         if not 0.0 < self.min_fill <= 1.0:

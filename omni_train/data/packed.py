@@ -3,10 +3,14 @@
 :class:`OnlinePackingDataset` wraps the stream of *planned* samples (laid out from media
 metadata, nothing decoded) in each data worker. It feeds their packed lengths and costs to
 :class:`~omni_train.data.packing.OnlinePacker`, and for every round it fetches the samples of
-this rank's bin again by their energon restore keys, decodes them (the task encoder's
-``postencode_sample``) and concatenates them (``pack_selected_samples``). The buffer therefore
-holds only restore keys, lengths and costs, so it can be large (a global buffer must hold many
-rounds of ``data-parallel size`` bins) without holding media in memory.
+this rank's bin, decodes them (the task encoder's ``postencode_sample``) and concatenates them
+(``pack_selected_samples``). The packer's buffer holds only restore keys, lengths and costs, so
+it can be large (a global buffer must hold many rounds of ``data-parallel size`` bins). The
+planned samples themselves (media still encoded) wait beside it in a :class:`PlanCache` of
+``packing.plan_cache_mib``; a sample that did not fit, or one of a buffer a resumed stage
+restored, is read and planned again by its energon restore key (the same sample, planned the
+same way: the plan is a function of the sample). On the learnability stage the cache took the
+data worker's re-reads and re-plans (~18 % of its CPU, py-spy) off the path.
 
 Global balance: with ``num_ranks`` > 1 every data-parallel rank's worker ``w`` reads the
 identical stream (energon configured as a single rank), runs the identical packer, and keeps
@@ -32,6 +36,33 @@ from megatron.energon.wrappers.base import BaseWrapperDataset, SampleIndex, get_
 from omni_train.data.packing import OnlinePacker
 
 
+class PlanCache:
+    """Planned samples by packer id, up to ``capacity`` bytes of their (encoded) media
+    members; a sample that would overflow it is not kept (fetched again when its bin is due).
+    Lives only as long as one pass of the iterator: it is not part of the checkpoint."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.size = capacity, 0
+        self._items: dict[int, tuple[Any, int]] = {}
+
+    def put(self, sid: int, sample: Any) -> None:
+        size = sum(len(v) for v in sample.members.values() if isinstance(v, bytes | bytearray))
+        if self.size + size <= self.capacity:
+            self._items[sid] = (sample, size)
+            self.size += size
+
+    def pop(self, sid: int) -> Any | None:
+        """The sample, or None when it was not kept."""
+        got = self._items.pop(sid, None)
+        if got is None:
+            return None
+        self.size -= got[1]
+        return got[0]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class OnlinePackingDataset(BaseWrapperDataset):
     """Planned samples -> packed samples, one per round for this rank (see module doc)."""
 
@@ -45,6 +76,7 @@ class OnlinePackingDataset(BaseWrapperDataset):
         self.encoder = encoder
         pk = encoder.packing
         self.buffer_size = pk.buffer_size
+        self.plan_cache_bytes = pk.plan_cache_mib << 20
         self._make_packer = lambda state: OnlinePacker(
             encoder.context_length,
             encoder.num_ranks,
@@ -64,6 +96,7 @@ class OnlinePackingDataset(BaseWrapperDataset):
 
     def __iter__(self) -> Iterator:
         packer = self._make_packer(self._packer_state)
+        cache = PlanCache(self.plan_cache_bytes)  # empty after a restore: those are re-read
         source = iter(self.dataset)
         ended = False
         while True:
@@ -76,25 +109,32 @@ class OnlinePackingDataset(BaseWrapperDataset):
                         break
                     sid = packer.add(self.encoder.packed_length(sample), self.encoder.cost(sample))
                     self._restore_keys[sid] = get_sample_restore_key(sample)
+                    cache.put(sid, sample)
                 if not len(packer):
                     return
                 packer.repack()
             bins = packer.next_round()
-            keys = [self._restore_keys.pop(sid) for sid in bins[self.encoder.rank]]
+            mine = bins[self.encoder.rank]
+            keys = [self._restore_keys.pop(sid) for sid in mine]
+            planned = [cache.pop(sid) for sid in mine]
             for other in bins:  # samples dealt to other ranks: theirs to train on
                 for sid in other:
                     self._restore_keys.pop(sid, None)
+                    cache.pop(sid)
             with self._pack_index.ctx() as pack_idx:
-                packed = self._pack(keys)
+                packed = self._pack(keys, planned)
             yield set_sample_restore_key(packed, pack_idx, *keys, src=self)
 
-    def _pack(self, keys: list) -> Any:
+    def _pack(self, keys: list, planned: list | None = None) -> Any:
+        """Decode and pack the samples of ``keys``; ``planned[i]``, when given and not None,
+        is sample ``i`` already planned (else it is fetched again by its key)."""
         samples = []
-        for key in keys:
-            with self.encoder.quiet():
-                planned = self.dataset.restore_sample(key)
+        for key, plan in zip(keys, planned or [None] * len(keys), strict=True):
+            if plan is None:
+                with self.encoder.quiet():
+                    plan = self.dataset.restore_sample(key)
             with contextlib.suppress(SkipSample):  # counted by the encoder; the bin goes without
-                samples.append(self.encoder.postencode_sample(planned))
+                samples.append(self.encoder.postencode_sample(plan))
         return self.encoder.pack_selected_samples(samples)
 
     def restore_sample(self, restore_key: Any) -> Any:
