@@ -101,14 +101,15 @@ test-slow: setup
 test-slurm: setup
 	$(BIN)/python -m pytest -q -s --timeout 1200 -m slurm tests/test_slurm.py
 
-# Parallel-layout equivalence, the CPU Mamba2 scan, data throughput, packing and HF checkpoint
-# import/export (about 16 minutes on 2 cores; the last writes ~12 GB of scratch files);
-# results in benchmarks/results/.
+# Parallel-layout equivalence, the CPU Mamba2 scan, data throughput, the packer's plan cache,
+# packing and HF checkpoint import/export (about 19 minutes on 2 cores; the last writes ~12 GB
+# of scratch files); results in benchmarks/results/.
 bench: setup
 	$(BIN)/python benchmarks/equivalence.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/mamba_scan.py --out benchmarks/results/mamba_scan_cpu.md
 	$(BIN)/python benchmarks/data_throughput.py --data $(SYNTH) --out benchmarks/results/data_throughput_cpu.md
 	$(BIN)/python benchmarks/convert_rows.py --rows 100000 --out benchmarks/results/convert_rows_cpu.md
+	$(BIN)/python benchmarks/plan_cache.py --batches 40 --out benchmarks/results/plan_cache_cpu.md
 	$(BIN)/python benchmarks/packing.py
 	$(BIN)/python benchmarks/hf_checkpoint.py --out benchmarks/results/hf_checkpoint_cpu.md
 
