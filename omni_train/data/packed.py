@@ -9,8 +9,8 @@ it can be large (a global buffer must hold many rounds of ``data-parallel size``
 planned samples themselves (media still encoded) wait beside it in a :class:`PlanCache` of
 ``packing.plan_cache_mib``; a sample that did not fit, or one of a buffer a resumed stage
 restored, is read and planned again by its energon restore key (the same sample, planned the
-same way: the plan is a function of the sample). On the learnability stage the cache took the
-data worker's re-reads and re-plans (~18 % of its CPU, py-spy) off the path.
+same way: the plan is a function of the sample). On the learnability data the cache cut the
+pipeline's CPU time per sample 1.5x (``benchmarks/plan_cache.py``).
 
 Global balance: with ``num_ranks`` > 1 every data-parallel rank's worker ``w`` reads the
 identical stream (energon configured as a single rank), runs the identical packer, and keeps
@@ -129,12 +129,12 @@ class OnlinePackingDataset(BaseWrapperDataset):
         """Decode and pack the samples of ``keys``; ``planned[i]``, when given and not None,
         is sample ``i`` already planned (else it is fetched again by its key)."""
         samples = []
-        for key, plan in zip(keys, planned or [None] * len(keys), strict=True):
-            if plan is None:
+        for key, sample in zip(keys, planned or [None] * len(keys), strict=True):
+            if sample is None:
                 with self.encoder.quiet():
-                    plan = self.dataset.restore_sample(key)
+                    sample = self.dataset.restore_sample(key)
             with contextlib.suppress(SkipSample):  # counted by the encoder; the bin goes without
-                samples.append(self.encoder.postencode_sample(plan))
+                samples.append(self.encoder.postencode_sample(sample))
         return self.encoder.pack_selected_samples(samples)
 
     def restore_sample(self, restore_key: Any) -> Any:
