@@ -119,12 +119,12 @@ bench: setup
 # controls <= chance + 10 points). 15-21 minutes on 2 cores: real and noise 1000 steps side by
 # side, text-only 200, plus 80 s making the data the first time.
 # learn-parallel: the real run against TP2 + SP and CP2 on 2 processes (same accuracies within
-# 5 points), at 300 steps, one run after the other (about 12 minutes).
+# 5 points), 1000 steps each, one run after the other (about 45 minutes).
 learn: setup
 	$(BIN)/python benchmarks/learning.py --out benchmarks/results/learning_cpu.md
 
 learn-parallel: setup
-	$(BIN)/python benchmarks/learning.py --runs real,real_tp2,real_cp2 --steps 300 --jobs 1 \
+	$(BIN)/python benchmarks/learning.py --runs real,real_tp2,real_cp2 --jobs 1 \
 	  --out benchmarks/results/learning_parallel_cpu.md
 
 # The seven full-scale stages' plans: per-rank memory with activations, verdict on the cluster's

@@ -129,6 +129,30 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+MODALITIES = ("image", "video", "audio", "audio+video")  # the manifests' train/loss/<modality>
+
+
+def loss_table(manifests: dict[str, dict], every: int = 100) -> str:
+    """Per run, each modality's mean training loss over every ``every`` steps: when a run
+    left each task's prior (a plateau, then a drop within ~50 steps), which the final
+    accuracies alone do not show."""
+    runs = list(manifests)
+    head = ["steps", *[f"{r}: {' / '.join(MODALITIES)}" for r in runs]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    last = max(row["step"] for m in manifests.values() for row in m["metrics"])
+    for end in range(every, last + every, every):
+        cells = [f"{end - every + 1}-{min(end, last)}"]
+        for run in runs:
+            rows = [r for r in manifests[run]["metrics"] if end - every < r["step"] <= end]
+            means = []
+            for modality in MODALITIES:
+                vals = [r[f"train/loss/{modality}"] for r in rows if f"train/loss/{modality}" in r]
+                means.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
+            cells.append(" / ".join(means))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(manifests: dict[str, dict], png: Path) -> None:
     import matplotlib
 
@@ -145,7 +169,7 @@ def plot(manifests: dict[str, dict], png: Path) -> None:
         if run not in manifests:
             continue
         rows = manifests[run]["metrics"]
-        for modality in ("image", "video", "audio", "audio+video"):
+        for modality in MODALITIES:
             key = f"train/loss/{modality}"
             pts = [(row["step"], row[key]) for row in rows if key in row]
             if pts:
@@ -248,6 +272,11 @@ def main() -> int:
         *[f"- {'met' if met else '**missed**'}: {task}, {target}" for task, target, met in checks],
         "",
         f"![loss curves]({png.name})",
+        "",
+        "Training loss per modality (answer and end-of-turn tokens; image includes the pages), "
+        "mean over each 100 steps:",
+        "",
+        loss_table(manifests),
         "",
         "What the figures mean, and the configurations tried on the way: "
         "[docs/curriculum.md](../../docs/curriculum.md#does-the-tiny-curriculum-learn).",

@@ -136,6 +136,7 @@ PER_FIELD = [
     ("data.kind=energon", "data.kind=energon needs exactly one of data.blend"),
     ("data.max_skip_fraction=1.5", "data.max_skip_fraction=1.5 must be in"),
     ("data.video_fps=0", "data.video_fps must be > 0"),
+    ("data.packing.plan_cache_mib=-1", "data.packing.plan_cache_mib=-1 must be >= 0"),
 ]
 
 
