@@ -24,7 +24,10 @@ The runs train side by side (``--jobs``, default 3: every single-process run at 
 rank on one thread: a run is too small to keep two cores busy (measured on 2 cores, steps
 50-100 of ``stage=learn``: 0.78 s a step alone on two threads, 1.05 s a step each for two runs
 at once on one thread each, 1.5x the throughput). The media variants' data are made in
-parallel processes too. ``--jobs 1`` runs them one after the other, each on all cores.
+parallel processes too. ``--jobs 1`` runs them one after the other, each on all cores. The
+thread count changes the order of fp32 sums and with it the step at which a task leaves its
+prior (the real run on 2 threads left pitch at 75 %, on 1 thread at 100 %): compare runs made
+with the same ``--jobs``.
 
 Targets (issue #20): per task, ``real`` >= 90 % answer accuracy and ``noise`` / ``text_only``
 <= chance + 10 points; ``real_tp2`` / ``real_cp2`` within 5 points of ``real``. Writes a markdown
@@ -135,11 +138,12 @@ MODALITIES = ("image", "video", "audio", "audio+video")  # the manifests' train/
 def loss_table(manifests: dict[str, dict], every: int = 100) -> str:
     """Per run, each modality's mean training loss over every ``every`` steps: when a run
     left each task's prior (a plateau, then a drop within ~50 steps), which the final
-    accuracies alone do not show."""
-    runs = list(manifests)
+    accuracies alone do not show. Runs without media (``text_only``) have no such losses."""
+    keys = {f"train/loss/{m}" for m in MODALITIES}
+    runs = [r for r, m in manifests.items() if any(keys & row.keys() for row in m["metrics"])]
     head = ["steps", *[f"{r}: {' / '.join(MODALITIES)}" for r in runs]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    last = max(row["step"] for m in manifests.values() for row in m["metrics"])
+    last = max(row["step"] for r in runs for row in manifests[r]["metrics"])
     for end in range(every, last + every, every):
         cells = [f"{end - every + 1}-{min(end, last)}"]
         for run in runs:
