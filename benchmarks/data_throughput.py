@@ -37,18 +37,21 @@ from omni_train.datatools.prepare import synthesize
 from omni_train.datatools.synth_media import CATEGORIES
 
 
-def measure(cfg, num_batches: int) -> tuple[float, float]:
-    """(samples/s, tokens/s) over ``num_batches`` micro-batches after 2 warm-up batches."""
+def measure(cfg, num_batches: int) -> dict[str, float]:
+    """``num_batches`` micro-batches read after 2 warm-up ones (worker start-up, the first
+    buffer, the first decodes), counted over the measured ones only: ``samples``, real
+    ``tokens``, ``wall_s`` and this process's ``cpu_s`` (all of the pipeline's CPU only with
+    ``data.num_workers=0``). Also used by ``plan_cache.py``."""
     data = EnergonBatches(cfg, dp_size=1, dp_rank=0, dp_group=None, device=torch.device("cpu"))
-    for _ in range(2):  # worker start-up and first decodes
+    for _ in range(2):
         next(data)
     data.end_step()
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(num_batches):
         next(data)
-    elapsed = time.perf_counter() - start
-    data.end_step()
-    return data.totals["num_samples"] / elapsed, data.totals["num_tokens"] / elapsed
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    step = data.end_step()
+    return {"samples": step["samples"], "tokens": step["tokens"], "wall_s": wall, "cpu_s": cpu}
 
 
 def main() -> None:
@@ -84,7 +87,8 @@ def main() -> None:
                         f"data.layout={args.layout}",
                     ]
                 )
-                result[workers] = measure(cfg, args.batches)
+                m = measure(cfg, args.batches)
+                result[workers] = (m["samples"] / m["wall_s"], m["tokens"] / m["wall_s"])
             rows.append((category, result))
     lines = [
         f"Data throughput, model={args.model} media settings, data.layout={args.layout}, "

@@ -22,34 +22,16 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from data_throughput import measure  # benchmarks/ is on sys.path when a script runs
 
 from omni_train.config import compose_job
-from omni_train.data.loader import EnergonBatches
 from omni_train.datatools import prepare
 from omni_train.datatools.learn_tasks import TASKS
 
 CACHE_MIB = (0, 256)  # baseline first, then the default
-
-
-def measure(cfg, num_batches: int) -> tuple[float, float, int]:
-    """(CPU ms per sample, samples/s wall, samples) over ``num_batches`` packed micro-batches
-    after 2 warm-up batches."""
-    data = EnergonBatches(cfg, dp_size=1, dp_rank=0, dp_group=None, device=torch.device("cpu"))
-    for _ in range(2):  # the first buffer's planning and the first decodes
-        next(data)
-    data.end_step()
-    before = data.totals["num_samples"]
-    cpu, wall = time.process_time(), time.perf_counter()
-    for _ in range(num_batches):
-        next(data)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    data.end_step()
-    n = data.totals["num_samples"] - before
-    return 1000 * cpu / n, n / wall, n
 
 
 def main() -> int:
@@ -82,7 +64,9 @@ def main() -> int:
                             f"checkpoint.output_dir={out}",
                         ]
                     )
-                    cells.append(measure(cfg, args.batches))
+                    m = measure(cfg, args.batches)
+                    n = m["samples"]
+                    cells.append((1000 * m["cpu_s"] / n, n / m["wall_s"], n))
                 rows.append((media, name, cells))
                 print(media, name, cells, flush=True)
     lines = [
