@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import filecmp
+import io
 import json
+import multiprocessing
+import tarfile
 import tracemalloc
 
 import numpy as np
@@ -16,6 +19,7 @@ from omni_train.config import compose_job
 from omni_train.data.loader import task_encoder
 from omni_train.data.media_io import decode_audio
 from omni_train.data.task_encoder import cook_raw
+from omni_train.datatools import prepare
 from omni_train.datatools.convert import convert
 from omni_train.datatools.encode import encode_png, encode_wav
 from omni_train.datatools.prepare import read_raw
@@ -253,3 +257,38 @@ def test_conversion_streams_and_parallel_output_is_identical(tmp_path):
     assert shards == sorted(p.name for p in (tmp_path / "two").glob("*.tar")) and shards
     for name in shards:
         assert filecmp.cmp(tmp_path / "one" / name, tmp_path / "two" / name, shallow=False)
+
+
+def _index_in_fork(out) -> int:
+    """Runs in a forked child: index a dataset there; the pid of the helper that did it."""
+    prepare.write_dataset(out, [_sample("c0")], [_sample("c1")])
+    return prepare._helper[1].pid
+
+
+def _sample(key: str) -> prepare.RawSample:
+    conversation = {"conversation": [{"role": "user", "content": "<image>"}]}
+    return prepare.RawSample(key, conversation, {"img0.png": _png(0)})
+
+
+def test_indexing_runs_in_one_helper_that_reports_energon_errors(tmp_path):
+    """energon prepare runs in a single-threaded helper (not forked from this threaded
+    process): its failure comes back with energon's own words, the same helper indexes the
+    next dataset, and a forked child of ours starts its own helper instead of sharing our
+    pipes."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n in range(2):  # the same key in two shards: energon refuses the dataset
+        with tarfile.open(bad / f"train-{n:06d}.tar", "w") as tar:
+            info = tarfile.TarInfo("a.json")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(RuntimeError, match='duplicate keys.*\n.*Example duplicate key: "a"'):
+        prepare.energon_prepare(bad, ["train"])
+    helper = prepare._helper[1]
+    prepare.write_dataset(tmp_path / "ok", [_sample("k0"), _sample("k1")], [_sample("k2")])
+    assert prepare._helper[1] is helper and helper.poll() is None
+    assert [key for key, _ in read_raw(tmp_path / "ok")] == ["k0", "k1"]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child_helper = pool.apply(_index_in_fork, (tmp_path / "child",))
+    assert child_helper != helper.pid and helper.poll() is None
+    assert [key for key, _ in read_raw(tmp_path / "child")] == ["c0"]

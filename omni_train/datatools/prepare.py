@@ -12,6 +12,7 @@ streaming: :class:`DatasetWriter` takes one sample at a time.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
@@ -19,7 +20,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +119,95 @@ def write_shards(
 
 
 def energon_prepare(out_dir: Path, splits: list[str]) -> None:
-    """Index the shards with megatron-energon's ``energon prepare`` (its real CLI, called
-    in-process: a subprocess would pay energon's import for every dataset)."""
+    """Index the shards with megatron-energon's ``energon prepare`` (its real CLI).
+
+    Energon indexes with worker processes that it always *forks*, and waits for them with no
+    timeout. Forked from a process with live threads (a loader's, pytest-xdist's, a profiler's)
+    a worker can inherit a lock held by a thread that does not exist in it and block forever:
+    a CI run hung here for 15 minutes. So the CLI runs in a child forked, per dataset, from a
+    single-threaded helper process that has imported energon once (a fresh interpreter per
+    dataset would pay that import, ~4 s, every time); unlike multiprocessing's forkserver the
+    helper never re-imports the caller's ``__main__``, so unguarded user scripts still work."""
+    with _helper_lock:
+        helper = _index_helper()
+        try:
+            helper.stdin.write(json.dumps({"out_dir": str(out_dir), "splits": splits}) + "\n")
+            helper.stdin.flush()
+            reply = helper.stdout.readline()
+        except BrokenPipeError:
+            reply = ""
+        if not reply:
+            raise RuntimeError(
+                f"energon prepare {out_dir}: the indexing helper process exited "
+                f"(code {helper.wait()}); its stderr above says why"
+            )
+    if error := json.loads(reply)["error"]:
+        raise RuntimeError(error)
+
+
+_helper: tuple[int, subprocess.Popen] | None = None  # (the pid that started it, the helper)
+_helper_lock = threading.Lock()
+
+
+def _index_helper() -> subprocess.Popen:
+    """The running helper (see :func:`energon_prepare`), started by this process if need be:
+    a forked child of ours must not talk over its parent's pipes."""
+    global _helper
+    if _helper is None or _helper[0] != os.getpid() or _helper[1].poll() is not None:
+        path = [p for p in sys.path if isinstance(p, str)]
+        code = f"import sys; sys.path[:0] = {path!r}; import {__name__} as m; m._index_server()"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        _helper = (os.getpid(), proc)
+        atexit.register(_stop_helper, proc)
+    return _helper[1]
+
+
+def _stop_helper(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        proc.stdin.close()  # the helper's loop ends at EOF
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def _index_server() -> None:
+    """The helper's loop: one JSON request per stdin line, one reply per line, each request
+    run in a child forked from this single-threaded process."""
+    import megatron.energon.cli.main  # noqa: F401  (imported once; every child inherits it)
+
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints must not reach the reply stream
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            try:
+                _energon_cli_prepare(request["out_dir"], request["splits"])
+                error = b""
+            except BaseException as e:  # the child reports everything, then exits
+                error = (str(e) or repr(e)).encode()
+            with os.fdopen(write_end, "wb") as out:
+                out.write(error)
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as got:
+            error = got.read().decode()
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code and not error:
+            error = f"energon prepare {request['out_dir']}: its process ended with code {code}"
+        replies.write(json.dumps({"error": error or None}) + "\n")
+        replies.flush()
+
+
+def _energon_cli_prepare(out_dir: str, splits: list[str]) -> None:
     from megatron.energon.cli.main import main as energon_cli
 
-    args = ["prepare", str(out_dir), "--non-interactive", "--force-overwrite", "--no-progress"]
-    args += ["--sample-type", "CrudeWebdataset"]
+    num_shards = len(list(Path(out_dir).glob("*.tar")))
+    workers = max(1, min(16, num_shards, os.cpu_count() or 1))  # energon's default is 16
+    args = ["prepare", out_dir, "--non-interactive", "--force-overwrite", "--no-progress"]
+    args += ["--sample-type", "CrudeWebdataset", "--num-workers", str(workers)]
     for split in splits:
         # a regex over shard paths; a split without shards stays empty
         args += ["--split-parts", f"{split}:{split}-[0-9]+\\.tar"]
@@ -223,6 +310,8 @@ class DatasetWriter:
     def __enter__(self) -> DatasetWriter:
         self._staging = _staging(self.out)
         self.tmp = self._staging.__enter__()
+        with _helper_lock:
+            _index_helper()  # it imports energon while the shards are written
         self.splits = {
             split: ShardWriter(self.tmp, split, self.samples_per_shard)
             for split in ("train", "val")
