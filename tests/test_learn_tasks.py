@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import yaml
@@ -49,6 +51,29 @@ def test_task_samples_are_balanced_deterministic_and_noise_keeps_the_token_count
         # the answer span is exactly the answer's tokens
         mask = answer_mask(er.labels[None], er.loss_mask[None], tok.specials.im_end)[0]
         assert tok.hf.decode(er.labels[mask].tolist()) == r.truth["answer"]
+
+
+def test_pitch_classes_lie_far_apart_in_the_model_mel_front_end():
+    """Each note's energy peaks in its own mel bin of the model's own front end (pre-emphasis,
+    STFT, filterbank), >= 16 bins (two cells of the encoder's 8x frequency subsampling) from
+    the next: with C3 and E4 ten bins apart, at the bottom of the axis, runs plateaued at 75 %
+    answering every C3 with E (the note C is C8 now)."""
+    from omni_train.data.media_io import decode_audio
+    from omni_train.model.audio import build_mel_preprocessor
+
+    cfg = compose_job(["stage=learn", "model=tiny"])
+    front = build_mel_preprocessor(cfg.model.audio).featurizer
+    peaks = {}
+    for sample in task_samples("audio_pitch", 8, seed=0):
+        x = torch.as_tensor(decode_audio(sample.members["audio0.wav"]))
+        x = torch.cat([x[:1], x[1:] - front.preemph * x[:-1]])
+        spec = torch.stft(x, front.n_fft, front.hop_length, front.win_length,
+                          window=front.window, return_complex=True)  # fmt: skip
+        energy = front.fb[0] @ spec.abs().pow(2).sum(1)  # [mels]: the clip's energy per bin
+        peaks.setdefault(sample.truth["answer"], set()).add(int(energy.argmax()))
+    assert all(len(bins) == 1 for bins in peaks.values()), peaks  # one bin per note
+    ordered = sorted(b for (b,) in peaks.values())
+    assert len(ordered) == 4 and min(b - a for a, b in itertools.pairwise(ordered)) >= 16, peaks
 
 
 def test_task_samples_reject_unknown_names():

@@ -414,7 +414,8 @@ def synthesize(
     if tasks is not None and flavour != "learn":
         raise ValueError("tasks are chosen for flavour=learn only")
     out = Path(out_dir)
-    args = {"samples": num_samples, "seed": seed, "val_every": val_every, "format": 2}
+    # format: bump when a generator changes its bytes (3: the pitch task's C is C8, not C3)
+    args = {"samples": num_samples, "seed": seed, "val_every": val_every, "format": 3}
     if flavour != "general":
         args |= {"flavour": flavour, "media": media, "tasks": chosen}
     stamp = out / SYNTH_STAMP
