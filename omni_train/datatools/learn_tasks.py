@@ -55,7 +55,8 @@ _RATE = 16000
 # had C3 (bin 4) for C, next to E4 at the bottom of the axis: runs plateaued at 75 %,
 # answering every C3 with E. With C8 the CI pair (image_colour + audio_pitch, 200 steps)
 # reached 100 % where C3 reached 77 %; notes evenly spread over bins 22-82 (C5 B5 G6 E7)
-# reached 52 %: the spacing alone does not decide it (learning_explore/README.md).
+# reached 52 %: the spacing alone does not decide it
+# (benchmarks/results/learning_explore/pitch_notes_200).
 _PITCHES = {"C": 4186.01, "E": 329.63, "G": 783.99, "B": 1975.53}
 _LOW_HIGH = {"low": 220.0, "high": 1760.0}
 _MOVES = {"right": "left to right", "left": "right to left", "down": "top to bottom",
