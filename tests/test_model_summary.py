@@ -6,10 +6,10 @@ written from the architecture spec, independently of the model code that megatro
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,19 +23,23 @@ def expected(model: str) -> dict:
     return {"components": comps, "total": sum(comps.values()), "active_per_token": lm_params(m)[1]}
 
 
-def _summary(model: str) -> tuple[dict, float]:
-    start = time.perf_counter()
+# one worker for the module: the published-model test compares against the cached tiny summary
+pytestmark = pytest.mark.xdist_group("model_summary")
+
+
+@functools.cache
+def _summary(model: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "omni_train.cli", "model", "summary", f"model={model}", "--json"],
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(out.stdout), time.perf_counter() - start
+    return json.loads(out.stdout)
 
 
 def test_published_model_summary_matches_spec_and_formulas():
-    summary, elapsed = _summary("nano_omni_30b_a3b")
+    summary = _summary("nano_omni_30b_a3b")
     want = expected("nano_omni_30b_a3b")
     assert summary["components"] == want["components"]
     assert summary["total"] == want["total"]
@@ -54,13 +58,17 @@ def test_published_model_summary_matches_spec_and_formulas():
     assert round(summary["components"]["llm"] / 1e9, 1) == 31.6
     assert round(summary["active_per_token"] / 1e9, 1) == 3.2
     assert round(summary["total"] / 1e9, 1) == 33.0
-    assert elapsed < 60
+    # The meta-device build costs about what the tiny one does (imports dominate; measured
+    # 18.8 vs 14.2 CPU s). CPU time, not wall time: CI runs two test workers on two cores, and
+    # a wall-clock bound failed there (62 s) while the build itself was unchanged.
+    tiny = _summary("tiny")
+    assert summary["build_cpu_s"] < 2 * tiny["build_cpu_s"], (summary, tiny)
     # No weights allocated: 33B fp32 parameters would be 132 GB; the build stays near 1 GB.
     assert summary["peak_rss_mib"] < 2048, f"peak RSS {summary['peak_rss_mib']} MiB"
 
 
 def test_tiny_model_summary_matches_formulas():
-    summary, _ = _summary("tiny")
+    summary = _summary("tiny")
     want = expected("tiny")
     assert summary["components"] == want["components"]
     assert summary["active_per_token"] == want["active_per_token"]

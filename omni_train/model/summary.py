@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import sys
+import time
 from collections.abc import Iterator
 
 import torch
@@ -69,7 +70,9 @@ def summarize(overrides: list[str]) -> dict:
     from omni_train.config import compose_job
 
     cfg = compose_job([*overrides, "parallel=single", "trainer.precision=fp32"])
+    start = time.process_time()
     model = build_on_meta(cfg)
+    build_cpu_s = time.process_time() - start
     per_component: dict[str, int] = {name: 0 for name in model.components()}
     active = 0
     m = cfg.model
@@ -93,6 +96,9 @@ def summarize(overrides: list[str]) -> dict:
         "layers": {symbol: m.hybrid_pattern.count(symbol) for symbol in "M*-E"},
         # evidence that no weights were allocated (Linux reports ru_maxrss in KiB)
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        # CPU seconds of the build (libraries it imports included), not wall time: a test
+        # compares it across models without being moved by other processes on the machine
+        "build_cpu_s": round(build_cpu_s, 2),
     }
 
 
