@@ -77,13 +77,43 @@ def build_mel_preprocessor(audio: AudioConfig) -> torch.nn.Module:
     )
 
 
-class AudioEncoder(torch.nn.Module):
-    """Waveforms -> per-stream features ``[tokens_i, d_model]`` (12.5 tokens/s at 8x)."""
+def init_subsampling(pre_encode: torch.nn.Module) -> None:
+    """Re-initialise NeMo's ``dw_striding`` subsampling (``encoder.pre_encode``) so that the
+    signal, not the biases, carries through it: He-normal weights (gain 1 for a convolution
+    that no ReLU follows), zero biases. Names and shapes are unchanged.
 
-    def __init__(self, audio: AudioConfig):
+    Why (our choice, for training from scratch; the released encoder's weights are
+    pretrained, so loading them makes this moot): NeMo's ``ConvSubsampling.reset_parameters``
+    draws weights and biases alike from U(+-1 / sqrt(fan_in)), which keeps a third of the
+    signal's variance per layer (a sixth through a ReLU) while every layer adds its bias anew.
+    Through its five convolutions and the output Linear, the tiny encoder's pre-encoded frames
+    came out 99 % bias: their variation over time was 12 % of their RMS, the conformer's output
+    tokens differed by 1 % between tones, and in 2 of 3 learnability runs the audio path never
+    left that state (the audio tasks at chance after 1500 steps while every vision task reached
+    100 %; benchmarks/results/learning_explore/audio_init).
+    """
+    modules = [*pre_encode.conv, pre_encode.out]
+    with torch.no_grad():
+        for layer, after in zip(modules, [*modules[1:], None], strict=True):
+            if not isinstance(layer, torch.nn.Conv2d | torch.nn.Linear):
+                continue
+            gain = "relu" if isinstance(after, torch.nn.ReLU) else "linear"
+            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity=gain)
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
+class AudioEncoder(torch.nn.Module):
+    """Waveforms -> per-stream features ``[tokens_i, d_model]`` (12.5 tokens/s at 8x).
+    ``init``: re-initialise the subsampling for training from scratch (:func:`init_subsampling`);
+    off for meta-device builds, whose weights are never drawn."""
+
+    def __init__(self, audio: AudioConfig, init: bool = True):
         super().__init__()
         self.cfg = audio
         self.encoder = build_nemo_encoder(audio)
+        if init and audio.subsampling == "dw_striding":
+            init_subsampling(self.encoder.pre_encode)
         # Held outside the module tree on purpose: it has no parameters, must stay in fp32 when
         # the model is cast to bf16 (its filterbank would lose precision), and must not enter
         # checkpoints. Its train/eval mode follows this module's in forward().

@@ -192,7 +192,7 @@ def build_omni_model(
     if m.audio is not None:
         from omni_train.model.audio import AudioEncoder
 
-        parts["audio_encoder"] = AudioEncoder(m.audio)
+        parts["audio_encoder"] = AudioEncoder(m.audio, init)
         parts["audio_projector"] = MultimodalProjector(
             projector_transformer_config(cfg, platform, m.audio_projector_ffn_hidden_size, init),
             mlp_submodules(leaves),
