@@ -119,7 +119,7 @@ bench: setup
 # controls <= chance + 10 points). About 14 minutes on 2 cores, making the data (~1 min)
 # included: real and noise 1000 steps side by side, text-only 200.
 # learn-parallel: the real run against TP2 + SP and CP2 on 2 processes (same accuracies within
-# 5 points), 1000 steps each, one run after the other (about 40 minutes).
+# 5 points), 1000 steps each, one run after the other (about 45 minutes).
 learn: setup
 	$(BIN)/python benchmarks/learning.py --out benchmarks/results/learning_cpu.md
 
