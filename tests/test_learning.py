@@ -34,8 +34,8 @@ def test_real_media_beat_noise_on_image_and_audio_answers(tmp_path):
     for task in TASKS:
         real, noise = runs["real"][task], runs["noise"][task]
         assert real["num_samples"] == noise["num_samples"] == 48
-        assert real["accuracy"] >= 0.6, (task, real)  # measured: 97.9 % and 100 % (C3: 79 %)
-        assert noise["accuracy"] <= real["chance"] + 0.15, (task, noise)  # 8 % and 25 %
+        assert real["accuracy"] >= 0.6, (task, real)  # measured: 100 % and 100 % (LR 1e-3)
+        assert noise["accuracy"] <= real["chance"] + 0.15, (task, noise)  # 16.7 % and 25 %
         assert real["accuracy"] - noise["accuracy"] >= 0.35, (task, real, noise)
         assert real["loss"] < noise["loss"]
     assert out.with_suffix(".png").stat().st_size > 0
