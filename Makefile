@@ -116,10 +116,10 @@ bench: setup
 # Does the tiny omni model read its media? Trains it on the learnability tasks (answers only
 # the image, page, video or tone tell) with real media, with noise in their place and without
 # them, then scores held-out answers per task (benchmarks/learning.py; targets: real >= 90 %,
-# controls <= chance + 10 points). About 14 minutes on 2 cores, making the data (~1 min)
+# controls <= chance + 10 points). About 11 minutes on 2 cores, making the data (~1 min)
 # included: real and noise 1000 steps side by side, text-only 200.
 # learn-parallel: the real run against TP2 + SP and CP2 on 2 processes (same accuracies within
-# 5 points), 1000 steps each, one run after the other (about 45 minutes).
+# 5 points), 1000 steps each, one run after the other (about 30 minutes).
 learn: setup
 	$(BIN)/python benchmarks/learning.py --out benchmarks/results/learning_cpu.md
 

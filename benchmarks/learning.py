@@ -26,8 +26,8 @@ rank on one thread: a run is too small to keep two cores busy (measured on 2 cor
 at once on one thread each, 1.5x the throughput). The media variants' data are made in
 parallel processes too. ``--jobs 1`` runs them one after the other, each on all cores. The
 thread count changes the order of fp32 sums and with it the step at which a task leaves its
-prior (the real run's audio loss at steps 401-500: 0.47 on 1 thread, 0.36 on 2): compare runs
-made with the same ``--jobs``.
+prior (at 3e-3, the real run's audio loss at steps 401-500: 0.47 on 1 thread, 0.36 on 2):
+compare runs made with the same ``--jobs``.
 
 Targets (issue #20): per task, ``real`` >= 90 % answer accuracy and ``noise`` / ``text_only``
 <= chance + 10 points; ``real_tp2`` / ``real_cp2`` within 5 points of ``real``. Writes a markdown
