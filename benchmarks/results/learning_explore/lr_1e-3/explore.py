@@ -20,7 +20,7 @@ import learning as L  # noqa: E402
 def main() -> None:
     work, configs, steps = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
     root = work / "data" / "real"
-    if not (root / "learn.yaml").exists():
+    if not (root / L.prepare.LEARN_METADATASET).exists():
         started = time.perf_counter()
         L.make_data(work, "real", 1000, 0, None)
         print("data", round(time.perf_counter() - started), "s", flush=True)
