@@ -112,6 +112,7 @@ bench: setup
 	$(BIN)/python benchmarks/plan_cache.py --batches 40 --out benchmarks/results/plan_cache_cpu.md
 	$(BIN)/python benchmarks/packing.py
 	$(BIN)/python benchmarks/hf_checkpoint.py --out benchmarks/results/hf_checkpoint_cpu.md
+	$(BIN)/python benchmarks/encoder_balance.py --out benchmarks/results/encoder_balance.md
 
 # Does the tiny omni model read its media? Trains it on the learnability tasks (answers only
 # the image, page, video or tone tell) with real media, with noise in their place and without

@@ -136,6 +136,33 @@ def test_plan_breaks_memory_down_and_judges_it(plans, reports, k):
     )
 
 
+@pytest.mark.parametrize("k", range(7))
+def test_every_published_stage_fits_with_a_tenth_of_the_gpu_free(plans, k):
+    m = plans[k]["memory"]
+    assert m["verdict"] == "fits", (NAMES[k], m["total_gib"])
+    assert m["total_gib"] <= 0.9 * m["gpu_gib"], (NAMES[k], m["total_gib"])
+
+
+def test_encoders_are_sharded_over_cp_and_tp(plans):
+    """Stage 6 (TP 2, CP 16): the ViT's pieces over the 16 CP ranks, within 10 % of even; its
+    vision activations are the share of one rank, not the whole sequence's."""
+    stage6 = plans[6]
+    vision = stage6["encoder_shares"]["vision"]
+    assert vision["group"] == 16 and 1.0 <= vision["imbalance"] <= 1.10
+    assert stage6["encoder_shares"]["audio"]["group"] == 32
+    # stage 3 (TP 2): the audio clips over the 2 TP ranks
+    assert plans[3]["encoder_shares"]["audio"]["group"] == 2
+    from omni_train.config import compose_job
+    from omni_train.plan import planner
+    from omni_train.plan.costs import ActivationCosts
+
+    cfg = compose_job(["stage=stage6_omni_sft_256k"])
+    costs, a = ActivationCosts.load(cfg.model, 2), planner.Assumptions()
+    whole = planner.activations(cfg, costs, a, 1)["saved"]["vision"]  # one rank encodes all
+    shard = planner.activations(cfg, costs, a, 16)["saved"]["vision"]
+    assert whole / shard == pytest.approx(16 / vision["imbalance"])
+
+
 def test_frozen_encoders_keep_no_activations(plans):
     # stage 0 trains the vision projector on a frozen ViT: only the projector side keeps
     # anything; stage 1 trains the ViT (with recompute) on the same kind of data

@@ -3,7 +3,7 @@
 Every run trains 3 exact-fp32 steps; each must match the reference's loss within 1e-5 relative
 at every step and its grad norm within 1e-4 (the omni family at a peak LR of 1e-4: see omni()).
 
-* Omni layouts (TP2 + SP, CP2; slow: TP2 x CP2 with SP): the tiny omni model on the stage-4
+* Omni layouts (TP2 + SP, CP2; slow: TP2 x CP2 with SP, CP4): the tiny omni model on the stage-4
   synthetic blend (images, video, audio, text), packed. Data parallel stays 1, so every layout
   reads identical micro-batches; every sample is padded to a multiple of 8 in all of them
   (``data.packing.sample_pad_multiple``), because padding decides which samples share a bin.
@@ -80,6 +80,7 @@ OMNI_LAYOUTS = {
     "tp2_sp": (2, ["parallel=tp2"], {"tp": 2, "dp": 1}),
     "cp2": (2, ["parallel=single", "parallel.cp=2"], {"cp": 2, "dp": 1}),
     "tp2_cp2": (4, ["parallel=tp2", "parallel.cp=2"], {"tp": 2, "cp": 2, "dp": 1}),
+    "cp4": (4, ["parallel=single", "parallel.cp=4"], {"cp": 4, "dp": 1}),
 }
 
 

@@ -5,9 +5,12 @@ Using NeMo's own classes keeps parameter names identical to released ``.nemo`` c
 text-only or vision-only job should not pay.
 
 Every waveform is one encoder input (the data layout decides how a stream is cut into clips:
-``omni_train.data.chat``), and all clips of a micro-batch run through the encoder as one padded
-batch; NeMo masks the padding by length. The encoder is replicated on every tensor-parallel
-rank: each rank sees the same clips and computes the same features.
+``omni_train.data.chat``), and the clips of a micro-batch run through the encoder as one padded
+batch; NeMo masks the padding by length. The encoder is not tensor parallel: under TP and CP the
+clips are shared out over the TP x CP ranks (``omni_train.parallel.encoder_shard``), each rank
+encoding its share (:meth:`AudioEncoder.encode`). Its BatchNorm layers then take their training
+statistics over the whole micro-batch (:class:`GroupBatchNorm1d`), so a sharded encoder computes
+what one process computes.
 
 Features are NeMo's mel preprocessor's, which equal the released processor's
 ``ParakeetFeatureExtractor`` (within 1e-4, ``tests/test_processor_parity.py``; dither, in
@@ -103,6 +106,50 @@ def init_subsampling(pre_encode: torch.nn.Module) -> None:
                 layer.bias.zero_()
 
 
+class GroupBatchNorm1d(torch.nn.BatchNorm1d):
+    """NeMo's conformer BatchNorm with its training statistics taken over a process group.
+
+    Outside :meth:`over` (one process, or eval mode) it is ``torch.nn.BatchNorm1d`` unchanged;
+    the class is swapped onto NeMo's modules in place, so parameter and buffer names stay those
+    of a ``.nemo`` checkpoint. Inside, each rank holds some clips of a micro-batch, all padded to
+    the micro-batch's longest (as one process pads them): the per-channel sums, and then the
+    squared deviations, are all-reduced (differentiably) over the group, so mean, variance,
+    output, gradients and the running statistics are those of one process over every clip.
+    ``weight`` per clip, 0 for a placeholder clip a rank without clips runs so that it takes
+    part in the collectives. torch's SyncBatchNorm does the same on GPUs only.
+    """
+
+    group = None
+    clip_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [clips, channels, frames]
+        if self.group is None or not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        # statistics in fp32 whatever the activations' dtype, as torch's and cuDNN's kernels do
+        xf = x.float()
+        w = self.clip_weight.float()[:, None, None]
+        count = all_reduce(w.sum() * x.shape[2], group=self.group)
+        mean = all_reduce((xf * w).sum((0, 2)), group=self.group) / count
+        centred = xf - mean[None, :, None]
+        var = all_reduce((centred.square() * w).sum((0, 2)), group=self.group) / count
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None]
+        if self.affine:
+            y = y * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum
+                if m is None:  # cumulative average, as torch's BatchNorm
+                    m = 1.0 / float(self.num_batches_tracked)
+                unbiased = var * count / (count - 1)
+                stats = self.running_mean.dtype
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(stats) * m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach().to(stats) * m)
+        return y.to(x.dtype)
+
+
 class AudioEncoder(torch.nn.Module):
     """Waveforms -> per-stream features ``[tokens_i, d_model]`` (12.5 tokens/s at 8x).
     ``init``: re-initialise the subsampling for training from scratch (:func:`init_subsampling`);
@@ -112,6 +159,9 @@ class AudioEncoder(torch.nn.Module):
         super().__init__()
         self.cfg = audio
         self.encoder = build_nemo_encoder(audio)
+        for m in self.encoder.modules():
+            if type(m) is torch.nn.BatchNorm1d:
+                m.__class__ = GroupBatchNorm1d
         if init and audio.subsampling == "dw_striding":
             init_subsampling(self.encoder.pre_encode)
         # Held outside the module tree on purpose: it has no parameters, must stay in fp32 when
@@ -140,9 +190,28 @@ class AudioEncoder(torch.nn.Module):
     def forward(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
         """``clips``: mono float ``[n_i]`` at ``sample_rate`` -> ``[tokens_i, d_model]``."""
         feats, feat_lengths = self.features(clips)
+        out = self.encode(feats, feat_lengths)
+        return [out[k, : audio_clip_tokens(c.shape[0], self.cfg)] for k, c in enumerate(clips)]
+
+    def encode(
+        self,
+        feats: torch.Tensor,
+        lengths: torch.Tensor,
+        group=None,
+        clip_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mel features ``[clips, frames, mels]`` (:meth:`features`) -> encoder output
+        ``[clips, frames / subsampling, d_model]``. ``group``: the process group whose ranks
+        share the micro-batch's clips (BatchNorm statistics over all of them), ``clip_weight``
+        ``[clips]`` 1 for a clip, 0 for a placeholder (:class:`GroupBatchNorm1d`)."""
+        # Set for this call and left in place until the next: a conformer layer recomputed in
+        # backward (recompute.audio_encoder) must normalise over the same group and clips.
+        weight = None
+        if group is not None:
+            weight = clip_weight if clip_weight is not None else feats.new_ones(feats.shape[0])
+        for m in self.encoder.modules():
+            if isinstance(m, GroupBatchNorm1d):
+                m.group, m.clip_weight = group, weight
         dtype = next(self.encoder.parameters()).dtype
-        out, _ = self.encoder(audio_signal=feats.transpose(1, 2).to(dtype), length=feat_lengths)
-        return [
-            out[k, :, : audio_clip_tokens(c.shape[0], self.cfg)].transpose(0, 1)
-            for k, c in enumerate(clips)
-        ]
+        out, _ = self.encoder(audio_signal=feats.transpose(1, 2).to(dtype), length=lengths)
+        return out.transpose(1, 2)

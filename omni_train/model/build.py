@@ -2,7 +2,8 @@
 
 One ``TransformerConfig`` per transformer (LM, ViT, each projector); they share the precision,
 tensor-parallel and initialisation settings. Only the LM runs sequence parallel: the encoders and
-projectors see whole media items and are tensor parallel (ViT, projectors) or replicated (audio).
+projectors see whole media items and are tensor parallel (ViT, projectors) or not (the audio
+encoder, whose clips are shared out over the TP ranks: ``omni_train.model.omni``).
 """
 
 from __future__ import annotations

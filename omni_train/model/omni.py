@@ -3,10 +3,16 @@
 Data flow per micro-batch::
 
     input_ids [b, s] --LM embedding--> [b, s, h]
+    input_ids [b, s] --(CP: this rank's positions)--LM embedding--> [b, s/cp, h]
     images/videos --RADIO (one packed ViT pass)--> pixel shuffle --vision projector--+
-    audio clips --mel--> FastConformer --audio projector-----------------------------+--> replace
-    the placeholder tokens in place --(CP: keep this rank's shard)--(SP: scatter)--> MambaStack
+    audio clips --mel--> FastConformer ------------------------------audio projector-+--> replace
+    the placeholder tokens in place --(SP: scatter)--> MambaStack
     --> per-token loss [b, s] ([b, s/cp] under context parallel)
+
+Under context and tensor parallelism the encoders are sharded, not replicated: each rank of the
+CP group (vision) or the TP x CP group (audio) encodes its share of the media items, and an
+all-to-all brings every feature row to the rank whose positions hold it
+(``omni_train.parallel.encoder_shard``); with one process everything is local.
 
 Each encoder runs only on the media present. A trainable encoder or projector whose modality
 is absent still gets an all-zero gradient (a zero-weighted term), so every DDP bucket fills and
@@ -16,6 +22,7 @@ the optimizer sees the same parameter set on every rank and step; no encoder com
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 from megatron.core.models.mamba import MambaModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
@@ -27,7 +34,16 @@ from omni_train.config import ModelConfig
 from omni_train.config.schema import RecomputeConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
+from omni_train.model.audio import GroupBatchNorm1d
 from omni_train.model.recompute import recomputed
+from omni_train.parallel.context import padded_bounds, position_owner
+from omni_train.parallel.encoder_shard import (
+    EncoderGroup,
+    assign,
+    build_route,
+    encoder_groups,
+    exchange_rows,
+)
 from omni_train.platform.kernels.attention import segment_ids  # pure PyTorch, any device
 
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
@@ -71,6 +87,11 @@ class OmniModel(MegatronModule):
         self.vision_projector = vision_projector
         self.audio_encoder = audio_encoder
         self.audio_projector = audio_projector
+        if audio_encoder is not None:
+            # shared out over TP ranks (not tensor parallel): omni_train.training.optimizer
+            # sums these gradients over TP
+            for p in audio_encoder.parameters():
+                p.partial_over_tp = True
         self.recompute_projectors = False  # omni_train.model.recompute.apply_recompute
         # (trainable component names, RecomputeConfig): what the FLOPs count of a step needs
         # (omni_train.training.flops); set by omni_train.model.assembly.build_model
@@ -140,9 +161,15 @@ class OmniModel(MegatronModule):
                 )
         return mask
 
-    def _vision_features(self, media: Media, ids, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _vision_features(
+        self, media: Media, ids, where, dest: torch.Tensor | None, g: EncoderGroup
+    ) -> torch.Tensor:
         """Images and videos fill the image placeholders together, in token order (the
-        released layout: video frame groups use the image placeholder)."""
+        released layout: video frame groups use the image placeholder). Returns the projected
+        rows ``[n, h]`` of this rank's placeholders (all of them without CP), in token order.
+
+        ``dest`` ``[n_all]``: the CP rank of every placeholder (None without CP). Under CP the
+        pieces (images, tubelets) are shared out by ViT length over the CP group ``g``."""
         enc, p = self.vision_encoder, self.cfg.vision.patch_size
         img_n = [tokens.grid_tokens(x.shape[-2] // p, x.shape[-1] // p) for x in media.images]
         vid_n = [
@@ -153,24 +180,85 @@ class OmniModel(MegatronModule):
         order = media.vision_items()
         counts = [(img_n if kind == "image" else vid_n)[i] for kind, i, _ in order]
         owners = [owner for _, _, owner in order]
-        mask = self._check_counts(
+        self._check_counts(
             "image/video", self.cfg.media_tokens.image, owners, counts, ids, where, media
         )
-        images, videos = enc.encode(media.images, media.videos)
-        _assert_counts(images, img_n, "vision")
-        _assert_counts(videos, vid_n, "vision")
-        feats = [(images if kind == "image" else videos)[i] for kind, i, _ in order]
-        return [(mask, self._project(self.vision_projector, torch.cat(feats)))]
+        # every piece in the encoder's order (images, then the videos' tubelets), with its CPE
+        # crop drawn on every rank: the random stream is one process's however pieces are shared
+        pieces, item = enc.pieces(media.images, media.videos)
+        draws = enc.draw_crops(pieces)
+        rows = [tokens.grid_tokens(x.shape[-2] // p, x.shape[-1] // p) for x in pieces]
+        # feature rows follow token order: the items as vision_items lists them, pieces in turn
+        by_item: list[list[int]] = [[] for _ in range(len(media.images) + len(media.videos))]
+        for k, it in enumerate(item):
+            by_item[it].append(k)
+        first_video = len(media.images)
+        token_order = [
+            k for kind, i, _ in order for k in by_item[i if kind == "image" else first_video + i]
+        ]
+        if sum(rows) != sum(counts):
+            raise RuntimeError(
+                f"the ViT's pieces yield {sum(rows)} features but token accounting expects "
+                f"{sum(counts)}; omni_train.data.tokens is out of step with RadioEncoder.pieces"
+            )
+        owner = (
+            [0] * len(pieces)
+            if g.size == 1
+            else assign([enc.piece_tokens(x) for x in pieces], g.size)
+        )
+        picked = [k for k in token_order if owner[k] == g.rank]
+        feats = enc.encode_pieces([pieces[k] for k in picked], [draws[k] for k in picked])
+        _assert_counts(feats, [rows[k] for k in picked], "vision")
+        if feats:
+            local = self._project(self.vision_projector, torch.cat(feats))
+        else:
+            local = self._empty_rows(self.vision_projector, self.cfg.hidden_size)
+        if g.size == 1:
+            return local
+        local = _anchored(local, [self.vision_encoder, self.vision_projector])
+        row_owner = torch.tensor([owner[k] for k in token_order]).repeat_interleave(
+            torch.tensor([rows[k] for k in token_order])
+        )
+        return exchange_rows(local, build_route(row_owner, dest, g), g)
 
-    def _audio_features(self, media: Media, ids, where) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every audio item is one encoder input; a sample's items fill its audio
-        placeholders in order."""
+    def _audio_features(
+        self, media: Media, ids, where, dest: torch.Tensor | None, g: EncoderGroup
+    ) -> torch.Tensor:
+        """Every audio item is one encoder input; a sample's items fill its audio placeholders
+        in order. Returns the projected rows ``[n, h]`` of this rank's placeholders.
+
+        Under TP or CP the clips are shared out over the TP x CP group ``g`` by count (each is
+        padded to the micro-batch's longest, as one process pads them, so each costs the same);
+        the conformer's rows are exchanged and the projector runs where they land. The mel
+        front end runs on every clip on every rank (cheap), so its dither is one process's."""
         counts = [tokens.audio_clip_tokens(a.shape[0], self.cfg.audio) for a in media.audio]
         t = self.cfg.media_tokens
-        mask = self._check_counts("audio", t.audio, media.audio_sample, counts, ids, where, media)
-        feats = self.audio_encoder(media.audio)
-        _assert_counts(feats, counts, "audio")
-        return [(mask, self._project(self.audio_projector, torch.cat(feats)))]
+        self._check_counts("audio", t.audio, media.audio_sample, counts, ids, where, media)
+        enc = self.audio_encoder
+        mels, lengths = enc.features(media.audio)  # [clips, frames, mels], padded to the longest
+        owner = [0] * len(counts) if g.size == 1 else assign([mels.shape[1]] * len(counts), g.size)
+        mine = [k for k in range(len(counts)) if owner[k] == g.rank]
+        group = g.group if g.size > 1 else None
+        if mine:
+            out = enc.encode(mels[mine], lengths[mine], group)
+            local = torch.cat([out[j, : counts[k]] for j, k in enumerate(mine)])
+        elif enc.training and any(isinstance(m, GroupBatchNorm1d) for m in enc.modules()):
+            # no clip here: a placeholder clip of weight 0 takes part in the BatchNorm
+            # collectives of the ranks that have clips, and yields no rows
+            out = enc.encode(mels[:1], lengths[:1], group, mels.new_zeros(1))
+            local = out[0, :0]
+        else:
+            local = self._empty_rows(enc.encoder, self.cfg.audio.d_model)
+        _assert_counts([local], [sum(counts[k] for k in mine)], "audio")
+        if g.size > 1:
+            local = _anchored(local, [enc])
+            row_owner = torch.tensor(owner).repeat_interleave(torch.tensor(counts))
+            local = exchange_rows(local, build_route(row_owner, dest, g), g)
+        return self._project(self.audio_projector, local)
+
+    @staticmethod
+    def _empty_rows(module: torch.nn.Module, width: int) -> torch.Tensor:
+        return next(module.parameters()).new_zeros(0, width)
 
     def embed(
         self,
@@ -180,9 +268,12 @@ class OmniModel(MegatronModule):
         cp_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``input_ids`` ``[b, s]`` -> decoder input ``[s, b, h]``: ``[s/cp, b, h]`` (the
-        positions ``cp_index``) under context parallel, then ``/tp`` under SP. The encoders see
-        every media item of the micro-batch on every CP rank (replicated, as in megatron-core)."""
-        emb = self.llm.embedding(input_ids=input_ids, position_ids=None).transpose(0, 1)
+        positions ``cp_index``, increasing) under context parallel, then ``/tp`` under SP.
+        ``media`` is the whole micro-batch's; under TP / CP each rank encodes its share of it
+        (module docstring)."""
+        vision_g, audio_g = encoder_groups(context_sharded=cp_index is not None)
+        local_ids = input_ids if cp_index is None else input_ids.index_select(1, cp_index)
+        emb = self.llm.embedding(input_ids=local_ids, position_ids=None).transpose(0, 1)
         media = media or Media()
         where = sample_index(input_ids, packed)
         ids = self.cfg.media_tokens
@@ -190,13 +281,17 @@ class OmniModel(MegatronModule):
         unused = []
         if media.images or media.videos:
             self._require("vision_encoder", "image/video")
-            spliced += self._vision_features(media, input_ids, where)
+            mask, dest = self._placeholders(input_ids, ids.image, packed, cp_index)
+            spliced.append((mask, self._vision_features(media, input_ids, where, dest, vision_g)))
         else:  # no vision media: a stray placeholder is still an error
             self._check_counts("image/video", ids.image, [], [], input_ids, where, media)
             unused += [self.vision_encoder, self.vision_projector]
         if media.audio:
             self._require("audio_encoder", "audio")
-            spliced += self._audio_features(media, input_ids, where)
+            mask, dest = self._placeholders(input_ids, ids.audio, packed, cp_index)
+            if dest is None and audio_g.size > 1:  # TP only: every rank needs every row
+                dest = torch.zeros(int((input_ids == ids.audio).sum()), dtype=torch.int64)
+            spliced.append((mask, self._audio_features(media, input_ids, where, dest, audio_g)))
         else:
             self._check_counts("audio", ids.audio, [], [], input_ids, where, media)
             unused += [self.audio_encoder, self.audio_projector]
@@ -205,13 +300,25 @@ class OmniModel(MegatronModule):
         zero = _zero_touch(unused)
         if zero is not None:
             emb = emb + zero.to(emb.dtype)
-        emb = emb.transpose(0, 1)  # [s, b, h]
-        if cp_index is not None:
-            emb = emb.index_select(0, cp_index)
-        emb = emb.contiguous()
+        emb = emb.transpose(0, 1).contiguous()  # [s, b, h]
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
+
+    @staticmethod
+    def _placeholders(
+        input_ids: torch.Tensor, token_id: int, packed, cp_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's placeholder mask ``[b, s/cp]`` and, under CP, the CP rank holding each
+        of the micro-batch's placeholders ``[n_all]`` (row-major: the order features fill
+        them). A shard's positions increase, so its placeholders keep that order."""
+        mask = input_ids == token_id
+        if cp_index is None:
+            return mask, None
+        cp = mpu.get_context_parallel_world_size()
+        owner = position_owner(input_ids.shape[1], cp, padded_bounds(packed))
+        dest = owner[mask.nonzero()[:, 1].cpu()]
+        return mask.index_select(1, cp_index), dest
 
     def _project(self, projector: MultimodalProjector, feats: torch.Tensor) -> torch.Tensor:
         """``[n, in]`` encoder features -> ``[n, h]`` LM embeddings (recomputed if asked)."""
@@ -275,3 +382,13 @@ def _zero_touch(modules: list[torch.nn.Module | None]) -> torch.Tensor | None:
         if p.requires_grad
     ]
     return torch.stack(terms).sum() * 0.0 if terms else None
+
+
+def _anchored(rows: torch.Tensor, modules: list[torch.nn.Module | None]) -> torch.Tensor:
+    """``rows`` tied to the trainable parameters of ``modules`` when grad is on: a rank with
+    nothing to encode still enters the exchange's backward, which every rank of the group must
+    run together."""
+    if rows.requires_grad or not torch.is_grad_enabled():
+        return rows
+    zero = _zero_touch(modules)
+    return rows if zero is None else rows + zero.to(rows.dtype)

@@ -115,7 +115,9 @@ class RadioEncoder(RADIOViTModel):
                 inflated = self.embedder.weight.repeat(1, self.tubelet_frames)
                 self.video_embedder.weight.copy_(inflated / self.tubelet_frames)
 
-    def _get_pos_embeddings(self, batch_size: int, input_dims: tuple[int, int]) -> torch.Tensor:
+    def _get_pos_embeddings(
+        self, batch_size: int, input_dims: tuple[int, int], draw: tuple | None = None
+    ) -> torch.Tensor:
         """The CPE grid ``[1, R*C, h]`` resized to ``input_dims`` (rows, cols): ``[b, r*c, h]``.
 
         megatron-core's ``RADIOViTModel._get_pos_embeddings`` (same random draws, same crop)
@@ -124,7 +126,8 @@ class RadioEncoder(RADIOViTModel):
         a square of the longer side, keep the top-left window). In training the random crop
         samples pixel centres under ``align_corners=False`` (``(i + 0.5) / n``), so a full-size
         crop equals the eval-time resize, as megatron's ``linspace(0, 1)`` grid does under True.
-        ``cpe_eval`` turns the crop off while the encoder trains.
+        ``cpe_eval`` turns the crop off while the encoder trains. ``draw``: the crop's random
+        numbers drawn beforehand (:meth:`draw_crops`); None draws them here.
         """
         rows, cols = self.max_num_rows, self.max_num_cols
         if (rows, cols) == tuple(input_dims):
@@ -132,7 +135,7 @@ class RadioEncoder(RADIOViTModel):
         corners = self.cpe_align_corners
         pos = self.position_embeddings.reshape(1, rows, cols, -1).permute(0, 3, 1, 2)
         if self.training and not self.cpe_eval:
-            pos = self._random_crop(pos, batch_size, input_dims, corners)
+            pos = self._random_crop(pos, batch_size, input_dims, corners, draw)
         else:
             side = max(input_dims)
             pos = F.interpolate(
@@ -145,21 +148,53 @@ class RadioEncoder(RADIOViTModel):
             ).to(pos.dtype)
         return pos.flatten(2).permute(0, 2, 1)
 
+    def _crops_random(self, input_dims: tuple[int, int]) -> bool:
+        """Whether the CPE of a grid of ``input_dims`` draws a random crop now."""
+        full = (self.max_num_rows, self.max_num_cols) == tuple(input_dims)
+        return self.training and not self.cpe_eval and not full
+
+    @staticmethod
+    def _crop_draw(batch_size: int, device) -> tuple[torch.Tensor, ...]:
+        """The uniform numbers one random crop consumes (scale, aspect, position), in the
+        order RADIO draws them."""
+        return (
+            torch.rand(batch_size, 1, 1, device=device),
+            torch.rand(batch_size, 1, 1, device=device),
+            torch.rand(batch_size, 1, 1, 2, device=device),
+        )
+
+    def draw_crops(self, pieces: list[torch.Tensor]) -> list[tuple | None]:
+        """The CPE crop draws of ``pieces`` (``[t, 3, H, W]`` each), in list order: what
+        :meth:`encode_pieces` would draw one piece at a time. Drawing them for every piece of a
+        micro-batch, on every rank, and using only one's own keeps the random stream, and so
+        each piece's crop, equal to one process's however the pieces are shared out."""
+        p = self.patch_dim
+        device = self.position_embeddings.device
+        return [
+            self._crop_draw(1, device)
+            if self._crops_random((x.shape[-2] // p, x.shape[-1] // p))
+            else None
+            for x in pieces
+        ]
+
     @staticmethod
     def _random_crop(
-        pos: torch.Tensor, batch_size: int, input_dims: tuple[int, int], corners: bool
+        pos: torch.Tensor,
+        batch_size: int,
+        input_dims: tuple[int, int],
+        corners: bool,
+        draw: tuple | None = None,
     ) -> torch.Tensor:
         """RADIO's training-time CPE: a random window (area 10-100 %, aspect 3/4-4/3) of the
         grid ``pos`` ``[1, h, R, C]`` sampled at ``input_dims`` points -> ``[b, h, r, c]``."""
         device = pos.device
+        u_scale, u_aspect, u_pos = draw or RadioEncoder._crop_draw(batch_size, device)
         min_scale = math.sqrt(0.1)
-        scale = torch.rand(batch_size, 1, 1, device=device) * (1 - min_scale) + min_scale
+        scale = u_scale * (1 - min_scale) + min_scale
         aspect_min = math.log(3 / 4)
-        aspect = torch.exp(
-            torch.rand(batch_size, 1, 1, device=device) * (-2 * aspect_min) + aspect_min
-        )
+        aspect = torch.exp(u_aspect * (-2 * aspect_min) + aspect_min)
         scale_xy = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp_(0, 1)
-        pos_xy = torch.rand(batch_size, 1, 1, 2, device=device) * (1 - scale_xy)
+        pos_xy = u_pos * (1 - scale_xy)
 
         def axis(n: int) -> torch.Tensor:
             if corners:
@@ -177,13 +212,12 @@ class RadioEncoder(RADIOViTModel):
             align_corners=corners,
         ).to(pos.dtype)
 
-    def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def _embed(self, pixels: torch.Tensor, draw: tuple | None) -> tuple[torch.Tensor, int, int]:
         """One image ``[1, 3, H, W]`` or tubelet ``[t, 3, H, W]`` -> ``[cls + rows*cols, h]``."""
         patches, rows, cols = patchify(pixels, self.patch_dim)
         embedder = self.embedder if pixels.shape[0] == 1 else self.video_embedder
         x, _ = embedder(patches.to(self.class_token.dtype).unsqueeze(0))  # [1, n, h]
-        pos = self.get_pos_enc(1, input_size=(rows * self.patch_dim, cols * self.patch_dim))
-        x = x + pos
+        x = x + self._get_pos_embeddings(1, (rows, cols), draw)
         if self.add_class_token and self.num_class_tokens:
             x = torch.cat([self.class_token.unsqueeze(0), x], dim=1)
         return x[0], rows, cols
@@ -198,24 +232,36 @@ class RadioEncoder(RADIOViTModel):
             frames = torch.cat([frames, pad])
         return list(frames.reshape(-1, t, *frames.shape[1:]))
 
-    def encode(
+    def pieces(
         self, images: list[torch.Tensor], videos: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Images ``[3, H_i, W_i]`` and videos ``[F_j, 3, H_j, W_j]`` (normalised pixels) ->
-        per-item features ``[tokens_i, 4*h]`` after the pixel shuffle (class tokens dropped).
-
-        Everything runs as one packed sequence: each image and each tubelet (or frame) is one
-        attention segment.
-        """
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """The ViT's inputs: every image ``[1, 3, H, W]`` then every video's tubelets
+        ``[t, 3, H, W]``, and the item each belongs to (images first, then videos)."""
         pieces = [img.unsqueeze(0) for img in images]
         owners = list(range(len(images)))
         for j, video in enumerate(videos):
             groups = self.tubelets(video)
             pieces += groups
             owners += [len(images) + j] * len(groups)
+        return pieces, owners
+
+    def piece_tokens(self, piece: torch.Tensor) -> int:
+        """ViT sequence length of one piece (patches and class tokens): its encoding cost."""
+        p = self.patch_dim
+        return (piece.shape[-2] // p) * (piece.shape[-1] // p) + self.num_class_tokens
+
+    def encode_pieces(
+        self, pieces: list[torch.Tensor], draws: list[tuple | None]
+    ) -> list[torch.Tensor]:
+        """Pieces ``[t, 3, H, W]`` (normalised pixels) with their CPE crop draws -> per-piece
+        features ``[rows*cols/4, 4*h]`` after the pixel shuffle (class tokens dropped).
+
+        Everything runs as one packed sequence: each piece is one attention segment, so a
+        piece's features do not depend on the other pieces of the pass.
+        """
         if not pieces:
-            return [], []
-        embedded = [self._embed(p) for p in pieces]
+            return []
+        embedded = [self._embed(p, d) for p, d in zip(pieces, draws, strict=True)]
         lengths = [x.shape[0] for x, _, _ in embedded]
         x = torch.cat([x for x, _, _ in embedded]).unsqueeze(1)  # [T, 1, h]
         cu = torch.tensor([0, *lengths], device=x.device).cumsum(0).to(torch.int32)
@@ -232,11 +278,22 @@ class RadioEncoder(RADIOViTModel):
         if self.ln_post is not None:
             x = self.ln_post(x)
         x = x.squeeze(1)
-        per_item: list[list[torch.Tensor]] = [[] for _ in range(len(images) + len(videos))]
-        start = 0
-        for (_, rows, cols), owner, n in zip(embedded, owners, lengths, strict=True):
-            feats = x[start + self.num_class_tokens : start + n]
-            per_item[owner].append(pixel_shuffle(feats, rows, cols))
+        out, start = [], 0
+        for (_, rows, cols), n in zip(embedded, lengths, strict=True):
+            out.append(pixel_shuffle(x[start + self.num_class_tokens : start + n], rows, cols))
             start += n
+        return out
+
+    def encode(
+        self, images: list[torch.Tensor], videos: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Images ``[3, H_i, W_i]`` and videos ``[F_j, 3, H_j, W_j]`` (normalised pixels) ->
+        per-item features ``[tokens_i, 4*h]`` after the pixel shuffle (class tokens dropped),
+        all pieces in one packed pass (:meth:`encode_pieces`)."""
+        pieces, owners = self.pieces(images, videos)
+        feats = self.encode_pieces(pieces, self.draw_crops(pieces))
+        per_item: list[list[torch.Tensor]] = [[] for _ in range(len(images) + len(videos))]
+        for owner, f in zip(owners, feats, strict=True):
+            per_item[owner].append(f)
         out = [torch.cat(parts) for parts in per_item]
         return out[: len(images)], out[len(images) :]

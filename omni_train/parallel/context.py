@@ -6,13 +6,14 @@ work. A packed (THD) micro-batch is split the same way *per sample* (each sample
 multiple of ``2 x cp``): Transformer Engine's ``thd_get_partitioned_indices``, which megatron's
 Mamba context-parallel path also calls to undo and redo this layout around the SSM.
 
-Data flow under CP (as megatron-core's LLaVA model does it): every rank of a CP group reads the
-same micro-batch, runs the (replicated) encoders on all of its media and splices the features into
-the full-length embedding; then each rank keeps its shard of the embedding, labels and loss mask
-(:func:`shard_index`), so media features land on the rank that holds their positions. The LM
-runs on the shard: attention exchanges keys/values over the CP group, Mamba layers switch to
-head-parallel with an all-to-all. Gradients of the replicated encoders are summed over the CP
-group by megatron's DDP (it reduces over data x context parallel ranks).
+Data flow under CP: every rank of a CP group reads the same micro-batch and embeds only its
+shard of the tokens (:func:`shard_index`); the media encoders are sharded over the group, each
+rank encoding its share of the media items, and every feature row is sent to the rank that holds
+its placeholder's position (:func:`position_owner`, ``omni_train.parallel.encoder_shard``). The
+forward step cuts labels and loss mask to the same positions. The LM runs on the shard: attention
+exchanges keys/values over the CP group, Mamba layers switch to head-parallel with an all-to-all.
+Encoder gradients are summed over the CP group by megatron's DDP (it reduces over data x context
+parallel ranks).
 """
 
 from __future__ import annotations
@@ -86,12 +87,16 @@ def shard_index(seq_length: int, packed_seq_params=None) -> torch.Tensor | None:
     cp = mpu.get_context_parallel_world_size()
     if cp == 1:
         return None
-    cu = None
-    if packed_seq_params is not None:
-        cu = packed_seq_params.cu_seqlens_q_padded
-        if cu is None:
-            cu = packed_seq_params.cu_seqlens_q
+    cu = padded_bounds(packed_seq_params)
     return partitioned_indices(seq_length, cp, mpu.get_context_parallel_rank(), cu)
+
+
+def padded_bounds(packed_seq_params=None) -> torch.Tensor | None:
+    """The padded ``cu_seqlens`` a packed micro-batch is cut by (None unpacked)."""
+    if packed_seq_params is None:
+        return None
+    cu = packed_seq_params.cu_seqlens_q_padded
+    return packed_seq_params.cu_seqlens_q if cu is None else cu
 
 
 def gathered_positions(
@@ -100,3 +105,14 @@ def gathered_positions(
     """int64 ``[seq_length]``: the global position of each token after an all-gather of the CP
     shards along the sequence (rank 0's shard, then rank 1's, ...)."""
     return torch.cat([partitioned_indices(seq_length, cp, r, cu_seqlens_padded) for r in range(cp)])
+
+
+def position_owner(
+    seq_length: int, cp: int, cu_seqlens_padded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 ``[seq_length]``: the CP rank that holds each position (sharded media encoding
+    sends a feature row to the rank of its placeholder's position)."""
+    owner = torch.empty(seq_length, dtype=torch.int64)
+    for r in range(cp):
+        owner[partitioned_indices(seq_length, cp, r, cu_seqlens_padded).cpu()] = r
+    return owner

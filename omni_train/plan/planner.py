@@ -11,18 +11,19 @@ made, and what is assumed rather than measured (``Assumptions``, ``media_mix.yam
   tokens (packed, one sequence per micro-batch) under the stage's TP + SP and selective
   recompute, trainable or frozen as the stage says; under context parallel each attention layer
   also keeps the keys and values of the whole sequence for backward (ring / all-gather CP), an
-  analytic term: ``2 x groups/tp x head_dim x 2 bytes`` per token of ``seq_length (cp-1)/cp``;
-  and every CP rank embeds the whole sequence before keeping its share, a transient of two
-  ``[seq_length, hidden]`` bf16 tensors (analytic).
+  analytic term: ``2 x groups/tp x head_dim x 2 bytes`` per token of ``seq_length (cp-1)/cp``.
 * **Encoder activations**: the vision and audio tokens of a packed sequence come from the blend
-  (token shares x ``media_mix.yaml``). Every CP rank encodes every media item of its sequence
-  (the encoders are replicated over CP, as in megatron-core), so encoder memory does not shrink
-  with CP. A vision token is ``2 x 2`` ViT patches (pixel shuffle), in images (or tubelets) of
-  ``Assumptions.patches_per_image``; audio comes in clips of ``model.audio.clip_seconds``.
+  (token shares x ``media_mix.yaml``). A vision token is ``2 x 2`` ViT patches (pixel shuffle),
+  in images (or tubelets) of ``Assumptions.patches_per_image``; audio comes in clips of
+  ``model.audio.clip_seconds``. The encoders are sharded (``omni_train.parallel.encoder_shard``):
+  the pieces are shared out over the CP group and the clips over TP x CP by the training code's
+  own assignment, and a rank keeps the activations of its largest share (:func:`encoder_shares`).
+  The rows the exchange sends and receives are a transient (``encoder_exchange``: the send,
+  receive and reordered buffers, ``[rows, hidden]`` bf16).
 * **Time**: hardware FLOPs per rank (:mod:`omni_train.training.flops`: recompute included,
-  the LM split over TP x CP, the ViT over TP, the conformer replicated) at the GPU's bf16 peak
-  times an assumed utilisation (``--mfu``), for a sequence packed from the blend's categories
-  at their mean sample lengths.
+  the LM split over TP x CP, the ViT over TP and its pieces over CP, the conformer's clips over
+  TP x CP) at the GPU's bf16 peak times an assumed utilisation (``--mfu``), for a sequence
+  packed from the blend's categories at their mean sample lengths.
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ class Assumptions:
     # its scan output (MambaSplitConv1dScanCombinedFn.save_for_backward: zxbcdt, out_x);
     # torch: omni-train's pure-PyTorch scan, as measured (what runs without mamba-ssm).
     mamba_kernel: str = "mamba_ssm"
+    # sharded: what omni-train runs; replicated: every rank of a CP group encodes every item and
+    # embeds the whole sequence (megatron-core's LLaVA, omni-train before): a baseline to compare
+    encoders: str = "sharded"
 
     def __post_init__(self) -> None:
         if self.mamba_kernel not in ("mamba_ssm", "torch"):
             raise ValueError(f"--mamba-kernel {self.mamba_kernel!r}; valid: mamba_ssm, torch")
+        if self.encoders not in ("sharded", "replicated"):
+            raise ValueError(f"--encoders {self.encoders!r}; valid: sharded, replicated")
 
 
 @functools.lru_cache
@@ -132,25 +138,55 @@ def activations(cfg, costs: ActivationCosts, a: Assumptions, cp: int) -> dict:
         kv = m.hybrid_pattern.count("*") * per_token * s * (cp - 1) / cp
     out = {"llm": lm, "llm_cp_kv": kv}
     transients = {"llm": costs.transient("lm", key)(local)}
-    if cp > 1:
-        # every CP rank embeds and splices the whole sequence before keeping its share
-        # (OmniModel.embed): the [s, h] embedding and its spliced copy, bf16 (analytic)
-        transients["llm_cp_embedding"] = 2 * s * m.hidden_size * 2
+    shares = encoder_shares(cfg, a, costs.tp, cp)
     vision_share, audio_share, _ = media_shares(cfg.data.blend)
     if m.vision is not None and vision_share > 0:
-        patches = s * vision_share * SHUFFLE_PATCHES
+        patches = s * vision_share * SHUFFLE_PATCHES * shares["vision"]["rank_share"]
         out["vision"], transients["vision"] = _encoder(
             cfg, costs, "vision", "vit_block", m.vision.num_layers, patches, a.patches_per_image
         )
     if m.audio is not None and audio_share > 0:
+        frames = s * audio_share * shares["audio"]["rank_share"]
         out["audio"], transients["audio"] = _encoder(
-            cfg, costs, "audio", "conformer_layer", m.audio.num_layers, s * audio_share,
-            _clip_tokens(m),
-        )  # fmt: skip
+            cfg, costs, "audio", "conformer_layer", m.audio.num_layers, frames, _clip_tokens(m)
+        )
+    if a.encoders == "replicated" and cp > 1:
+        # every CP rank embeds and splices the whole sequence before keeping its share: the
+        # [s, h] embedding and its spliced copy, bf16 (analytic)
+        transients["llm_cp_embedding"] = 2 * s * m.hidden_size * 2
+    if shares["vision"]["group"] > 1 or shares["audio"]["group"] > 1:
+        # the rows of a rank's own items sent; those of its positions received and reordered
+        rows = s * (vision_share + audio_share)
+        sent = rows * max(shares["vision"]["rank_share"], shares["audio"]["rank_share"])
+        transients["encoder_exchange"] = (sent + 2 * rows / cp) * m.hidden_size * 2
     # a micro-batch holds micro_batch_size sequences (1 when packing): all of them are kept
     out = {k: v * cfg.trainer.micro_batch_size for k, v in out.items()}
     largest = max(transients, key=transients.get)
     return {"saved": out, "transient": transients[largest], "transient_of": largest}
+
+
+def encoder_shares(cfg, a: Assumptions, tp: int, cp: int) -> dict:
+    """Per encoder: the size of the group its items are shared out over (vision: CP; audio:
+    TP x CP), and the share of a packed sequence's encoder work its most loaded rank gets under
+    the training code's assignment (``omni_train.parallel.encoder_shard.assign``), for the items
+    the planner assumes: pieces of ``patches_per_image``, clips of ``clip_seconds`` (each
+    padded to the longest, as the model pads them: equal cost). ``imbalance`` = that share x
+    the group size (1.0 = perfectly even)."""
+    from omni_train.parallel.encoder_shard import assign, loads
+
+    m, s = cfg.model, cfg.trainer.seq_length
+    vision, audio, _ = media_shares(cfg.data.blend)
+    clips = len(_sizes(round(s * audio), _clip_tokens(m))) if m.audio is not None else 0
+    out = {}
+    groups = (cp, tp * cp) if a.encoders == "sharded" else (1, 1)
+    for name, group, items in (
+        ("vision", groups[0], _sizes(round(s * vision * SHUFFLE_PATCHES), a.patches_per_image)),
+        ("audio", groups[1], [1] * clips),
+    ):
+        total = sum(items)
+        share = max(loads(items, assign(items, group), group)) / total if total else 1.0
+        out[name] = {"group": group, "rank_share": share, "imbalance": share * group}
+    return out
 
 
 def _encoder(cfg, costs, group: str, layer: str, num_layers: int, units: float, item: int):
@@ -205,6 +241,7 @@ def _sequence_flops(cfg, tp: int, cp: int, a: Assumptions) -> dict:
     rows = rows or [{"share": 1.0, "mean_tokens": s, "vision": 0.0, "audio": 0.0}]
     trainable, rc = list(cfg.stage.trainable), cfg.recompute
     parts = {"llm": 0.0, "vision": 0.0, "audio": 0.0}
+    shares = {k: v["rank_share"] for k, v in encoder_shares(cfg, a, tp, cp).items()}
     model_total = 0.0
     for r in rows:
         length = min(int(r["mean_tokens"]), s)
@@ -218,14 +255,14 @@ def _sequence_flops(cfg, tp: int, cp: int, a: Assumptions) -> dict:
             pieces = _split(SHUFFLE_PATCHES * features, a.patches_per_image)
             g = flops.Geometry([length], pieces, features, [], 0)
             f = flops.step_flops(m, g, trainable, rc)
-            parts["vision"] += count * (f.hardware - lm.hardware) / tp
+            parts["vision"] += count * (f.hardware - lm.hardware) / tp * shares["vision"]
             model_total += count * (f.model - lm.model)
         if m.audio is not None and r["audio"]:
             features = int(length * r["audio"])
             frames = [n * m.audio.subsampling_factor for n in _sizes(features, _clip_tokens(m))]
             g = flops.Geometry([length], [], 0, frames, features)
             f = flops.step_flops(m, g, trainable, rc)
-            parts["audio"] += count * (f.hardware - lm.hardware)
+            parts["audio"] += count * (f.hardware - lm.hardware) * shares["audio"]
             model_total += count * (f.model - lm.model)
     return {"per_rank_hardware": parts, "model_per_sequence": model_total}
 
@@ -354,6 +391,7 @@ def plan(overrides: list[str], a: Assumptions = Assumptions(), dry: dict | None 
             "vision_tokens": cfg.trainer.seq_length * vision,
             "audio_tokens": cfg.trainer.seq_length * audio,
         },
+        "encoder_shares": encoder_shares(cfg, a, dry["groups"]["tp"], dry["groups"]["cp"]),
         "memory": mem,
         "time": timing(cfg, dry["groups"], a, peak),
         "assumptions": asdict(a),
@@ -385,6 +423,14 @@ def format_plan(p: dict) -> str:
         f"EP {g['ep']};  seq_length {p['seq_length']:,}",
         f"media per packed sequence (blend x media_mix.yaml): {media['vision_tokens']:,.0f} "
         f"vision tokens, {media['audio_tokens']:,.0f} audio tokens",
+        "encoders sharded: "
+        + "; ".join(
+            f"{name} over {sh['group']} ranks (largest share {sh['imbalance']:.3f} x the mean)"
+            for name, sh in p["encoder_shares"].items()
+            if sh["group"] > 1 and media[f"{name}_tokens"] > 0
+        )
+        if any(sh["group"] > 1 for sh in p["encoder_shares"].values())
+        else "encoders: one rank per sequence",
         "",
         f"{'per-rank memory':<34}{'GiB':>9}",
     ]

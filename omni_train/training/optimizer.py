@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state as mpu
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -10,6 +11,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from omni_train.config import JobConfig
 
@@ -27,10 +29,37 @@ def wrap_ddp(cfg: JobConfig, module: torch.nn.Module, tf_config: TransformerConf
     )
     ddp = DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=module)
     # The schedule calls these: gradient all-reduce / reduce-scatter, SP norm-grad all-reduce,
-    # and division of every gradient by the global count of loss tokens.
-    tf_config.finalize_model_grads_func = finalize_model_grads
+    # the TP all-reduce of encoders sharded over TP, and division of every gradient by the
+    # global count of loss tokens.
+    tf_config.finalize_model_grads_func = finalize_grads
     tf_config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def finalize_grads(model: list[torch.nn.Module], *args, **kwargs) -> None:
+    """megatron's ``finalize_model_grads``, then the gradients of parameters marked
+    ``partial_over_tp`` summed over the TP group: an encoder that is not tensor parallel but
+    shares its inputs out over the TP ranks (the audio encoder: ``omni_train.model.omni``) has
+    each TP rank's gradient from its own inputs only. Megatron does the same for SP norms
+    (``sequence_parallel``); its gradients are already scaled by the token count, and a sum
+    commutes with that."""
+    finalize_model_grads(model, *args, **kwargs)
+    group = mpu.get_tensor_model_parallel_group()
+    if mpu.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [
+        g
+        for chunk in model
+        for p in chunk.parameters()
+        if p.requires_grad and getattr(p, "partial_over_tp", False)
+        for g in [getattr(p, "main_grad", None) if hasattr(p, "main_grad") else p.grad]
+        if g is not None
+    ]
+    if grads:
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, group=group)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(synced)
 
 
 def build_optimizer(cfg: JobConfig, ddp_model, tf_config: TransformerConfig):
