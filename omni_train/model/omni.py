@@ -2,7 +2,6 @@
 
 Data flow per micro-batch::
 
-    input_ids [b, s] --LM embedding--> [b, s, h]
     input_ids [b, s] --(CP: this rank's positions)--LM embedding--> [b, s/cp, h]
     images/videos --RADIO (one packed ViT pass)--> pixel shuffle --vision projector--+
     audio clips --mel--> FastConformer ------------------------------audio projector-+--> replace
@@ -240,7 +239,9 @@ class OmniModel(MegatronModule):
         mine = [k for k in range(len(counts)) if owner[k] == g.rank]
         group = g.group if g.size > 1 else None
         if mine:
-            out = enc.encode(mels[mine], lengths[mine], group)
+            if len(mine) < len(counts):
+                mels, lengths = mels[mine], lengths[mine]
+            out = enc.encode(mels, lengths, group)
             local = torch.cat([out[j, : counts[k]] for j, k in enumerate(mine)])
         elif enc.training and any(isinstance(m, GroupBatchNorm1d) for m in enc.modules()):
             # no clip here: a placeholder clip of weight 0 takes part in the BatchNorm
