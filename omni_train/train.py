@@ -9,11 +9,13 @@ stopped by ``trainer.exit_after_steps``), 2 a config error (printed once, by ran
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 from omni_train.config import compose_job
-from omni_train.stage.lifecycle import EXIT_INTERRUPTED, die_with_parent
+from omni_train.log import error_path, rank_log_path
+from omni_train.stage.lifecycle import EXIT_INTERRUPTED, die_with_parent, start_group_reaper
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = sys.argv[1:] if argv is None else argv
     die_with_parent()  # a rank never outlives its launcher (torchrun)
+    start_group_reaper()  # nothing the rank starts outlives the rank
     try:
         cfg = compose_job(overrides)
         manifest = run_stage(cfg)
@@ -31,13 +34,24 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "0")
         if not e.everywhere or rank == "0":
             who = "" if e.everywhere else f"rank {rank}: "
-            print(f"omni-train: {who}stage failed: {e}", file=sys.stderr)
+            where = f" (traceback: {rank_log_path(cfg.checkpoint.output_dir)})"
+            print(f"omni-train: {who}stage failed: {e}{where}", file=sys.stderr)
+        # for the launcher, which marks the manifest when rank 0 could not (it died, or hung)
+        with contextlib.suppress(OSError):
+            error_path(cfg.checkpoint.output_dir, rank).write_text(f"{e}\n")
         return 1
     except ValueError as e:  # config errors (identical on every rank): one line, from rank 0
         if os.environ.get("RANK", "0") == "0":
             print(f"omni-train: error: {e}", file=sys.stderr)
         return 2
-    return EXIT_INTERRUPTED if str(manifest.get("stop_reason")).startswith("signal") else 0
+    reason = str(manifest.get("stop_reason"))
+    if reason.endswith("(while waiting for data)"):
+        # The data workers may be stuck or busy (every sample unusable): leave without waiting
+        # for their orderly shutdown; the group reaper ends them with this process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED if reason.startswith("signal") else 0
 
 
 if __name__ == "__main__":

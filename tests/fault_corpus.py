@@ -101,3 +101,28 @@ def write(root: str | Path) -> tuple[Path, Path, dict]:
         "good": sorted(r["key"] for r in good if r["key"] != "blip"),
     }
     return jsonl, media, expected
+
+
+def write_unusable(root: Path, rows: int = 8) -> Path:
+    """An energon dataset of ``rows`` image samples whose PNGs keep their header (so planning
+    reads their size) but lose their pixel data (so decoding fails): converted from good rows,
+    then cut, as a disk or a copy could damage them. A stage on it reads samples and can use
+    none."""
+    from omni_train.datatools.convert import convert
+    from omni_train.datatools.prepare import RawSample, read_raw, write_dataset
+
+    media = root / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(rows):
+        (media / f"img{i}.png").write_bytes(_image("png"))
+        lines.append(json.dumps(_row(f"img{i}", {"type": "image", "member": f"img{i}.png"})))
+    jsonl = root / "good.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    convert(jsonl, media, root / "good", val_fraction=0.0)
+    cut = []
+    for key, members in read_raw(root / "good"):
+        conversation = json.loads(members.pop("json"))
+        members = {k: v[: max(len(v) // 4, 64)] for k, v in members.items()}
+        cut.append(RawSample(key, conversation, members))
+    return write_dataset(root / "unusable", cut, [])

@@ -85,6 +85,6 @@ def test_stage_manifest_rerun_and_overwrite_guard(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2
-    assert "already holds step_0000003 and checkpoint.resume=false" in proc.stderr
+    assert "already holds checkpoints and checkpoint.resume=false" in proc.stderr
     with pytest.raises(RuntimeError, match="written by 1 ranks, this job has 2"):
         launch(2, tmp_path, *EXACT, "parallel=single", "trainer.train_steps=4")

@@ -148,7 +148,9 @@ def test_per_field_errors(override, message):
 
 def test_misspelt_key_is_one_line_value_error():
     with pytest.raises(
-        ValueError, match=r"Could not override 'trainer.seq_lenth'.*omni-train config"
+        ValueError,
+        match=r"unknown config key 'trainer.seq_lenth': trainer has no field 'seq_lenth'; did "
+        r"you mean trainer.seq_length\? \('omni-train config' prints every field\)",
     ):
         compose_job(["trainer.seq_lenth=3"])
 

@@ -1,4 +1,5 @@
-"""One run per output folder: an exclusive lock file, held by rank 0 for the whole run.
+"""One run per output folder: an exclusive lock file, held for the whole run by the launcher
+(``omni-train run``, which hands it to the ranks) or else by rank 0.
 
 ``<output_dir>/.omni-train.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on local
 filesystems and on NFS v3+, where a stage's shared output folder usually lives) and holds the
@@ -26,6 +27,9 @@ from omni_train.log import get_logger
 log = get_logger()
 
 LOCK = ".omni-train.lock"
+# The launcher (``omni-train run``) takes the lock before torchrun starts and passes its token to
+# the ranks in this variable; rank 0 then adopts that lock instead of taking one.
+TOKEN_ENV = "OMNI_TRAIN_LOCK_TOKEN"
 HEARTBEAT_S = 30.0
 STALE_S = 600.0
 
@@ -93,6 +97,13 @@ def _busy(output_dir, holder: dict, age: float) -> str:
         f" another host, its lock expires {_stale_after():.0f} s after its last heartbeat (or "
         f"delete {Path(output_dir) / LOCK})"
     )
+
+
+def held_by_launcher(output_dir: str | os.PathLike) -> bool:
+    """Whether the lock of ``output_dir`` is the one this process's launcher took for it."""
+    token = os.environ.get(TOKEN_ENV)
+    found = read_holder(output_dir)
+    return bool(token) and found is not None and found[0].get("token") == token
 
 
 class OutputLock:

@@ -1,9 +1,10 @@
 """``manifest.json``: what a stage run did, readable without torch.
 
 Written by rank 0 at every checkpoint (``status: "running"``) and when the run ends:
-``"completed"`` (reached ``trainer.train_steps``) or ``"interrupted"`` (stopped early by
-``trainer.exit_after_steps``; a later run resumes). The next stage reads it to check that its
-input completed.
+``"completed"`` (reached ``trainer.train_steps``), ``"interrupted"`` (stopped early by
+``trainer.exit_after_steps`` or a signal; a later run resumes) or ``"failed"`` (with ``error``;
+written by rank 0, or by the launcher when a rank died without saying why). The next stage
+reads it to check that its input completed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ def write_manifest(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> P
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
+
+
+def mark_failed(output_dir: str | os.PathLike, error: str, **fields: Any) -> Path:
+    """The manifest says ``failed`` with ``error`` (everything else of an existing one kept;
+    ``fields`` added, e.g. the stage's name when there was none)."""
+    try:
+        manifest = read_manifest(output_dir)
+    except (FileNotFoundError, ValueError):
+        manifest = dict(fields)
+    return write_manifest(output_dir, {**manifest, "status": "failed", "error": error})
 
 
 def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:

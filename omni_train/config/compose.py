@@ -17,9 +17,9 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from omni_train.config.overrides import check_overrides
 from omni_train.config.schema import JobConfig
 
-GROUPS = ("stage", "model", "parallel")
 _REGISTERED = False
 
 
@@ -45,12 +45,9 @@ def available(group: str) -> list[str]:
     return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
 
 
-def _check_group_choices(overrides: list[str]) -> None:
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("+~")
-        if sep and key in GROUPS and value not in available(key):
-            raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(available(key))}")
+def groups() -> dict[str, list[str]]:
+    """Every recipe group (a folder of ``recipes/``) and its recipes."""
+    return {d.name: available(d.name) for d in sorted(recipes_dir().iterdir()) if d.is_dir()}
 
 
 def _compose(overrides: list[str]):
@@ -66,7 +63,7 @@ def compose_job(overrides: list[str] | None = None) -> JobConfig:
     before the command line's overrides, so an explicit ``model.*`` override still wins.
     """
     overrides = list(overrides or [])
-    _check_group_choices(overrides)
+    check_overrides(overrides, groups())  # a key that names nothing, before Hydra drops it
     register()
     try:
         raw = _compose(overrides)

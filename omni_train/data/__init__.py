@@ -7,14 +7,17 @@ decoding, token accounting) -> micro-batches. Both sit behind one stream interfa
 """
 
 from omni_train.data.batches import MicroBatches, build_data
-from omni_train.data.conversation import REASONS, SampleError, SkipLimitError
+from omni_train.data.conversation import REASONS, NoUsableSampleError, SampleError, SkipLimitError
+from omni_train.data.microbatch import StopDuringWaitError
 from omni_train.data.synthetic import SyntheticTokens
 
 __all__ = [
     "REASONS",
     "MicroBatches",
     "SampleError",
+    "NoUsableSampleError",
     "SkipLimitError",
+    "StopDuringWaitError",
     "SyntheticTokens",
     "build_data",
 ]

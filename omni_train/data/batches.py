@@ -98,17 +98,19 @@ class MicroBatches:
         self._queue = []
 
 
-def build_data(cfg: JobConfig, ps, device: torch.device):
+def build_data(cfg: JobConfig, ps, device: torch.device, stop_requested=None):
     """(train, eval) micro-batch streams for this rank (``ps``: the parallel state).
 
     Both kinds share one interface: iteration yields the forward step's batch dict;
     ``end_step()`` after every optimizer step; ``restart()`` (eval); ``state_dict()`` (global)
     and ``rank_state()`` (per rank) for checkpoints, ``load_state_dict(state, rank_state)``.
+    ``stop_requested``: a callable returning a reason once a stop is asked for; it ends a wait
+    for training data (energon; the synthetic streams never wait).
     """
     if cfg.data.kind == "energon":
         from omni_train.data.loader import build_energon_data  # imports energon
 
-        return build_energon_data(cfg, ps, device)
+        return build_energon_data(cfg, ps, device, stop_requested)
     return _synthetic(cfg, ps.dp, ps.dp_rank, device)
 
 

@@ -54,6 +54,12 @@ class SkipLimitError(RuntimeError):
     why."""
 
 
+class NoUsableSampleError(SkipLimitError):
+    """A data worker read ``data.skip_check_min_samples`` samples in a row and could use none:
+    raised where it happens (in that rank's stream), not at the end of a step that never
+    comes."""
+
+
 @dataclass(frozen=True)
 class Part:
     kind: str  # "text" | "image" | "video" | "audio"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import torch
@@ -31,8 +33,8 @@ from megatron.energon import (
 from omni_train.config import JobConfig
 from omni_train.data import blends
 from omni_train.data.chat import check_template
-from omni_train.data.conversation import REASONS, SkipLimitError
-from omni_train.data.microbatch import MicroBatch
+from omni_train.data.conversation import REASONS, NoUsableSampleError, SkipLimitError
+from omni_train.data.microbatch import MicroBatch, StopDuringWaitError
 from omni_train.data.task_encoder import OmniBatch, OmniTaskEncoder
 from omni_train.data.tokenizer import check_media_ids, load_tokenizer
 from omni_train.log import get_logger
@@ -95,6 +97,13 @@ def task_encoder(
         rank=dp_rank if dealt else 0,
         sample_pad_multiple=per_sample if pk.enabled else 1,
         count_reads=dp_rank == 0 or not dealt,
+        # training only: the skip guard's bound when no step completes (data.max_skip_fraction
+        # = 1 switches the guard off)
+        max_consecutive_skips=(
+            max(cfg.data.skip_check_min_samples, 1)
+            if training and cfg.data.max_skip_fraction < 1.0
+            else None
+        ),
     )
 
 
@@ -161,7 +170,10 @@ class EnergonBatches:
         dp_rank: int,
         dp_group,
         device: torch.device,
+        stop_requested=None,
     ):
+        """``stop_requested``: returns a reason once a stop is asked for (a signal), which ends
+        a wait for the next micro-batch (:meth:`_wait`)."""
         t, d = cfg.trainer, cfg.data
         self.cfg = cfg
         self.device = device
@@ -187,6 +199,8 @@ class EnergonBatches:
             task_encoder=task_encoder(cfg, training=True, dp_size=dp_size, dp_rank=dp_rank),
         )
         self.loader = get_savable_loader(dataset)
+        self.stop_requested = stop_requested
+        self._fetcher = None
         self._iter = None
         self.last_keys: list[str] = []
         self.totals = {"num_read": 0, "num_samples": 0, "num_tokens": 0, "skipped": {}}
@@ -198,7 +212,10 @@ class EnergonBatches:
     def __next__(self) -> dict:
         if self._iter is None:
             self._iter = _isolated(iter, self.loader)
-        batch: OmniBatch = _isolated(next, self._iter)
+        try:
+            batch: OmniBatch = self._wait(lambda: _isolated(next, self._iter))
+        except NoUsableSampleError as e:  # from a worker: its message, not the worker's trace
+            raise NoUsableSampleError(_worker_message(e)) from None
         self.last_keys = list(batch.keys)  # named in the error if this micro-batch fails
         self._step["num_positions"] += batch.tokens.numel()
         self._step["num_read"] += batch.num_read
@@ -207,6 +224,25 @@ class EnergonBatches:
         for reason, n in batch.skipped.items():
             self._step["skip:" + reason] += n
         return to_device(batch, self.device)
+
+    def _wait(self, fetch):
+        """``fetch()``, from a helper thread while this one polls ``stop_requested``: a stop
+        ends the wait with :class:`StopDuringWaitError` (the fetch is abandoned: the process is
+        about to exit). A signal handler cannot do this itself: raised at an arbitrary point
+        (inside the loader's or logging's locks) its exception can be swallowed or leave a lock
+        held."""
+        if self.stop_requested is None:
+            return fetch()
+        if self._fetcher is None:
+            self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="omni-data")
+        pending = self._fetcher.submit(fetch)
+        while True:
+            try:
+                return pending.result(timeout=0.2)
+            except FutureTimeout:
+                reason = self.stop_requested()
+                if reason is not None:
+                    raise StopDuringWaitError(reason) from None
 
     def end_step(self) -> dict:
         """Add this step's counts of all data-parallel ranks to the totals; raise
@@ -311,7 +347,18 @@ class EnergonEvalBatches:
         return {r: n for r, n in totals.items() if n}
 
 
-def build_energon_data(cfg: JobConfig, ps, device: torch.device):
+def _worker_message(e: BaseException) -> str:
+    """The original message of an error torch's DataLoader re-raised from a worker (it wraps
+    it as "Caught X in DataLoader worker process N. Original Traceback ...")."""
+    lines = str(e).strip().splitlines()
+    for line in reversed(lines):
+        name, sep, rest = line.partition(f"{type(e).__name__}: ")
+        if sep and not name.strip(" .").count(" "):
+            return rest.strip()
+    return lines[0] if lines else repr(e)
+
+
+def build_energon_data(cfg: JobConfig, ps, device: torch.device, stop_requested=None):
     """(train, eval) streams for this rank (eval None when ``trainer.eval_iters=0``); checks
     the tokenizer against the model first."""
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -323,6 +370,7 @@ def build_energon_data(cfg: JobConfig, ps, device: torch.device):
         dp_rank=ps.dp_rank,
         dp_group=mpu.get_data_parallel_group(),
         device=device,
+        stop_requested=stop_requested,
     )
     evals = None  # no held-out split is read when the stage does not evaluate
     if cfg.trainer.eval_iters > 0:

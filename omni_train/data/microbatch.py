@@ -63,3 +63,9 @@ class MicroBatch:
             self.packed_seq_params,
             list(self.categories),
         )
+
+
+class StopDuringWaitError(Exception):
+    """A stop was asked for while the rank waited for its next training micro-batch (which
+    may never come when no sample is usable): the step in progress is abandoned, nothing of it
+    reaches a checkpoint, the last checkpoint is the one to resume."""

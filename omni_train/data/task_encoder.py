@@ -43,7 +43,7 @@ from megatron.energon.wrappers.batch_dataset import BatchDataset
 from omni_train.config.schema import AudioConfig, PackingConfig, TokenizerConfig, VisionConfig
 from omni_train.data import media_io, tokens
 from omni_train.data.chat import AudioPlan, ImagePlan, Layout, Plan, VideoPlan, layout
-from omni_train.data.conversation import SampleError, parse_conversation
+from omni_train.data.conversation import NoUsableSampleError, SampleError, parse_conversation
 from omni_train.data.media import Media
 from omni_train.data.packing import CostWeights, sample_cost
 from omni_train.data.tokenizer import load_tokenizer
@@ -187,6 +187,7 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         rank: int = 0,
         sample_pad_multiple: int = 1,
         count_reads: bool = True,
+        max_consecutive_skips: int | None = None,
     ):
         super().__init__()
         self.tokenizer_cfg = tokenizer
@@ -210,6 +211,10 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         self.num_ranks, self.rank = num_ranks, rank
         self.sample_pad_multiple = sample_pad_multiple
         self.count_reads = count_reads
+        # the skip guard where no step completes: this many samples in a row skipped, none
+        # usable in between, stops the stage (None: never)
+        self.max_consecutive_skips = max_consecutive_skips
+        self._consecutive: Counter[str] = Counter()
         self._skipped: Counter[str] = Counter()
         self._num_read = 0
         self._quiet = False
@@ -231,20 +236,36 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         except SampleError as e:
             if counting:
                 self._skip(sample.__key__, e)
+            elif not self._quiet:
+                self._unusable(e)
             raise SkipSample() from e
 
     @stateless
     def postencode_sample(self, sample: PlannedSample) -> OmniSample:
         try:
-            return self.decode(sample)
+            out = self.decode(sample)
         except SampleError as e:
             if not self._quiet:
                 self._skip(sample.__key__, e)
             raise SkipSample() from e
+        self._consecutive.clear()  # a usable sample
+        return out
 
     def _skip(self, key: str, e: SampleError) -> None:
         self._skipped[e.reason] += 1
         log.warning("skipping sample %s: %s", key, e)
+        self._unusable(e)
+
+    def _unusable(self, e: SampleError) -> None:
+        self._consecutive[e.reason] += 1
+        n = sum(self._consecutive.values())
+        if self.max_consecutive_skips is not None and n >= self.max_consecutive_skips:
+            raise NoUsableSampleError(
+                f"the last {n} samples this data worker read were all skipped "
+                f"({dict(self._consecutive)}) and none could be used: no micro-batch can be "
+                "made. Fix the data (the log names every skipped sample), or raise "
+                "data.skip_check_min_samples"
+            )
 
     @contextlib.contextmanager
     def quiet(self):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omni_train.checkpoint import find_latest, read_manifest
+from omni_train.checkpoint.integrity import NO_RECORD, verify
 from omni_train.checkpoint.manifest import architecture_diff, read_import_manifest
 from omni_train.config import JobConfig, config_hash, to_dict
 from omni_train.log import get_logger
@@ -29,9 +30,12 @@ def _run_dir_and_checkpoint(path: Path) -> tuple[Path, Path]:
     if (path / "checkpoints").is_dir():
         latest = find_latest(path)
         if latest is None:
-            raise ValueError(f"checkpoint.init_from={path} holds no complete checkpoint")
+            raise ValueError(f"checkpoint.init_from={path} holds no complete, intact checkpoint")
         return path, latest
     if path.parent.name == "checkpoints":
+        why = verify(path)
+        if why is not None and why != NO_RECORD:
+            raise ValueError(f"checkpoint.init_from={path} is damaged: {why}")
         return path.parent.parent, path
     raise ValueError(
         f"checkpoint.init_from={path} is neither a stage output_dir (with checkpoints/) nor a "

@@ -29,9 +29,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_train.log import human_bytes
 from omni_train.stage.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_parent
 
 _HEADROOM = 1.1  # free space wanted beyond the estimated checkpoint size
@@ -255,22 +257,27 @@ def check_output_dir(cfg) -> None:
             f"checkpoint.output_dir={out} cannot be written ({e.strerror or e}); choose a "
             "folder this job can create and write"
         ) from None
-    need = checkpoint_bytes(cfg) * _HEADROOM
+    from omni_train.checkpoint.integrity import checkpoint_bytes as written
+    from omni_train.checkpoint.layout import step_dirs
+
+    # the closed form's tensors, with torch_dist's framing and metadata (+16 MiB; the ranks
+    # check the exact size from the model's sharded state before the first step)
+    need = checkpoint_bytes(cfg) * _HEADROOM + 16 * 1024**2
+    newest = step_dirs(out)
+    if newest and written(newest[0]):  # a checkpoint of this run: its real size
+        need = max(need, written(newest[0]) * _HEADROOM)
     free = shutil.disk_usage(out).free
     if free < need:
         raise ValueError(
-            f"checkpoint.output_dir={out} has {free / 1e9:.2f} GB free but one checkpoint of "
-            f"this stage takes about {need / 1e9:.2f} GB; free space or choose another folder"
+            f"checkpoint.output_dir={out} has {human_bytes(free)} free but one checkpoint of "
+            f"this stage takes about {human_bytes(need)}; free space or choose another folder"
         )
 
 
-def check_resume_layout(cfg, world_size: int) -> None:
+def check_resume_layout(cfg, world_size: int, latest: Path) -> None:
     """A resume needs the world size that wrote the checkpoint (read from its manifest)."""
-    from omni_train.checkpoint.layout import find_latest
-
-    latest = find_latest(cfg.checkpoint.output_dir)
     manifest = Path(cfg.checkpoint.output_dir) / "manifest.json"
-    if latest is None or not manifest.is_file():
+    if not manifest.is_file():
         return
     saved = json.loads(manifest.read_text()).get("layout", {}).get("world")
     if saved is not None and saved != world_size:
@@ -281,50 +288,91 @@ def check_resume_layout(cfg, world_size: int) -> None:
         )
 
 
-def preflight(cfg, world_size: int) -> None:
+def preflight(cfg, world_size: int, *, locked: bool = False) -> list[str]:
     """Every check that needs no GPU, no process group and no megatron-core (raises
-    ``ValueError`` saying what to do)."""
-    from omni_train.checkpoint.layout import find_latest
+    ``ValueError`` saying what to do). Returns the notes of the resume decision (a damaged
+    checkpoint passed over, ...), for the launcher to print."""
     from omni_train.checkpoint.lock import check_unlocked
     from omni_train.config import validate
     from omni_train.stage.handoff import check_components, check_handoff
+    from omni_train.stage.resume import decide, schedule_notes
 
     validate(cfg, world_size)
     check_output_dir(cfg)
-    check_unlocked(cfg.checkpoint.output_dir)
-    c = cfg.checkpoint
-    latest = find_latest(c.output_dir)
-    if c.resume == "true" and latest is None:
-        raise ValueError(
-            f"checkpoint.resume=true but {c.output_dir} holds no checkpoint; use resume=auto "
-            "to start fresh when there is none"
-        )
-    if c.resume == "false" and latest is not None:
-        raise ValueError(
-            f"{c.output_dir} already holds {latest.name} and checkpoint.resume=false; set "
-            "checkpoint.resume=auto to continue it or choose another checkpoint.output_dir"
-        )
-    if latest is not None:
-        check_resume_layout(cfg, world_size)
-    elif c.init_from:
+    if not locked:  # ``locked``: this launcher holds the lock itself
+        check_unlocked(cfg.checkpoint.output_dir)
+    decision = decide(cfg)
+    if decision.path is not None:
+        check_resume_layout(cfg, world_size, decision.path)
+        decision.notes += schedule_notes(cfg, Path(cfg.checkpoint.output_dir))
+    elif cfg.checkpoint.init_from:
         check_handoff(cfg)
     else:
         check_components(cfg)
+    return decision.notes
 
 
 def launch_job(overrides: list[str], nproc: int, rendezvous: Rendezvous = Rendezvous()) -> int:
     """``omni-train run``: pre-flight, then this node's torchrun, supervised. Returns the exit
     code: 0, ``EXIT_INTERRUPTED`` (stopped by a signal with a checkpoint; run the same
     command again to resume) or torchrun's failure code."""
+    from omni_train.checkpoint.lock import TOKEN_ENV, OutputLock
     from omni_train.config import compose_job
 
     cfg = compose_job(overrides)
-    preflight(cfg, nproc * rendezvous.nnodes)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = torchrun_command(nproc, "-m", "omni_train.train", *overrides, rendezvous=rendezvous)
-    before = manifest_mtime(cfg.checkpoint.output_dir)
-    code = run_supervised(cmd, env).returncode
+    lock = None
+    # The node that will hold rank 0 takes the output folder's lock now, before torchrun, and
+    # hands it to the ranks: a second run into the folder is refused here in seconds. With c10d
+    # no node knows its rank before the rendezvous: rank 0 takes the lock itself.
+    if rendezvous.backend == "standalone" or rendezvous.node_rank == 0:
+        check_output_dir(cfg)  # the folder must exist (and be writable) to hold a lock
+        lock = OutputLock(cfg.checkpoint.output_dir).acquire()
+        env[TOKEN_ENV] = lock.token
+    try:
+        for note in preflight(cfg, nproc * rendezvous.nnodes, locked=lock is not None):
+            print(f"omni-train: {note}", file=sys.stderr)
+        cmd = torchrun_command(nproc, "-m", "omni_train.train", *overrides, rendezvous=rendezvous)
+        before = manifest_mtime(cfg.checkpoint.output_dir)
+        started = time.time()
+        code = run_supervised(cmd, env).returncode
+    finally:
+        if lock is not None:
+            lock.release()
     if code != 0 and stopped_by_signal(cfg.checkpoint.output_dir, before):
         return EXIT_INTERRUPTED
+    if code != 0:
+        print(failure_summary(cfg, before, code, started), file=sys.stderr)
     return code
+
+
+def failure_summary(cfg, manifest_mtime_before: int | None, code: int, started: float) -> str:
+    """After a failed run: the manifest says ``failed`` (marked here when no rank could: a
+    rank that died, or rank 0 waiting on one), and the launcher's last line says why and
+    where the tracebacks are."""
+    from omni_train.checkpoint.manifest import mark_failed
+
+    out = Path(cfg.checkpoint.output_dir)
+    logs = out / "logs"
+    error = None
+    if manifest_mtime(out) not in (None, manifest_mtime_before):
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((out / "manifest.json").read_text())
+            if manifest.get("status") == "failed":
+                error = manifest.get("error")
+    if error is None:
+        reports = sorted(
+            (p for p in logs.glob("rank_*.error") if p.stat().st_mtime >= started),
+            key=lambda p: int(p.stem.split("_")[1]),
+        )
+        if reports:
+            error = f"{reports[0].stem.replace('_', ' ')}: {reports[0].read_text().strip()}"
+        else:
+            error = f"a rank exited with code {code} without saying why (killed?)"
+        with contextlib.suppress(OSError):
+            mark_failed(out, error, stage=cfg.stage.name)
+    return (
+        f"omni-train: stage {cfg.stage.name} failed: {error}. Tracebacks: {logs}/rank_*.log; "
+        f"manifest: {out / 'manifest.json'}"
+    )

@@ -12,7 +12,8 @@ twice (the terminal signals the whole process group and a launcher forwards it a
 
 **Parent death** (each rank and the launcher's torchrun): the kernel kills the process when
 its parent dies (``PR_SET_PDEATHSIG``, Linux), so killing the launcher (even ``kill -9``) takes
-its torchrun and ranks with it instead of leaving them training, and saving, as orphans.
+its torchrun and ranks with it instead of leaving them training, and saving, as orphans; and
+what a rank started dies with the rank (:func:`start_group_reaper`).
 """
 
 from __future__ import annotations
@@ -46,13 +47,50 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+_REAPER = """
+import os, signal, sys, time
+pgid, parent = int(sys.argv[1]), int(sys.argv[2])
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)  # a job-wide stop signal is the rank's to handle
+while os.getppid() == parent:
+    time.sleep(0.5)
+os.killpg(pgid, signal.SIGKILL)
+"""
+
+
+def start_group_reaper() -> int | None:
+    """When this rank dies, however it dies, kill every process it started: megatron's
+    checkpoint writer children, multiprocessing's resource tracker, data-loader workers. They
+    share the rank's process group (torchrun starts each rank in a session of its own), but
+    ``PR_SET_PDEATHSIG`` reaches only direct children, and the writers block the stop signals.
+    A small watcher process in the group polls its parent and, once the rank is gone, kills
+    the group (itself included). Only where this rank leads its process group (under
+    torchrun); elsewhere (a shell's job, srun) the group is not ours to kill. Returns the
+    watcher's pid, or None."""
+    import subprocess
+
+    if not sys.platform.startswith("linux") or os.getpgid(0) != os.getpid():
+        return None
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-c", _REAPER, str(os.getpid()), str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+    )
+    return proc.pid
+
+
 class StopRequest:
     """The stop signals of this process: :meth:`install` once, then :meth:`agreed` after each
-    step (collective) returns the reason to stop, or None."""
+    step (collective) returns the reason to stop, or None; :meth:`pending` says at once, for
+    code that waits (the data stream polls it while it waits for a micro-batch)."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self._first = 0.0
+
+    def pending(self) -> str | None:
+        """This process's stop reason so far (no collective)."""
+        return self.reason
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:

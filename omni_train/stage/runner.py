@@ -1,8 +1,9 @@
 """Run one stage: platform -> parallel state -> model (+freeze) -> data -> train -> checkpoint.
 
 Start-up decides between four cases, in this order:
-1. resume: ``output_dir`` has a complete checkpoint and ``checkpoint.resume`` is auto/true ->
-   restore everything of that run and continue;
+1. resume: ``output_dir`` has an intact checkpoint and ``checkpoint.resume`` allows it ->
+   restore everything of that run and continue (:mod:`omni_train.stage.resume`: damaged
+   checkpoints, a missing ``latest``, starting over);
 2. handoff: ``checkpoint.init_from`` is set -> the previous stage's final weights only (after
    the checks in :mod:`omni_train.stage.handoff`), fresh optimizer, step 0;
 3. pretrained components: ``checkpoint.init_components`` -> those components' weights, the rest
@@ -21,7 +22,6 @@ from omni_train import platform as omni_platform
 from omni_train.checkpoint import (
     TrainState,
     check_resumable,
-    find_latest,
     load_component_weights,
     load_for_resume,
     load_weights,
@@ -29,14 +29,22 @@ from omni_train.checkpoint import (
     versions,
     write_manifest,
 )
-from omni_train.checkpoint.lock import LockedError, OutputLock
+from omni_train.checkpoint.io import (
+    CheckpointSpaceError,
+    check_space,
+    expected_checkpoint,
+    space_needed,
+)
+from omni_train.checkpoint.lock import LockedError, OutputLock, held_by_launcher
+from omni_train.checkpoint.manifest import mark_failed
 from omni_train.config import JobConfig, config_hash, to_dict, validate
 from omni_train.config.validation import check_platform
-from omni_train.data import SkipLimitError, build_data
-from omni_train.log import get_logger
+from omni_train.data import NoUsableSampleError, SkipLimitError, StopDuringWaitError, build_data
+from omni_train.log import add_rank_log, get_logger, human_bytes, log_traceback
 from omni_train.model import build_model
 from omni_train.parallel import ParallelState, destroy_parallel, init_parallel
 from omni_train.parallel.state import world_size_from_env
+from omni_train.stage import resume
 from omni_train.stage.handoff import check_components, check_handoff
 from omni_train.stage.lifecycle import StopRequest
 from omni_train.training.loop import evaluate, train
@@ -46,28 +54,46 @@ from omni_train.training.optimizer import build_optimizer, wrap_ddp
 log = get_logger()
 
 
-def resume_point(cfg: JobConfig, world_size: int) -> Path | None:
-    """The checkpoint to resume from, or None for a new run (raises on contradictions).
+def start_decision(cfg: JobConfig, ps: ParallelState) -> tuple:
+    """Where the weights come from: ``(resume checkpoint, handoff checkpoint, pretrained
+    components)``, at most one set. Rank 0 decides (:mod:`omni_train.stage.resume`; verifying
+    checkpoints reads them, which one rank does for all), acts on it under the lock (damaged
+    checkpoints set aside, a start-over archived) and tells every rank, or every rank raises
+    the same error."""
+    answer, error = None, None
+    if ps.is_main:
+        try:
+            decision = resume.decide(cfg)
+            if decision.path is not None:
+                check_resumable(decision.path, ps.world_size)
+                decision.notes += resume.schedule_notes(cfg, Path(cfg.checkpoint.output_dir))
+            for note in decision.notes:
+                log.warning("%s", note)
+            resume.act(cfg, decision)
+            handoff = components = None
+            if decision.path is None and cfg.checkpoint.init_from:
+                handoff = check_handoff(cfg)
+            elif decision.path is None:
+                components = check_components(cfg)
+            answer = (decision.path, handoff, components)
+        except ValueError as e:
+            error = str(e)
+    box = [answer, error]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ValueError(box[1])
+    return box[0]
 
-    Every rank reads ``output_dir``: it must be on a filesystem all nodes share.
-    """
-    latest = find_latest(cfg.checkpoint.output_dir)
-    if cfg.checkpoint.resume == "true" and latest is None:
-        raise ValueError(
-            f"checkpoint.resume=true but {cfg.checkpoint.output_dir} holds no checkpoint; "
-            "use resume=auto to start fresh when there is none"
-        )
-    if cfg.checkpoint.resume == "false" and latest is not None:
-        raise ValueError(
-            f"{cfg.checkpoint.output_dir} already holds {latest.name} and checkpoint.resume=false;"
-            " set checkpoint.resume=auto to continue it or choose another checkpoint.output_dir"
-        )
-    if latest is not None:
-        check_resumable(latest, world_size)
-    return latest
+
+def _schedule(cfg, scheduler) -> dict:
+    sd = scheduler.state_dict()
+    keys = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+    t = cfg.trainer
+    return {"train_steps": t.train_steps, "global_batch_size": t.global_batch_size,
+            **{k: sd[k] for k in keys}}  # fmt: skip
 
 
-def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt) -> dict:
+def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt, scheduler):
     data = state.data
     sections = to_dict(cfg)
     return {
@@ -104,6 +130,8 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
         },
         "trainable_parameters": sum(c.trainable for c in built.counts.values()),
         "frozen_parameters": sum(c.frozen for c in built.counts.values()),
+        # the LR schedule the run follows (the checkpoint's under on_schedule_change=keep)
+        "schedule": _schedule(cfg, scheduler),
         "stop_reason": state.stop_reason,
         "wall_time_s": round(state.wall_time_s, 3),
         "job_time_s": round(time.time() - started, 3),
@@ -118,6 +146,60 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt)
     }
 
 
+def _check_checkpoint_space(cfg: JobConfig, module, ps: ParallelState) -> None:
+    """Before the first step: room for one checkpoint of this model and layout, from its
+    sharded state (the launcher's pre-flight only estimates it), and the failure reserve."""
+    per_param = 12 if cfg.trainer.precision == "bf16" else 8  # fp32 main copy + 2 moments
+    size, entries = expected_checkpoint(module, per_param)
+    need = space_needed(size, entries) + SpaceReserve.SIZE
+    log.info("a checkpoint of this stage takes about %s", human_bytes(space_needed(size, entries)))
+    try:
+        check_space(Path(cfg.checkpoint.output_dir), need, ps, "one checkpoint of this stage")
+    except CheckpointSpaceError as e:
+        raise ValueError(f"{e}; free space or choose another checkpoint.output_dir") from None
+
+
+def _mark_failed(out, error: str) -> None:
+    """The manifest says ``failed`` with ``error`` (the rest of an existing one kept)."""
+    try:
+        mark_failed(out, error)
+    except OSError as e:
+        log.error("could not write the failed manifest to %s: %s", out, e)
+
+
+def _str(path) -> str | None:
+    return str(path) if path else None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else repr(e)
+
+
+class SpaceReserve:
+    """A few MiB written into the output folder at start and freed just before a failed
+    manifest is written: a save that fills the disk must not also keep the manifest from
+    saying so (it would stay ``running``)."""
+
+    SIZE = 16 * 1024 * 1024
+    NAME = ".omni-train-reserve"
+
+    def __init__(self, output_dir):
+        self.path = None if output_dir is None else Path(output_dir) / self.NAME
+        if self.path is not None:
+            try:
+                with self.path.open("wb") as f:
+                    f.write(b"\0" * self.SIZE)  # written, not sparse: the blocks are taken
+            except OSError:
+                self.path.unlink(missing_ok=True)
+                self.path = None
+
+    def release(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
 class StageError(RuntimeError):
     """A stage that stopped on an error after it started training; its manifest says
     ``failed`` with the error. ``everywhere``: every rank raised it (print it once)."""
@@ -127,23 +209,12 @@ class StageError(RuntimeError):
         self.everywhere = everywhere
 
 
-def preflight(cfg: JobConfig, world_size: int) -> Path | None:
-    """The start-up checks that need only the filesystem (resume, handoff, components): the
-    launcher runs them before spawning ranks, each rank again before it builds anything.
-    Returns the checkpoint a resume would load."""
-    resumed_from = resume_point(cfg, world_size)
-    if resumed_from is None and cfg.checkpoint.init_from:
-        check_handoff(cfg)
-    elif resumed_from is None:
-        check_components(cfg)
-    return resumed_from
-
-
 def _take_lock(cfg: JobConfig, ps: ParallelState) -> OutputLock | None:
-    """Rank 0 takes the output folder's lock for the run; every rank raises the same error
-    when another run holds it (collective)."""
+    """Rank 0 takes the output folder's lock for the run, unless the launcher holds it for
+    this run already; every rank raises the same error when another run holds it
+    (collective)."""
     lock, error = None, None
-    if ps.is_main:
+    if ps.is_main and not held_by_launcher(cfg.checkpoint.output_dir):
         try:
             lock = OutputLock(cfg.checkpoint.output_dir).acquire()
         except LockedError as e:
@@ -160,7 +231,9 @@ def run_stage(cfg: JobConfig) -> dict:
     started = time.time()
     world_size = world_size_from_env()
     validate(cfg, world_size)  # before any process group or model exists
-    preflight(cfg, world_size)  # the read-only checks too; repeated under the lock
+    rank_log = add_rank_log(cfg.checkpoint.output_dir)
+    if rank_log is not None:
+        log.info("this rank's log: %s", rank_log)
     platform = omni_platform.setup()
     log.info("%s", platform.describe())
     check_platform(cfg, platform)  # e.g. fp32 + packed + TE attention, before anything is built
@@ -169,20 +242,23 @@ def run_stage(cfg: JobConfig) -> dict:
     lock = None
     try:
         lock = _take_lock(cfg, ps)
-        return _run(cfg, ps, platform, stop, started, world_size)
+        return _run(cfg, ps, platform, stop, started)
+    except (StageError, ValueError):  # said in one line already (a config error: by rank 0)
+        raise
+    except Exception as e:  # before the loop: building the model, loading, the data
+        message = f"start-up: {type(e).__name__}: {_one_line(e)}"
+        log_traceback(f"stage {cfg.stage.name} failed at {message}")
+        if ps.is_main and (lock is not None or held_by_launcher(cfg.checkpoint.output_dir)):
+            _mark_failed(cfg.checkpoint.output_dir, message)
+        raise StageError(message, everywhere=False) from e
     finally:
         if lock is not None:
             lock.release()
         destroy_parallel()
 
 
-def _run(cfg, ps, platform, stop, started, world_size) -> dict:
-    resumed_from = resume_point(cfg, world_size)
-    handoff = components = None
-    if resumed_from is None and cfg.checkpoint.init_from:
-        handoff = check_handoff(cfg)
-    elif resumed_from is None:
-        components = check_components(cfg)
+def _run(cfg, ps, platform, stop, started) -> dict:
+    resumed_from, handoff, components = start_decision(cfg, ps)
     log.info("stage %s on %s: %s", cfg.stage.name, platform.name, ps.describe())
     built = build_model(cfg, ps, platform)
     for name, c in built.counts.items():
@@ -195,7 +271,8 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
         load_component_weights(path, built.module, name)
     model = wrap_ddp(cfg, built.module, built.tf_config)
     optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
-    train_data, eval_data = build_data(cfg, ps, platform.device)
+    _check_checkpoint_space(cfg, built.module, ps)
+    train_data, eval_data = build_data(cfg, ps, platform.device, stop.pending)
 
     state = TrainState()
     if resumed_from is not None:
@@ -219,25 +296,35 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
 
     out = cfg.checkpoint.output_dir
     last_ckpt = resumed_from
+    reserve = SpaceReserve(out if ps.is_main else None)
 
     def save(s: TrainState) -> None:
         nonlocal last_ckpt
         s.data_rank = train_data.rank_state()  # between steps: nothing is in flight
+        c = cfg.checkpoint
         last_ckpt = save_checkpoint(
-            out, built.module, optimizer, scheduler, s, ps, cfg.checkpoint.keep_last
+            out, built.module, optimizer, scheduler, s, ps, c.keep_last, c.integrity
         )
         log.info("saved %s", last_ckpt)
         if ps.is_main:
             write_manifest(
                 out,
-                _manifest(cfg, ps, built, s, evals, "running", started, resumed_from, last_ckpt),
+                _manifest(
+                    cfg, ps, built, s, evals, "running", started, resumed_from, last_ckpt, scheduler
+                ),
             )
 
     def failed(error: str) -> None:
         state.data = train_data.state_dict()
         if ps.is_main:
-            m = _manifest(cfg, ps, built, state, evals, "failed", started, resumed_from, None)
-            write_manifest(out, {**m, "error": error})
+            m = _manifest(
+                cfg, ps, built, state, evals, "failed", started, resumed_from, None, scheduler
+            )
+            reserve.release()  # room for this manifest even when the disk filled up
+            try:
+                write_manifest(out, {**m, "error": error, "checkpoint": _str(last_ckpt)})
+            except OSError as e:
+                log.error("could not write the failed manifest to %s: %s", out, e)
 
     # The end-of-stage evaluation and the final save fail like a step does: a failed manifest
     # with the error, never one left "running".
@@ -263,10 +350,17 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
             run_eval("end")
         if last_ckpt is None or last_ckpt.name != f"step_{state.step:07d}":
             save(state)
-    except SkipLimitError as e:  # raised on every rank at once (a collective check)
+    except StopDuringWaitError as e:  # nothing of the step in progress is kept
+        state.stop_reason = f"{e} (while waiting for data)"
+        state.data = train_data.state_dict()
+        finished = False
+        log.warning("%s while waiting for data: stopped; the checkpoint to resume: %s", e,
+                    last_ckpt or "none yet")  # fmt: skip
+    except SkipLimitError as e:  # the step's collective check: every rank at once; a worker
+        # that finds no usable sample: this rank (the others wait for it, then torchrun ends)
         failed(str(e))
         logger.close()
-        raise StageError(str(e), everywhere=True) from e
+        raise StageError(str(e), everywhere=not isinstance(e, NoUsableSampleError)) from e
     except Exception as e:  # this rank's failure; the others are stopped by torchrun
         if after_loop:
             where = f"after step {state.step} (final evaluation or checkpoint)"
@@ -274,13 +368,16 @@ def _run(cfg, ps, platform, stop, started, world_size) -> dict:
             keys = getattr(train_data, "last_keys", None)
             samples = f" in the micro-batch of samples {keys}" if keys else ""
             where = f"step {state.step + 1}{samples}"
-        message = f"{where}: {type(e).__name__}: {e}"
+        message = f"{where}: {type(e).__name__}: {_one_line(e)}"
+        log_traceback(f"stage {cfg.stage.name} failed at {message}")
         failed(message)
         logger.close()
-        log.exception("stage %s failed at %s", cfg.stage.name, message)
         raise StageError(message, everywhere=False) from e
+    reserve.release()
     status = "completed" if finished else "interrupted"
-    manifest = _manifest(cfg, ps, built, state, evals, status, started, resumed_from, last_ckpt)
+    manifest = _manifest(
+        cfg, ps, built, state, evals, status, started, resumed_from, last_ckpt, scheduler
+    )
     if ps.is_main:
         path = write_manifest(out, manifest)
         log.info(

@@ -92,5 +92,9 @@ def build_optimizer(cfg: JobConfig, ddp_model, tf_config: TransformerConfig):
         end_wd=o.weight_decay,
         wd_incr_steps=t.train_steps,
         wd_incr_style="constant",
+        # On resume, megatron takes the schedule from the checkpoint ("keep"), or from these
+        # settings from the checkpoint's step on ("rescale"); omni_train.stage.resume says which.
+        use_checkpoint_opt_param_scheduler=cfg.checkpoint.on_schedule_change != "rescale",
+        override_opt_param_scheduler=cfg.checkpoint.on_schedule_change == "rescale",
     )
     return optimizer, scheduler
