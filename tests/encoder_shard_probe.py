@@ -24,15 +24,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as mpu
+from omni_probe import tiny_omni  # tests/ is this script's folder
 
-from omni_train.config import compose_job
 from omni_train.data import tokens
 from omni_train.data.loader import packed_seq_params
 from omni_train.data.media import Media
-from omni_train.model import build_model
 from omni_train.parallel.context import position_owner, shard_index
-from omni_train.parallel.state import destroy_parallel, init_parallel
-from omni_train.platform import setup
+from omni_train.parallel.state import destroy_parallel
 
 PAD = 16
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
@@ -152,17 +150,7 @@ def component_norms(model, grads: dict[str, torch.Tensor]) -> dict[str, float]:
 def main() -> None:
     mode, out, *overrides = sys.argv[1:]
     out = Path(out)
-    cfg = compose_job(
-        [
-            "model=tiny",
-            "trainer.precision=fp32",
-            "stage.trainable=[llm,vision_encoder,vision_projector,audio_encoder,audio_projector]",
-            *overrides,
-        ]
-    )
-    platform = setup()
-    ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
-    model = build_model(cfg, ps, platform).module
+    cfg, ps, model = tiny_omni(overrides)
     result: dict = {"mode": mode, "layout": ps.describe()}
     if mode == "reference":
         total, grads = run(model, cfg)

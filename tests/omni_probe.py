@@ -212,9 +212,9 @@ def tp2(model, cfg, out: Path, result: dict, ps) -> None:
     result["packed_lengths"] = lengths
 
 
-def main() -> None:
-    mode, out, *overrides = sys.argv[1:]
-    out = Path(out)
+def tiny_omni(overrides: list[str]):
+    """(cfg, parallel state, model): the tiny omni model in fp32 with every component
+    trainable, on this process's layout (``overrides``: e.g. ``parallel=tp2``)."""
     cfg = compose_job(
         [
             "model=tiny",
@@ -225,7 +225,13 @@ def main() -> None:
     )
     platform = setup()
     ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
-    model = build_model(cfg, ps, platform).module
+    return cfg, ps, build_model(cfg, ps, platform).module
+
+
+def main() -> None:
+    mode, out, *overrides = sys.argv[1:]
+    out = Path(out)
+    cfg, ps, model = tiny_omni(overrides)
     result: dict = {"mode": mode, "layout": ps.describe()}
     if mode == "reference":
         reference(model, cfg, out, result)

@@ -173,11 +173,17 @@ def test_recompute_of_a_missing_encoder_is_an_error():
 
 
 def fake_run(path: Path, cfg, *, status="completed", step=None) -> Path:
-    """A stage output_dir as the runner leaves it (manifest, checkpoints/latest, step folder)."""
+    """A stage output_dir as the runner leaves it (manifest, checkpoints/latest, a step folder
+    with its integrity record)."""
+    from omni_train.checkpoint import integrity
+
     step = cfg.trainer.train_steps if step is None else step
     ckpt = path / "checkpoints" / f"step_{step:07d}"
     ckpt.mkdir(parents=True)
     (ckpt / "metadata.json").write_text("{}")
+    (ckpt / ".metadata").write_bytes(b"torch_dist")
+    names = integrity.files_of(ckpt)
+    integrity.write_record(ckpt, integrity.digest_files(ckpt, names, "head_tail"), "head_tail")
     (path / "checkpoints" / "latest").write_text(ckpt.name)
     manifest = {
         "stage": cfg.stage.name,

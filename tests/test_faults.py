@@ -181,12 +181,7 @@ def test_one_run_per_folder_and_killing_the_launcher_leaves_no_process(tmp_path)
     assert len(tree) >= 6, tree  # launcher, torchrun, 2 ranks, their reapers (and helpers)
     run.proc.kill()
     run.wait()
-    deadline = time.monotonic() + 10
-    alive = tree
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
-    assert not alive, f"seed {seed}: still running: {alive}"
+    assert not (alive := _alive_after(tree, 10)), f"seed {seed}: still running: {alive}"
 
 
 @pytest.mark.slow
@@ -197,6 +192,17 @@ def test_ctrl_c_stops_with_a_checkpoint(tmp_path):
     run.proc.send_signal(signal.SIGINT)  # Ctrl-C: the same graceful stop as SIGTERM
     assert run.wait() == EXIT_INTERRUPTED
     assert manifest(out)["stop_reason"] == "signal SIGINT"
+
+
+def _alive_after(pids: list[int], seconds: float) -> list[int]:
+    """The processes of ``pids`` still running (zombies aside) after waiting up to ``seconds``
+    for them to go."""
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    return alive
 
 
 def _zombie(pid: int) -> bool:
@@ -531,9 +537,4 @@ def test_unusable_data_fails_in_one_line_and_a_stop_while_waiting_ends_in_second
     stopped = manifest(tmp_path / "b")
     assert stopped["status"] == "interrupted"
     assert stopped["stop_reason"] == "signal SIGTERM (while waiting for data)"
-    deadline = time.monotonic() + 10
-    alive = tree
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
-    assert not alive, f"still running: {alive}"
+    assert not (alive := _alive_after(tree, 10)), f"still running: {alive}"
