@@ -199,3 +199,16 @@ def test_open_mappings_take_any_entry_with_or_without_plus():
     cfg = compose_job([*BASE, "+checkpoint.init_components.llm=/ckpt", "+data.paths.mine=/d"])
     assert cfg.checkpoint.init_components == {"llm": "/ckpt"}
     assert cfg.data.paths["mine"] == "/d"
+
+
+def test_a_failure_marks_the_manifest_but_never_unmakes_a_completed_stage(tmp_path):
+    from omni_train.checkpoint.manifest import mark_failed, read_manifest
+
+    mark_failed(tmp_path / "new", "boom", stage="smoke")  # no manifest yet
+    assert read_manifest(tmp_path / "new") == {"stage": "smoke", "status": "failed",
+                                               "error": "boom"}  # fmt: skip
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "manifest.json").write_text(json.dumps({"status": "completed"}))
+    mark_failed(tmp_path / "done", "a rerun died")
+    assert read_manifest(tmp_path / "done") == {"status": "completed",
+                                                "rerun_error": "a rerun died"}  # fmt: skip

@@ -29,11 +29,15 @@ def write_manifest(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> P
 
 def mark_failed(output_dir: str | os.PathLike, error: str, **fields: Any) -> Path:
     """The manifest says ``failed`` with ``error`` (everything else of an existing one kept;
-    ``fields`` added, e.g. the stage's name when there was none)."""
+    ``fields`` added, e.g. the stage's name when there was none). A ``completed`` stage stays
+    completed (its final checkpoint is intact and the next stage hands off from it): a rerun
+    that failed before changing anything is noted as ``rerun_error``."""
     try:
         manifest = read_manifest(output_dir)
     except (FileNotFoundError, ValueError):
         manifest = dict(fields)
+    if manifest.get("status") == "completed":
+        return write_manifest(output_dir, {**manifest, "rerun_error": error})
     return write_manifest(output_dir, {**manifest, "status": "failed", "error": error})
 
 

@@ -361,6 +361,8 @@ def failure_summary(cfg, manifest_mtime_before: int | None, code: int, started: 
             manifest = json.loads((out / "manifest.json").read_text())
             if manifest.get("status") == "failed":
                 error = manifest.get("error")
+    if error is None and code == 2:  # a config error the ranks found: rank 0 printed it
+        return f"omni-train: stage {cfg.stage.name} did not start: see the error above"
     if error is None:
         reports = sorted(
             (p for p in logs.glob("rank_*.error") if p.stat().st_mtime >= started),
