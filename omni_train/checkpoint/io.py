@@ -184,6 +184,8 @@ def save_checkpoint(
     if ps.is_main:
         if path.exists():  # a partial write from a crashed run at this same step
             shutil.rmtree(path)
+        for leftover in checkpoints_dir(output_dir).glob(".partial-step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         path.mkdir(parents=True)
     dist.barrier()
     sharded = _sharded_state(model, optimizer, ps, is_loading=False, data_rank=state.data_rank)
@@ -214,9 +216,11 @@ def save_checkpoint(
             dist_checkpointing.save(sharded, str(path))
     except BaseException:
         # e.g. ENOSPC: the partial step folder goes, so `latest` (still the previous
-        # checkpoint) is what a rerun resumes and the rerun's save at this step starts clean
+        # checkpoint) is what a rerun resumes and the rerun's save at this step starts clean.
+        # Renamed first: another rank may still be writing into it (a barrier could hang on a
+        # rank that died), and a write that comes late then fails instead of re-creating it.
         if ps.is_main:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
         raise
     dist.barrier()
     _record_integrity(path, ps, integrity, payload, entries)
@@ -320,6 +324,18 @@ def _record_integrity(path: Path, ps: ParallelState, mode: str, payload: int, en
         if missing:  # listed by rank 0 but digested by nobody: a bug in writer_rank
             raise RuntimeError(f"integrity record of {path}: no rank digested {missing[:3]}")
         integrity.write_record(path, files, mode, payload=payload, entries=entries)
+
+
+def _discard(path: Path) -> None:
+    """Remove a partial checkpoint folder: rename it out of the ``step_*`` names at once, then
+    delete (a straggler's file may survive in the renamed folder: never resumed, removed by
+    the next save)."""
+    trash = path.with_name(f".partial-{path.name}-{os.getpid()}")
+    try:
+        path.rename(trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _on_all_ranks(value):

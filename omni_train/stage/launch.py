@@ -246,6 +246,12 @@ def checkpoint_bytes(cfg) -> int:
 
 def check_output_dir(cfg) -> None:
     """The output folder can be created and written, and has room for one checkpoint."""
+    check_writable(cfg)
+    check_room(cfg)
+
+
+def check_writable(cfg) -> None:
+    """The output folder can be created and written."""
     out = Path(cfg.checkpoint.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -257,9 +263,14 @@ def check_output_dir(cfg) -> None:
             f"checkpoint.output_dir={out} cannot be written ({e.strerror or e}); choose a "
             "folder this job can create and write"
         ) from None
+
+
+def check_room(cfg) -> None:
+    """The output folder has room for one checkpoint (an estimate: see docs/checkpoints.md)."""
     from omni_train.checkpoint.integrity import checkpoint_bytes as written
     from omni_train.checkpoint.layout import step_dirs
 
+    out = Path(cfg.checkpoint.output_dir)
     # the closed form's tensors, with torch_dist's framing and metadata (+16 MiB; the ranks
     # check the exact size from the model's sharded state before the first step)
     need = checkpoint_bytes(cfg) * _HEADROOM + 16 * 1024**2
@@ -317,7 +328,7 @@ def launch_job(overrides: list[str], nproc: int, rendezvous: Rendezvous = Rendez
     code: 0, ``EXIT_INTERRUPTED`` (stopped by a signal with a checkpoint; run the same
     command again to resume) or torchrun's failure code."""
     from omni_train.checkpoint.lock import TOKEN_ENV, OutputLock
-    from omni_train.config import compose_job
+    from omni_train.config import compose_job, validate
 
     cfg = compose_job(overrides)
     env = dict(os.environ)
@@ -327,7 +338,8 @@ def launch_job(overrides: list[str], nproc: int, rendezvous: Rendezvous = Rendez
     # hands it to the ranks: a second run into the folder is refused here in seconds. With c10d
     # no node knows its rank before the rendezvous: rank 0 takes the lock itself.
     if rendezvous.backend == "standalone" or rendezvous.node_rank == 0:
-        check_output_dir(cfg)  # the folder must exist (and be writable) to hold a lock
+        validate(cfg, nproc * rendezvous.nnodes)  # config errors first, as without the lock
+        check_writable(cfg)  # the folder must exist (and be writable) to hold a lock
         lock = OutputLock(cfg.checkpoint.output_dir).acquire()
         env[TOKEN_ENV] = lock.token
     try:
