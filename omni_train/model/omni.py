@@ -280,16 +280,20 @@ class OmniModel(MegatronModule):
         ids = self.cfg.media_tokens
         spliced: list[tuple[torch.Tensor, torch.Tensor]] = []
         unused = []
+        owner = None  # under CP: the CP rank holding each position [s] (once per micro-batch)
+        if cp_index is not None and (media.images or media.videos or media.audio):
+            cp = mpu.get_context_parallel_world_size()
+            owner = position_owner(input_ids.shape[1], cp, padded_bounds(packed))
         if media.images or media.videos:
             self._require("vision_encoder", "image/video")
-            mask, dest = self._placeholders(input_ids, ids.image, packed, cp_index)
+            mask, dest = self._placeholders(input_ids, ids.image, owner, cp_index)
             spliced.append((mask, self._vision_features(media, input_ids, where, dest, vision_g)))
         else:  # no vision media: a stray placeholder is still an error
             self._check_counts("image/video", ids.image, [], [], input_ids, where, media)
             unused += [self.vision_encoder, self.vision_projector]
         if media.audio:
             self._require("audio_encoder", "audio")
-            mask, dest = self._placeholders(input_ids, ids.audio, packed, cp_index)
+            mask, dest = self._placeholders(input_ids, ids.audio, owner, cp_index)
             if dest is None and audio_g.size > 1:  # TP only: every rank needs every row
                 dest = torch.zeros(int((input_ids == ids.audio).sum()), dtype=torch.int64)
             spliced.append((mask, self._audio_features(media, input_ids, where, dest, audio_g)))
@@ -308,16 +312,18 @@ class OmniModel(MegatronModule):
 
     @staticmethod
     def _placeholders(
-        input_ids: torch.Tensor, token_id: int, packed, cp_index: torch.Tensor | None
+        input_ids: torch.Tensor,
+        token_id: int,
+        owner: torch.Tensor | None,
+        cp_index: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's placeholder mask ``[b, s/cp]`` and, under CP, the CP rank holding each
-        of the micro-batch's placeholders ``[n_all]`` (row-major: the order features fill
-        them). A shard's positions increase, so its placeholders keep that order."""
+        """This rank's placeholder mask ``[b, s/cp]`` and, under CP (``owner``: the CP rank of
+        each position ``[s]``), the CP rank holding each of the micro-batch's placeholders
+        ``[n_all]`` (row-major: the order features fill them). A shard's positions increase,
+        so its placeholders keep that order."""
         mask = input_ids == token_id
         if cp_index is None:
             return mask, None
-        cp = mpu.get_context_parallel_world_size()
-        owner = position_owner(input_ids.shape[1], cp, padded_bounds(packed))
         dest = owner[mask.nonzero()[:, 1].cpu()]
         return mask.index_select(1, cp_index), dest
 
