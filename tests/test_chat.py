@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from omni_train.config.schema import MediaTokenConfig, TokenizerConfig
+from omni_train.config.data import TokenizerConfig
+from omni_train.config.model import MediaTokenConfig
 from omni_train.data.chat import (
     AudioPlan,
     ImagePlan,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from omni_train.config import compose_job
-from omni_train.config.schema import RecomputeConfig
+from omni_train.config.training import RecomputeConfig
 from omni_train.training import flops
 
 

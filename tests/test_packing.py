@@ -250,7 +250,7 @@ def test_pad_to_capacity_gives_every_packed_sequence_the_context_length(encoded)
     per-sample boundaries stay multiples of the CP pad and the real tokens are unchanged."""
     import dataclasses
 
-    from omni_train.config.schema import PackingConfig
+    from omni_train.config.data import PackingConfig
 
     te, samples = encoded
     saved = (te.packing, te.sample_pad_multiple, te.pad_multiple)

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from omni_train.config.schema import AudioConfig, TokenizerConfig, VisionConfig
+from omni_train.config.data import TokenizerConfig
+from omni_train.config.model import AudioConfig, VisionConfig
 from omni_train.data import media_io, tokens
 from omni_train.data.chat import prompt
 from omni_train.data.conversation import parse_conversation

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_train.config.schema import AudioConfig
+from omni_train.config.model import AudioConfig
 from omni_train.data import tokens
 from omni_train.model.vision import patchify, pixel_shuffle
 

@@ -404,7 +404,7 @@ def cmd_simulate(sim_dir, platforms):
         "import importlib, importlib.metadata as md\n"
         "import omni_train.model.audio, megatron.core, megatron.energon, hydra\n"
         "from nemo.collections.asr.modules import ConformerEncoder, AudioToMelSpectrogramPreprocessor\n"
-        "from omni_train.config.schema import AudioConfig\n"
+        "from omni_train.config.model import AudioConfig\n"
         "enc = omni_train.model.audio.AudioEncoder(AudioConfig(num_layers=2, d_model=32, num_heads=2, subsampling_conv_channels=16))\n"
         "for m in ('lightning','typing_extensions','transformers','huggingface_hub','nemo','megatron.core','av','torch'):\n"
         "    mod = importlib.import_module(m)\n"

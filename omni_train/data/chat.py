@@ -37,7 +37,7 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
-from omni_train.config.schema import LAYOUTS
+from omni_train.config.data import LAYOUTS
 from omni_train.data import tokens
 from omni_train.data.conversation import SampleError, Turn
 from omni_train.data.tokenizer import Tokenizer

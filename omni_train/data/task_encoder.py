@@ -40,7 +40,8 @@ from megatron.energon import (
 from megatron.energon.edataclass import edataclass
 from megatron.energon.wrappers.batch_dataset import BatchDataset
 
-from omni_train.config.schema import AudioConfig, PackingConfig, TokenizerConfig, VisionConfig
+from omni_train.config.data import PackingConfig, TokenizerConfig
+from omni_train.config.model import AudioConfig, VisionConfig
 from omni_train.data import media_io, tokens
 from omni_train.data.chat import AudioPlan, ImagePlan, Layout, Plan, VideoPlan, layout
 from omni_train.data.conversation import NoUsableSampleError, SampleError, parse_conversation

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
-from omni_train.config.schema import MediaTokenConfig, TokenizerConfig
+from omni_train.config.data import TokenizerConfig
+from omni_train.config.model import MediaTokenConfig
 
 TINY = "tiny"
 TINY_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 
-from omni_train.config.schema import AudioConfig, VisionConfig
+from omni_train.config.model import AudioConfig, VisionConfig
 
 _PUBLISHED = VisionConfig()  # the defaults below are the published model's, from one place
 PATCH = _PUBLISHED.patch_size

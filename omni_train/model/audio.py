@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from omni_train.config.schema import AudioConfig
+from omni_train.config.model import AudioConfig
 from omni_train.data.tokens import audio_clip_tokens
 
 

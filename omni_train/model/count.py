@@ -6,7 +6,7 @@ component, for the tiny and the released model.
 
 from __future__ import annotations
 
-from omni_train.config.schema import AudioConfig, ModelConfig, VisionConfig
+from omni_train.config.model import AudioConfig, ModelConfig, VisionConfig
 
 
 def lm_params(m: ModelConfig) -> tuple[int, int]:

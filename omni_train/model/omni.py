@@ -30,7 +30,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from omni_train.config import ModelConfig
-from omni_train.config.schema import RecomputeConfig
+from omni_train.config.training import RecomputeConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
 from omni_train.model.audio import GroupBatchNorm1d

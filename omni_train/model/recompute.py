@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from omni_train.config.schema import RecomputeConfig
+from omni_train.config.training import RecomputeConfig
 
 
 def lm_options(r: RecomputeConfig) -> dict:

@@ -33,7 +33,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from omni_train.config.schema import VisionConfig
+from omni_train.config.model import VisionConfig
 
 
 def pixel_shuffle(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omni_train.config.schema import ModelConfig
+from omni_train.config.model import ModelConfig
 
 COSTS_DIR = Path(__file__).parent / "activation_costs"
 QUADRATIC = ("vit_block", "conformer_layer")

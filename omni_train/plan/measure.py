@@ -210,7 +210,7 @@ def _minus(a: list, b: list, transient: bool = False) -> list:
 
 
 def _lm_recompute(on: bool) -> str:
-    from omni_train.config.schema import RECOMPUTE_LM_MODULES
+    from omni_train.config.training import RECOMPUTE_LM_MODULES
 
     return f"recompute.lm=[{','.join(RECOMPUTE_LM_MODULES)}]" if on else "recompute.lm=[]"
 

@@ -103,7 +103,7 @@ def _clip_tokens(m) -> int:
 
 
 def _lm_key(cfg) -> str:
-    from omni_train.config.schema import RECOMPUTE_LM_MODULES
+    from omni_train.config.training import RECOMPUTE_LM_MODULES
 
     chosen = set(cfg.recompute.lm)
     if chosen not in (set(), set(RECOMPUTE_LM_MODULES)):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from omni_train.config import JobConfig, compose_job, config_hash
-from omni_train.config.schema import ParallelConfig
+from omni_train.config.parallel import ParallelConfig
 
 
 def task_items(root: str | Path) -> dict[str, list[tuple[str, dict, str, str]]]:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from omni_train.config.schema import AudioConfig, ModelConfig, RecomputeConfig, VisionConfig
+from omni_train.config.model import AudioConfig, ModelConfig, VisionConfig
+from omni_train.config.training import RecomputeConfig
 
 # ---- forward FLOPs per component --------------------------------------------------------------
 

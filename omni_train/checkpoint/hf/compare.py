@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from omni_train.config.schema import AudioConfig
+from omni_train.config.model import AudioConfig
 from omni_train.data import tokens as token_accounting
 from omni_train.data.media import Media
 

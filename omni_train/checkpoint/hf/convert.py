@@ -42,7 +42,7 @@ from omni_train.checkpoint.manifest import (
 )
 from omni_train.config import JobConfig, compose_job, config_hash, to_dict
 from omni_train.config import hf as hf_config
-from omni_train.config.schema import ModelConfig
+from omni_train.config.model import ModelConfig
 from omni_train.log import get_logger
 
 log = get_logger()
