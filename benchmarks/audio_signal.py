@@ -92,8 +92,8 @@ def checkpoint_encoders(paths: list[str]) -> dict[str, AudioEncoder]:
     import copy
 
     from omni_train import platform as omni_platform
-    from omni_train.checkpoint import load_weights
-    from omni_train.model import build_model
+    from omni_train.checkpoint.io import load_weights
+    from omni_train.model.assembly import build_model
     from omni_train.parallel import destroy_parallel, init_parallel
     from omni_train.stage.probe import probe_config
 

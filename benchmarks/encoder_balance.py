@@ -148,8 +148,8 @@ def exchange_rows_received(stage: str, a: planner.Assumptions) -> dict | None:
     layout's multiple."""
     import torch
 
-    from omni_train.parallel.context import position_owner
     from omni_train.parallel.encoder_shard import EncoderGroup, build_route
+    from omni_train.platform.kernels.cp_layout import position_owner
 
     cfg = compose_job([f"stage={stage}"])
     s, cp, tp = cfg.trainer.seq_length, cfg.parallel.cp, cfg.parallel.tp

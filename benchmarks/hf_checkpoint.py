@@ -106,11 +106,11 @@ def write_reduced_checkpoint(folder: Path, pattern: str) -> int:
     """Random bf16 weights of the reduced model under the released names; returns bytes."""
     import torch
 
-    from omni_train.checkpoint.hf import weights
-    from omni_train.checkpoint.hf.convert import _job, _MetaModel, _tensor_keys
-    from omni_train.checkpoint.hf.safetensors_io import ShardedWriter, TensorPlan
     from omni_train.config import hf as hf_config
     from omni_train.config import to_dict
+    from omni_train.hf import weights
+    from omni_train.hf.convert import _job, _MetaModel, _tensor_keys
+    from omni_train.hf.safetensors_io import ShardedWriter, TensorPlan
 
     cfg = _job(None, reduced(pattern), "bf16")
     section = to_dict(cfg)["model"]

@@ -22,8 +22,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def main() -> int:
-    from omni_train.parallel import dry_run
-    from omni_train.plan import planner
+    from omni_train.plan import dry_run, planner
     from omni_train.stage.curriculum import stage_names
 
     parser = argparse.ArgumentParser()

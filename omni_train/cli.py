@@ -107,7 +107,7 @@ def _dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     compose_job(overrides)  # a bad override fails here with one line
     cmd = [*overrides, f"--world-size={args.nproc_per_node * args.nnodes}", f"--rank={args.rank}"]
-    return _cpu_tool("omni_train.parallel.dry_run", cmd + (["--json"] if args.json else []))
+    return _cpu_tool("omni_train.plan.dry_run", cmd + (["--json"] if args.json else []))
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -120,7 +120,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
     from pathlib import Path
 
-    from omni_train.stage import curriculum
+    from omni_train.stage import curriculum, report
 
     if not any(o.split("=", 1)[0] == "model" for o in overrides):
         overrides = ["model=tiny", *overrides]  # the CPU default: the tiny overlay
@@ -136,11 +136,11 @@ def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
             run_dir, overrides, args.nproc_per_node, args.from_stage, probe_after
         )
     except curriculum.CurriculumInterruptedError as e:
-        from omni_train.stage.lifecycle import EXIT_INTERRUPTED
+        from omni_train.lifecycle import EXIT_INTERRUPTED
 
         print(f"omni-train curriculum: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(curriculum.summary_table(manifests))
+    print(report.summary_table(manifests))
     return 0
 
 
@@ -159,7 +159,7 @@ def _model(args: argparse.Namespace, overrides: list[str]) -> int:
 
     compose_job(overrides)  # a bad config fails here with one line
     # shapes are identical on both platforms: the summary builds on the CPU one
-    return _cpu_tool("omni_train.model.summary", overrides + (["--json"] if args.json else []))
+    return _cpu_tool("omni_train.plan.summary", overrides + (["--json"] if args.json else []))
 
 
 def _data(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -246,7 +246,7 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     # a GPU host from selecting the GPU path.
     os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from omni_train.checkpoint.hf import convert
+    from omni_train.hf import convert
 
     if args.action == "import-hf":
         report = convert.import_hf(args.source, args.out, overrides, dtype=args.dtype or "source")
@@ -269,7 +269,7 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             f"{report.bytes / 2**30:.2f} GiB in {len(report.files)} files, {report.seconds:.1f} s"
         )
         return 0
-    from omni_train.checkpoint.hf import compare
+    from omni_train.hf import compare
 
     if not args.target or not args.data or not args.media:
         raise ValueError("checkpoint compare-hf needs HF_DIR CKPT --data FILE.jsonl --media DIR")

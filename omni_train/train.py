@@ -4,7 +4,7 @@
 
 Arguments are Hydra overrides of the recipe tree in ``recipes/``. Exit codes: 0 completed (or
 stopped by ``trainer.exit_after_steps``), 2 a config error (printed once, by rank 0),
-:data:`~omni_train.stage.lifecycle.EXIT_INTERRUPTED` stopped by a signal with a checkpoint.
+:data:`~omni_train.lifecycle.EXIT_INTERRUPTED` stopped by a signal with a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import os
 import sys
 
 from omni_train.config import compose_job
+from omni_train.lifecycle import EXIT_INTERRUPTED, die_with_parent, start_group_reaper
 from omni_train.log import error_path, rank_log_path
-from omni_train.stage.lifecycle import EXIT_INTERRUPTED, die_with_parent, start_group_reaper
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here, not at the top: megatron's checkpoint writer starts a helper process with
+    # lazy: not at the top because megatron's checkpoint writer starts a helper process with
     # the "spawn" method, which re-imports this (__main__) module; a light module keeps each
     # rank's first save from paying megatron's import (~7 s of CPU) once more.
     from omni_train.stage.runner import StageError, run_stage

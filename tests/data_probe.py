@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from omni_train.config import compose_job
-from omni_train.data import blends, tokens
+from omni_train.config import blends, compose_job, tokens
 from omni_train.data.loader import EnergonBatches
 
 BASE = [
@@ -185,7 +184,7 @@ def encoders_mode(root: str, out: str) -> dict:
     from omni_train.data.task_encoder import cook_raw
     from omni_train.datatools.prepare import read_raw
     from omni_train.datatools.synth_media import CATEGORIES
-    from omni_train.model import build_model
+    from omni_train.model.assembly import build_model
     from omni_train.parallel.state import init_parallel
     from omni_train.platform import setup
 

@@ -29,8 +29,9 @@ from omni_probe import tiny_omni  # tests/ is this script's folder
 from omni_train.data import tokens
 from omni_train.data.loader import packed_seq_params
 from omni_train.data.media import Media
-from omni_train.parallel.context import position_owner, shard_index
+from omni_train.parallel.context import shard_index
 from omni_train.parallel.state import destroy_parallel
+from omni_train.platform.kernels.cp_layout import position_owner
 
 PAD = 16
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")

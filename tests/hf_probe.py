@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from omni_train.checkpoint import load_weights
-from omni_train.checkpoint.hf.compare import our_logits, samples_from_jsonl
-from omni_train.checkpoint.hf.convert import model_from_section, resolve_checkpoint
+from omni_train.checkpoint.io import load_weights
 from omni_train.config import compose_job
-from omni_train.model import build_model
+from omni_train.hf.compare import our_logits, samples_from_jsonl
+from omni_train.hf.convert import model_from_section, resolve_checkpoint
+from omni_train.model.assembly import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
 from omni_train.platform import setup
 

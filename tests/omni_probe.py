@@ -22,7 +22,7 @@ from omni_train.config import compose_job
 from omni_train.data import tokens
 from omni_train.data.loader import packed_seq_params
 from omni_train.data.media import Media
-from omni_train.model import build_model
+from omni_train.model.assembly import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
 from omni_train.platform import setup
 

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from omni_train.checkpoint import TrainState
+from omni_train.checkpoint.io import TrainState
 from omni_train.config import compose_job
 from omni_train.data import build_data
 from omni_train.data.loader import task_encoder, to_device
 from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools.prepare import read_raw
 from omni_train.datatools.synth_media import CATEGORIES
-from omni_train.model import build_model
+from omni_train.model.assembly import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
 from omni_train.platform import setup
 from omni_train.training.loop import train

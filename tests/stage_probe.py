@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from omni_train.checkpoint import TrainState
+from omni_train.checkpoint.io import TrainState
 from omni_train.config import compose_job
 from omni_train.data import build_data
-from omni_train.model import build_model
+from omni_train.model.assembly import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
 from omni_train.platform import setup
 from omni_train.stage.curriculum import stage_names

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni_train.parallel.context import thd_partitioned_indices
 from omni_train.platform.kernels.attention import DocumentMask, flex_attention
+from omni_train.platform.kernels.cp_layout import thd_partitioned_indices
 
 # Sample lengths of one packed buffer (the last 7 tokens are the buffer's padding).
 _LENGTHS = [1, 130, 127, 256, 3, 200, 96, 420]

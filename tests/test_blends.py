@@ -25,7 +25,7 @@ from megatron.energon import (
     stateless,
 )
 
-from omni_train.data import blends
+from omni_train.config import blends
 
 # Token shares from data_blends.md (fractions). Stages 0 and 1 publish no table: their entries are
 # the assumptions documented in data_blends/README.md; stage 2 is ASR only.

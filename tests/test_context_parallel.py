@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_train.parallel.context import (
+from omni_train.platform.kernels.cp_layout import (
     gathered_positions,
     partitioned_indices,
     thd_partitioned_indices,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from omni_train.config import compose_job, config_hash, to_dict, validate
-from omni_train.data.blends import synthetic_paths
-from omni_train.stage import curriculum
+from omni_train.config.blends import synthetic_paths
+from omni_train.stage import curriculum, report
 from omni_train.stage.handoff import check_handoff
 
 ALL = ["llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector"]
@@ -265,6 +265,6 @@ def test_summary_table_has_a_row_per_stage():
         "job_time_s": 25.6,
         "curriculum_action": "run",
     }
-    lines = curriculum.summary_table([m, {**m, "stage": NAMES[1]}]).splitlines()
+    lines = report.summary_table([m, {**m, "stage": NAMES[1]}]).splitlines()
     assert lines[0].split()[:3] == ["stage", "action", "steps"]
     assert len(lines) == 4 and "12,345" in lines[2] and "24,704" in lines[3]

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.xdist_group("dry_run")
 
 _RESOLVE_ALL = """
 import json, sys
-from omni_train.parallel.dry_run import resolve
+from omni_train.plan.dry_run import resolve
 print(json.dumps([resolve([f"stage={name}"]) for name in sys.argv[1:]]))
 """
 

@@ -27,8 +27,8 @@ from launch import differing_weights, launch
 
 from omni_train.checkpoint.lock import LOCK, LockedError, OutputLock, check_unlocked
 from omni_train.config import compose_job
+from omni_train.lifecycle import EXIT_INTERRUPTED
 from omni_train.stage.launch import children, preflight, torchrun
-from omni_train.stage.lifecycle import EXIT_INTERRUPTED
 
 pytestmark = pytest.mark.distributed
 
@@ -214,7 +214,7 @@ def _zombie(pid: int) -> bool:
 
 _TWICE = """
 import os, signal, sys, time
-from omni_train.stage.lifecycle import StopRequest
+from omni_train.lifecycle import StopRequest
 stop = StopRequest().install()
 print("ready", flush=True)
 while True:

@@ -47,7 +47,7 @@ def import_hf(src: Path, out: Path, *overrides: str, ok: bool = True):
 
 def convert(src: Path, out: Path, *overrides: str):
     """The import in this process (the CLI's start-up cost is paid by the fixture's import)."""
-    from omni_train.checkpoint.hf.convert import import_hf as run
+    from omni_train.hf.convert import import_hf as run
 
     return run(src, out, list(overrides))
 
@@ -73,8 +73,8 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[st
 def released(tmp_path_factory):
     """The reference model saved as transformers saves it (released names), its import, the
     parity samples and the reference's logits on them."""
-    from omni_train.checkpoint.hf import compare
-    from omni_train.checkpoint.hf.convert import _job, model_from_section, resolve_checkpoint
+    from omni_train.hf import compare
+    from omni_train.hf.convert import _job, model_from_section, resolve_checkpoint
 
     root = tmp_path_factory.mktemp("released")
     ref_dir = hf_reference.save(root / "reference")
@@ -153,10 +153,10 @@ def test_logits_match_reference_at_tp2(released, tmp_path):
 def test_the_options_matter(released):
     """With megatron-core's behaviour instead of the release's, parity breaks: the tests above
     would catch a regression of either option."""
-    from omni_train.checkpoint.hf import compare
-    from omni_train.checkpoint.hf.convert import _job, model_from_section, resolve_checkpoint
     from omni_train.checkpoint.io import load_weights
-    from omni_train.model import build_model
+    from omni_train.hf import compare
+    from omni_train.hf.convert import _job, model_from_section, resolve_checkpoint
+    from omni_train.model.assembly import build_model
     from omni_train.parallel.state import local_world
     from omni_train.platform import setup
 
@@ -261,7 +261,7 @@ def test_current_transformers_names_import_identically(released, tmp_path):
 
 def test_sharded_bf16_import_and_export(released, tmp_path):
     """Sharded safetensors with an index, in bf16: import keeps bf16, export shards again."""
-    from omni_train.checkpoint.hf.safetensors_io import INDEX, SafetensorsReader
+    from omni_train.hf.safetensors_io import INDEX, SafetensorsReader
 
     sharded = tmp_path / "sharded"
     hf_reference.omni().to(torch.bfloat16).save_pretrained(sharded, max_shard_size="300KB")
@@ -269,7 +269,7 @@ def test_sharded_bf16_import_and_export(released, tmp_path):
     imported = tmp_path / "imported"
     convert(sharded, imported, *hf_reference.TINY_DATA)
     out = tmp_path / "exported"
-    from omni_train.checkpoint.hf.convert import export_hf
+    from omni_train.hf.convert import export_hf
 
     report = export_hf(imported, out, max_shard_bytes=300_000)
     assert len(report.files) > 1 and (out / INDEX).is_file()
@@ -427,7 +427,7 @@ def test_refusals(released, tmp_path):
 def test_lm_alone_round_trip(tmp_path):
     """The LM alone (nemotron_h): model=hf gives an LM-only model; its export is the source,
     bit for bit, as a NemotronHForCausalLM checkpoint."""
-    from omni_train.checkpoint.hf.convert import export_hf
+    from omni_train.hf.convert import export_hf
 
     src = tmp_path / "lm"
     hf_reference.omni().language_model.save_pretrained(src)

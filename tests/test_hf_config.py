@@ -127,7 +127,7 @@ def radio():
     """The tiny RadioEncoder (CPU platform, one process) and megatron's original class."""
     from megatron.core.models.vision.radio import RADIOViTModel
 
-    from omni_train.checkpoint.hf.convert import _job
+    from omni_train.hf.convert import _job
     from omni_train.model.build import vision_transformer_config
     from omni_train.model.specs import platform_leaves, vit_layer_spec
     from omni_train.model.vision import RadioEncoder

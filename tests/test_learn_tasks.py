@@ -18,7 +18,7 @@ from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools import prepare
 from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS, task_samples
 from omni_train.datatools.prepare import RawSample
-from omni_train.stage import curriculum
+from omni_train.stage import report
 from omni_train.stage.probe import answer_mask, score, task_items
 
 
@@ -168,7 +168,7 @@ def test_summary_table_reports_answer_accuracy_of_probed_stages():
         {**m, "stage": "stage0_vision_projector_warmup", "answers": answers},
         {**m, "stage": "stage1_vision_sft_16k"},
     ]
-    text = curriculum.summary_table(stages)
+    text = report.summary_table(stages)
     table, per_task = text.split("\n\n")
     assert "answer acc" in table.splitlines()[0]
     assert "75.0%" in table.splitlines()[2] and table.splitlines()[3].split()[5] == "-"

@@ -135,7 +135,7 @@ def test_every_committed_cost_file_names_its_model_and_layout():
 
 
 def test_media_mix_covers_every_blend_variable():
-    from omni_train.data.blends import available_blends, blend_variables
+    from omni_train.config.blends import available_blends, blend_variables
 
     mix = yaml.safe_load(planner.MEDIA_MIX.read_text())
     for blend in available_blends():

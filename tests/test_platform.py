@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from omni_train.platform import check_patches, registry
+from omni_train.platform import check_patches, patch_sets, registry
 from omni_train.platform import device as cpu_device
 from omni_train.platform.capabilities import LIBRARY_MODULES, Libraries, choose, probe
 
@@ -67,7 +67,7 @@ def test_every_combination_of_libraries_chooses_runnable_blocks(forced):
         assert ("no_transformer_engine" in sets) == (not te)
         assert ("no_mamba_ssm" in sets) == (p.mamba == "torch")
         assert ("torch_optimizer" in sets) == (p.optimizer == "torch_adamw")
-        assert set(p.patch_sets) <= set(registry.patch_sets())
+        assert set(p.patch_sets) <= set(patch_sets())
         assert p.name in p.describe() and f"attention={p.attention}" in p.describe()
 
 
@@ -121,9 +121,9 @@ def test_patches_apply_once_and_only_where_listed():
         ), p.patch_sets
         first = registry.applied()
         assert set(first) == set(p.patch_sets)
-        again = registry.apply(registry.patch_sets()["cpu_device"])
+        again = registry.apply(platform.patch_sets()["cpu_device"])
         assert again is first["cpu_device"]  # idempotent
-        proxied = [t.module for t in registry.patch_sets()["cpu_device"].proxies]
+        proxied = [t.module for t in platform.patch_sets()["cpu_device"].proxies]
         assert sorted(platform.patched_modules()) == sorted(proxied)
         import megatron.core.transformer.module as untouched
         assert untouched.torch is torch  # modules not listed keep the real torch

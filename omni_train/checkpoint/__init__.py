@@ -1,28 +1,11 @@
 """Checkpoints: torch_dist (megatron dist_checkpointing) for state, manifest.json for humans and
 for the next stage.
 
-The megatron-backed names (``io``) load on first use, so the launcher's pre-flight checks
-(``layout``, ``manifest``, ``lock``) run without importing megatron-core (several seconds).
+``io`` (save, load, resume) imports megatron-core (about 4.5 s); the launcher's pre-flight checks
+use only ``layout``, ``manifest``, ``integrity`` and ``lock``, which import none of it.
 """
 
 from omni_train.checkpoint.layout import checkpoints_dir, find_latest
 from omni_train.checkpoint.manifest import read_manifest, versions, write_manifest
 
-_IO = (
-    "TrainState",
-    "check_resumable",
-    "load_component_weights",
-    "load_for_resume",
-    "load_weights",
-    "save_checkpoint",
-)
-
-__all__ = [*_IO, "checkpoints_dir", "find_latest", "read_manifest", "versions", "write_manifest"]
-
-
-def __getattr__(name: str):
-    if name in _IO:
-        from omni_train.checkpoint import io
-
-        return getattr(io, name)
-    raise AttributeError(f"module 'omni_train.checkpoint' has no attribute {name!r}")
+__all__ = ["checkpoints_dir", "find_latest", "read_manifest", "versions", "write_manifest"]

@@ -44,9 +44,9 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from omni_train.checkpoint import integrity
 from omni_train.checkpoint.layout import LATEST as _LATEST
 from omni_train.checkpoint.layout import checkpoints_dir, find_latest  # noqa: F401 (re-export)
+from omni_train.lifecycle import STOP_SIGNALS
 from omni_train.log import human_bytes
 from omni_train.parallel import ParallelState
-from omni_train.stage.lifecycle import STOP_SIGNALS
 
 # dp_reshardable: fully parallel save/load, no gathers. Resume keeps the TP/EP layout anyway
 # (RNG streams are per rank); a change of layout goes through init_from (weights only).

@@ -17,6 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from omni_train.config.hf import model_overrides
 from omni_train.config.overrides import check_overrides
 from omni_train.config.schema import JobConfig
 
@@ -74,8 +75,6 @@ def compose_job(overrides: list[str] | None = None) -> JobConfig:
         if is_hf and not hf_path:
             raise ValueError("model=hf needs model.hf_path=DIR (a Hugging Face checkpoint folder)")
         if hf_path:
-            from omni_train.config.hf import model_overrides
-
             raw = _compose([*model_overrides(hf_path), *overrides])
         OmegaConf.resolve(raw)
         cfg = OmegaConf.to_object(raw)

@@ -233,7 +233,7 @@ class ModelConfig:
     projector_init_method_std: float | None = None
     media_tokens: MediaTokenConfig = field(default_factory=MediaTokenConfig)
     # `model=hf model.hf_path=DIR`: every field above is derived from DIR/config.json (the omni
-    # model, its LM, RADIO or Parakeet; omni_train/checkpoint/hf/config.py); command-line
+    # model, its LM, RADIO or Parakeet; omni_train/hf/config.py); command-line
     # `model.*` overrides still win. Not part of the model fingerprint.
     hf_path: str | None = None
 

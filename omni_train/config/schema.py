@@ -2,9 +2,10 @@
 (:mod:`omni_train.config.compose`), with the stage and cluster sections.
 
 Each component's section lives in its own module: ``model``, ``parallel``, ``training``
-(optimizer, trainer, recompute, logging), ``checkpoint``, ``data``. Per-field checks live in ``__post_init__`` (they run when Hydra converts the composed config to
-objects); checks that relate several fields live in :mod:`omni_train.config.validation`.
-Recipes under ``recipes/`` only hold values for these fields.
+(optimizer, trainer, recompute, logging), ``checkpoint``, ``data``. Per-field checks live in
+``__post_init__`` (they run when Hydra converts the composed config to objects); checks that
+relate several fields live in :mod:`omni_train.config.validation`. Recipes under ``recipes/``
+only hold values for these fields.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from omni_train.config import blends  # OmegaConf only: cheap
 from omni_train.config.schema import JobConfig
 
 if TYPE_CHECKING:  # the config layer stays free of torch imports
@@ -255,7 +256,6 @@ def check_data(cfg: JobConfig) -> None:
     d = cfg.data
     if d.kind != "energon":
         return
-    from omni_train.data import blends  # OmegaConf only: cheap
 
     if d.path is not None:
         dirs = [d.path]

@@ -108,7 +108,9 @@ def build_data(cfg: JobConfig, ps, device: torch.device, stop_requested=None):
     for training data (energon; the synthetic streams never wait).
     """
     if cfg.data.kind == "energon":
-        from omni_train.data.loader import build_energon_data  # imports energon
+        # lazy: the loader imports megatron-energon and megatron-core (~5 s); the synthetic
+        # streams, the planner and the data tools need neither
+        from omni_train.data.loader import build_energon_data
 
         return build_energon_data(cfg, ps, device, stop_requested)
     return _synthetic(cfg, ps.dp, ps.dp_rank, device)

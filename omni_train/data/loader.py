@@ -30,8 +30,7 @@ from megatron.energon import (
     reraise_exception,
 )
 
-from omni_train.config import JobConfig
-from omni_train.data import blends
+from omni_train.config import JobConfig, blends
 from omni_train.data.chat import check_template
 from omni_train.data.conversation import REASONS, NoUsableSampleError, SkipLimitError
 from omni_train.data.microbatch import MicroBatch, StopDuringWaitError

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni_train.data.conversation import MEDIA_KINDS
+from omni_train.data.media_io import MediaError, decode_audio
+from omni_train.datatools.encode import encode_flac
 from omni_train.datatools.prepare import EXTENSIONS, KEY, DatasetWriter, RawSample, is_val
 from omni_train.log import get_logger
 
@@ -346,8 +348,6 @@ def _cut(row: dict, opts: Options):
         length = None
     if offset <= 0 and length is not None and float(duration) >= length - 0.01:
         return {"bytes": data, "path": path}  # the whole file, as read
-    from omni_train.data.media_io import MediaError, decode_audio
-    from omni_train.datatools.encode import encode_flac
 
     try:
         wav = decode_audio(data, opts.sample_rate).numpy()

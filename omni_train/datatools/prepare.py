@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS, task_samples
+from omni_train.datatools.synth_media import CATEGORIES, synth_samples
 from omni_train.log import get_logger
 
 log = get_logger()
@@ -399,9 +401,6 @@ def synthesize(
     replace it only with ``overwrite`` (see :func:`check_target`); the new folder is written
     beside it and renamed into place.
     """
-    from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS
-    from omni_train.datatools.synth_media import CATEGORIES
-
     if num_samples < 2:
         raise ValueError(f"--samples={num_samples}: need at least 2 (train and val)")
     if flavour not in FLAVOURS:
@@ -455,8 +454,6 @@ def _raw(samples) -> list[RawSample]:
 
 
 def _general_splits(category: str, num_samples: int, seed: int, val_every: int):
-    from omni_train.datatools.synth_media import synth_samples
-
     samples = _raw(synth_samples(category, num_samples, seed))
     # every val_every-th sample, and at least one, goes to val
     in_val = {i for i in range(len(samples)) if i % val_every == val_every - 1}
@@ -474,8 +471,6 @@ def learn_val_size(num_samples: int, val_every: int) -> int:
 
 def _task_splits(tasks: list[str], num_samples: int, seed: int, val_every: int, media: str):
     """Train: samples 0..n-1 of each task, interleaved; val: the next ones (unseen media)."""
-    from omni_train.datatools.learn_tasks import task_samples
-
     num_val = learn_val_size(num_samples, val_every)
     train = [_raw(task_samples(t, num_samples, seed, media=media)) for t in tasks]
     val = [_raw(task_samples(t, num_val, seed, media=media, start=num_samples)) for t in tasks]

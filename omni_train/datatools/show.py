@@ -14,6 +14,9 @@ from pathlib import Path
 
 from omni_train.data.chat import AudioPlan, ImagePlan, Layout, VideoPlan
 from omni_train.data.conversation import SampleError
+from omni_train.data.loader import task_encoder
+from omni_train.data.task_encoder import cook_raw
+from omni_train.datatools.convert import ConvertError, sample_from_line
 
 
 def _media(plan, audio_rate: int) -> dict:
@@ -67,10 +70,6 @@ def _runs(flags: list[bool]) -> str:
 def show(jsonl: str | Path, media_root: str | Path, cfg) -> tuple[list[dict], Counter]:
     """One record per line of ``jsonl`` (samples in the ``data convert`` format), and the
     skip reasons counted."""
-    from omni_train.data.loader import task_encoder
-    from omni_train.data.task_encoder import cook_raw
-    from omni_train.datatools.convert import ConvertError, sample_from_line
-
     encoder = task_encoder(cfg, training=False)  # the evaluation stream's: no random budgets
     rate = cfg.model.audio.sample_rate if cfg.model.audio else 16000
     records, skipped = [], Counter()

@@ -20,8 +20,10 @@ from megatron.core.transformer import TransformerConfig
 
 from omni_train.config import JobConfig
 from omni_train.model import recompute
+from omni_train.model.audio import AudioEncoder
 from omni_train.model.omni import OmniModel
 from omni_train.model.specs import Leaves, lm_stack_spec, mlp_submodules, vit_layer_spec
+from omni_train.model.vision import RadioEncoder
 from omni_train.parallel import ParallelState
 from omni_train.platform import Platform
 
@@ -174,8 +176,6 @@ def build_omni_model(
     )
     parts = {}
     if m.vision is not None:
-        from omni_train.model.vision import RadioEncoder
-
         parts["vision_encoder"] = RadioEncoder(
             vision_transformer_config(cfg, platform, init),
             m.vision,
@@ -191,8 +191,6 @@ def build_omni_model(
             tp_group=ps.pg.tp,
         )
     if m.audio is not None:
-        from omni_train.model.audio import AudioEncoder
-
         parts["audio_encoder"] = AudioEncoder(m.audio, init)
         parts["audio_projector"] = MultimodalProjector(
             projector_transformer_config(cfg, platform, m.audio_projector_ffn_hidden_size, init),

@@ -35,7 +35,7 @@ from omni_train.data import tokens
 from omni_train.data.media import Media
 from omni_train.model.audio import GroupBatchNorm1d
 from omni_train.model.recompute import recomputed
-from omni_train.parallel.context import padded_bounds, position_owner
+from omni_train.parallel.context import padded_bounds
 from omni_train.parallel.encoder_shard import (
     EncoderGroup,
     assign,
@@ -44,6 +44,7 @@ from omni_train.parallel.encoder_shard import (
     exchange_rows,
 )
 from omni_train.platform.kernels.attention import segment_ids  # pure PyTorch, any device
+from omni_train.platform.kernels.cp_layout import position_owner
 
 COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
 # Named parts a stage may run in eval mode while they train (the CPE's random crop off).

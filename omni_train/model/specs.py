@@ -109,10 +109,11 @@ def lm_stack_spec(model: ModelConfig, leaves: Leaves) -> ModuleSpec:
     """MambaStack with the hybrid pattern's four layer kinds."""
     mamba_layer = IdentityOp
     if "M" in model.hybrid_pattern:
-        # Imported here: MambaMixer's module pulls mamba-ssm when it is installed (GPU).
+        # lazy: MambaMixer's module imports mamba-ssm (and its Triton kernels) where it is
+        # installed (GPU); a pattern without Mamba layers never needs it.
         from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 
-        from omni_train.model.mamba_mixer import ClampedDtMambaMixer
+        from omni_train.model.mamba_mixer import ClampedDtMambaMixer  # lazy: as above
 
         mamba_layer = ModuleSpec(
             module=MambaLayer,

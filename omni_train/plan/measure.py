@@ -47,6 +47,15 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_train.config import compose_job
+from omni_train.config.training import RECOMPUTE_LM_MODULES
+from omni_train.data import tokens
+from omni_train.data.media import Media
+from omni_train.model.assembly import build_model
+from omni_train.parallel.state import destroy_parallel, init_parallel
+from omni_train.plan.costs import model_key
+from omni_train.platform import setup
+
 GROUPS = ("lm", "mamba_kernel", "vision", "audio")
 
 
@@ -210,8 +219,6 @@ def _minus(a: list, b: list, transient: bool = False) -> list:
 
 
 def _lm_recompute(on: bool) -> str:
-    from omni_train.config.training import RECOMPUTE_LM_MODULES
-
     return f"recompute.lm=[{','.join(RECOMPUTE_LM_MODULES)}]" if on else "recompute.lm=[]"
 
 
@@ -242,10 +249,6 @@ class Probe:
     """Builds the variants of one model at one tensor-parallel size in one process group."""
 
     def __init__(self, model: str, tp: int, extra: list[str]):
-        from omni_train.config import compose_job
-        from omni_train.parallel.state import init_parallel
-        from omni_train.platform import setup
-
         self.base = [
             "stage=stage4_omni_sft_16k",
             f"model={model}",
@@ -269,9 +272,6 @@ class Probe:
 
     def build(self, overrides: list[str], trainable: list[str], embedding_trains: bool = False):
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        from omni_train.config import compose_job
-        from omni_train.model import build_model
 
         cfg = compose_job([*self.base, *overrides, f"stage.trainable=[{','.join(trainable)}]"])
         # megatron sizes its per-layer aux-loss log by the first MoE model's depth
@@ -303,9 +303,6 @@ class Probe:
 
 
 def _image_batch(probe: Probe, cfg, patches: int):
-    from omni_train.data import tokens
-    from omni_train.data.media import Media
-
     v = cfg.model.vision
     rows = int(patches**0.5) // 2 * 2
     cols = patches // rows // 2 * 2
@@ -316,9 +313,6 @@ def _image_batch(probe: Probe, cfg, patches: int):
 
 
 def _audio_batch(probe: Probe, cfg, frames: int):
-    from omni_train.data import tokens
-    from omni_train.data.media import Media
-
     a = cfg.model.audio
     num_samples = frames * a.subsampling_factor * a.hop_samples
     g = torch.Generator().manual_seed(frames)
@@ -494,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
     if "audio" in groups and probe.cfg.model.audio is not None:
         points.update(measure_encoder(probe, "audio", ints(args.audio_frames), log))
     if rank0:
-        from omni_train.plan.costs import model_key
-
         record = {
             "model": model_key(probe.cfg.model),
             "model_name": probe.cfg.model.name,
@@ -510,7 +502,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
         log(f"wrote {args.out} in {record['seconds']} s")
-    from omni_train.parallel.state import destroy_parallel
 
     destroy_parallel()
     return 0

@@ -2,7 +2,7 @@
 will it take?
 
 Per-rank peak memory = weights + gradients + optimizer state (the dry run's, from the real
-model and megatron's real process groups: :mod:`omni_train.parallel.dry_run`) + the activations
+model and megatron's real process groups: :mod:`omni_train.plan.dry_run`) + the activations
 autograd keeps (measured per layer kind: :mod:`omni_train.plan.costs`) + the largest transient
 above them + communication buffers + CUDA context, plus allocator headroom. How each part is
 made, and what is assumed rather than measured (``Assumptions``, ``media_mix.yaml``):
@@ -38,8 +38,15 @@ from pathlib import Path
 
 import yaml
 
+from omni_train.config import compose_job, validate
+from omni_train.config.blends import _train_entries, expected_token_shares
+from omni_train.config.training import RECOMPUTE_LM_MODULES
 from omni_train.data import tokens
+from omni_train.parallel.encoder_shard import assign, loads
+from omni_train.plan import dry_run
 from omni_train.plan.costs import ActivationCosts, setting_key
+from omni_train.training import flops
+from omni_train.training.flops import device_peak_tflops
 
 GIB = 1024**3
 MEDIA_MIX = Path(__file__).parent / "media_mix.yaml"
@@ -77,7 +84,6 @@ def media_shares(blend: str | None) -> tuple[float, float, list[dict]]:
     as ``{category, share, mean_tokens, vision, audio}``. No blend: text only."""
     if blend is None:
         return 0.0, 0.0, []
-    from omni_train.data.blends import _train_entries, expected_token_shares
 
     mix = yaml.safe_load(MEDIA_MIX.read_text())
     shares = expected_token_shares(blend)
@@ -103,8 +109,6 @@ def _clip_tokens(m) -> int:
 
 
 def _lm_key(cfg) -> str:
-    from omni_train.config.training import RECOMPUTE_LM_MODULES
-
     chosen = set(cfg.recompute.lm)
     if chosen not in (set(), set(RECOMPUTE_LM_MODULES)):
         raise ValueError(
@@ -172,8 +176,6 @@ def encoder_shares(cfg, a: Assumptions, tp: int, cp: int) -> dict:
     the planner assumes: pieces of ``patches_per_image``, clips of ``clip_seconds`` (each
     padded to the longest, as the model pads them: equal cost). ``imbalance`` = that share x
     the group size (1.0 = perfectly even)."""
-    from omni_train.parallel.encoder_shard import assign, loads
-
     m, s = cfg.model, cfg.trainer.seq_length
     vision, audio, _ = media_shares(cfg.data.blend)
     clips = len(_sizes(round(s * audio), _clip_tokens(m))) if m.audio is not None else 0
@@ -234,8 +236,6 @@ def memory(cfg, dry: dict, costs: ActivationCosts, a: Assumptions, gpu_gib: floa
 
 def _sequence_flops(cfg, tp: int, cp: int, a: Assumptions) -> dict:
     """Hardware FLOPs per packed sequence on one rank, by part (see module doc)."""
-    from omni_train.training import flops
-
     m, s = cfg.model, cfg.trainer.seq_length
     _, _, rows = media_shares(cfg.data.blend)
     rows = rows or [{"share": 1.0, "mean_tokens": s, "vision": 0.0, "audio": 0.0}]
@@ -331,8 +331,6 @@ def candidate_fixes(cfg, groups: dict) -> list[tuple[str, list[str]]]:
 
 
 def smallest_fix(cfg, overrides, dry, costs, a, gpu_gib) -> dict | None:
-    from omni_train.config import compose_job, validate
-
     for text, extra in candidate_fixes(cfg, dry["groups"]):
         alt = compose_job([*overrides, *extra])
         try:  # a change the layout checks refuse (e.g. Mamba heads over CP) is no fix
@@ -369,10 +367,6 @@ def calibration_points(results: Path) -> list[dict]:
 
 
 def plan(overrides: list[str], a: Assumptions = Assumptions(), dry: dict | None = None) -> dict:
-    from omni_train.config import compose_job
-    from omni_train.parallel import dry_run
-    from omni_train.training.flops import device_peak_tflops
-
     cfg = compose_job(overrides)
     dry = dry or dry_run.resolve(overrides)
     costs = ActivationCosts.load(cfg.model, dry["groups"]["tp"])

@@ -22,10 +22,24 @@ from functools import cache
 
 import torch
 
-from omni_train.platform import registry
+from omni_train.platform import device, registry, standins
 from omni_train.platform.capabilities import Libraries, Platform, choose, forced_platform, probe
 
-__all__ = ["Libraries", "Platform", "check_patches", "detect", "patched_modules", "setup"]
+__all__ = [
+    "Libraries",
+    "Platform",
+    "check_patches",
+    "detect",
+    "patch_sets",
+    "patched_modules",
+    "setup",
+]
+
+
+def patch_sets() -> dict[str, registry.PatchSet]:
+    """Every set, by name, in the order they are applied. The sets are declared by the modules
+    that own them (``device``, ``standins``); :mod:`.registry` only applies and checks them."""
+    return {s.name: s for s in (*device.PATCH_SETS, *standins.PATCH_SETS)}
 
 
 @cache
@@ -37,8 +51,6 @@ def detect() -> Platform:
 @cache
 def setup() -> Platform:
     """Detect the platform and prepare megatron-core for it. Call before building anything."""
-    from omni_train.platform import device, standins
-
     platform = detect()
     standins.provide_tensor_ops()
     if platform.is_cuda:
@@ -47,7 +59,7 @@ def setup() -> Platform:
         device.quiet_rng_warning()
     if platform.fusions == "eager":
         device.eager_fusions()
-    sets = registry.patch_sets()
+    sets = patch_sets()
     for name in platform.patch_sets:
         registry.apply(sets[name])
     return platform
@@ -56,17 +68,15 @@ def setup() -> Platform:
 def check_patches() -> list[str]:
     """Problems with any patch of any set (targets gone, patches no longer needed), whatever
     this process's platform: the suite runs it so a megatron-core upgrade fails loudly."""
-    from omni_train.platform import standins
-
     standins.provide_tensor_ops()  # else ssm.mamba_mixer cannot even be imported
-    return [p for s in registry.patch_sets().values() for p in registry.check(s)]
+    return [p for s in patch_sets().values() for p in registry.check(s)]
 
 
 def patched_modules() -> list[str]:
     """Names of the megatron modules whose ``torch`` is currently a proxy."""
     return [
         t.module
-        for s in registry.patch_sets().values()
+        for s in patch_sets().values()
         for t in s.proxies
         if t.module in sys.modules and sys.modules[t.module].torch is s.proxy
     ]

@@ -27,6 +27,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+from omni_train.platform.capabilities import LIBRARY_MODULES, importable
+
 
 @dataclass(frozen=True)
 class ProxyTarget:
@@ -71,14 +73,6 @@ class PatchSet:
     # Stand-ins for a library's names: megatron binds them only when that library is absent, so
     # "megatron now defines it" is a finding only then.
     library: str = ""
-
-
-def patch_sets() -> dict[str, PatchSet]:
-    """Every set, by name, in the order they are applied."""
-    from omni_train.platform import device, standins
-
-    sets = (*device.PATCH_SETS, *standins.PATCH_SETS)
-    return {s.name: s for s in sets}
 
 
 def _owner(module: types.ModuleType, qualname: str) -> tuple[Any, str]:
@@ -194,8 +188,6 @@ def applied() -> dict[str, PatchReport]:
 
 
 def _library_present(name: str) -> bool:
-    from omni_train.platform.capabilities import LIBRARY_MODULES, importable
-
     return bool(name) and importable(LIBRARY_MODULES[name])
 
 

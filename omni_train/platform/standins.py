@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from omni_train.platform.kernels import tensor_ops
+from omni_train.platform.kernels.cp_layout import thd_partitioned_indices
 from omni_train.platform.registry import AttributePatch, PatchReport, PatchSet, SourcePatch
 
 
@@ -66,8 +68,6 @@ class _TorchTex(types.SimpleNamespace):
 
     @staticmethod
     def thd_get_partitioned_indices(cu_seqlens, total_tokens, world_size, rank):
-        from omni_train.parallel.context import thd_partitioned_indices
-
         return thd_partitioned_indices(cu_seqlens, total_tokens, world_size, rank)
 
 
@@ -202,8 +202,6 @@ def provide_tensor_ops() -> PatchReport:
     """Register the pure-PyTorch tensor ops under megatron's name if its Triton module cannot
     be imported (no triton): ``ssm.mamba_mixer`` imports it at module level. Training never
     calls them, so a GPU host's Triton module may stay even on the CPU device."""
-    from omni_train.platform.kernels import tensor_ops
-
     report = PatchReport()
     try:
         importlib.import_module(tensor_ops.MODULE)

@@ -23,6 +23,10 @@ from pathlib import Path
 from omni_train.checkpoint import read_manifest, write_manifest
 from omni_train.config import JobConfig, compose_job, config_hash, validate
 from omni_train.config.compose import available
+from omni_train.datatools import prepare
+from omni_train.stage.launch import manifest_mtime, stopped_by_signal, torchrun
+from omni_train.stage.probe import task_items
+from omni_train.stage.report import write_report
 from omni_train.training.metrics import GROUP_ENV, TOKENS_AFTER_ENV
 
 
@@ -116,8 +120,6 @@ def _ensure_synthetic(cfg: JobConfig) -> None:
     """The tiny curriculum's synthetic datasets, made once (deterministic: seed 0)."""
     root = cfg.data.synthetic_root
     if cfg.data.kind == "energon" and root and not Path(root).exists():
-        from omni_train.datatools import prepare
-
         flavour = cfg.data.synthetic_flavour
         print(f"omni-train curriculum: writing {flavour} synthetic data to {root}", flush=True)
         prepare.synthesize(root, prepare.DEFAULT_SAMPLES[flavour], 0, flavour=flavour)
@@ -136,8 +138,6 @@ def run(
     """Run the curriculum; returns each stage's manifest (in order). On learnability data
     (``data.synthetic_flavour=learn``) the stages of index ``probe_after`` are scored by the
     answer probe once they complete (``answers`` in their manifest)."""
-    from omni_train.stage.launch import manifest_mtime, stopped_by_signal, torchrun
-
     stages = plan(run_dir, overrides, nproc, from_stage)
     for stage in stages:
         if stage.action == "rerun":
@@ -169,7 +169,6 @@ def run(
     manifests = [read_manifest(s.output_dir) for s in stages]
     for m, s in zip(manifests, stages, strict=True):
         m["curriculum_action"] = s.action
-    from omni_train.stage.report import write_report
 
     page = write_report(run_dir)
     print(f"omni-train curriculum: report {page}", flush=True)
@@ -179,13 +178,10 @@ def run(
 def _probe(stage: PlannedStage) -> None:
     """Score a completed stage on its data root's held-out learnability questions (in a process
     of its own: omni_train.stage.probe) and record the result in its manifest, once."""
-    from omni_train.stage.launch import torchrun
-
     data = stage.cfg.data
     manifest = read_manifest(stage.output_dir)
     if data.synthetic_flavour != "learn" or not data.synthetic_root or "answers" in manifest:
         return
-    from omni_train.stage.probe import task_items
 
     if not task_items(data.synthetic_root):
         root = data.synthetic_root
@@ -204,53 +200,3 @@ def _stage_tokens(cfg: JobConfig) -> int:
     """Token positions a stage trains on (steps x global batch x context)."""
     t = cfg.trainer
     return t.train_steps * t.global_batch_size * t.seq_length
-
-
-def summary_table(manifests: list[dict]) -> str:
-    """One row per stage: steps, tokens, final and eval loss, mean answer accuracy over the
-    learnability tasks (probed stages), trainable parameters, wall time; then, if any stage was
-    probed, the accuracy per task and probed stage."""
-    head = ("stage", "action", "steps", "tokens", "final loss", "eval loss", "answer acc",
-            "trainable", "wall s")  # fmt: skip
-    rows = [head]
-    for m in manifests:
-        answers = m.get("answers") or {}
-        mean = sum(r["accuracy"] for r in answers.values()) / len(answers) if answers else None
-        rows.append(
-            (
-                m["stage"],
-                m.get("curriculum_action", ""),
-                f"{m['step']}/{m['train_steps']}",
-                f"{m['tokens']:,}",
-                f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "-",
-                f"{m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "-",
-                f"{mean:.1%}" if mean is not None else "-",
-                f"{m['trainable_parameters']:,}",
-                f"{m['job_time_s']:.0f}",
-            )
-        )
-    text = _columns(rows, left=2)
-    probed = [m for m in manifests if m.get("answers")]
-    if probed:
-        tasks = list(probed[0]["answers"])
-        per = [("answer accuracy", "chance", *[m["stage"].split("_")[0] for m in probed])]
-        for task in tasks:
-            cells = [f"{m['answers'][task]['accuracy']:.1%}" if task in m["answers"] else "-"
-                     for m in probed]  # fmt: skip
-            per.append((task, f"{probed[0]['answers'][task]['chance']:.1%}", *cells))
-        text += "\n\n" + _columns(per, left=1)
-    return text
-
-
-def _columns(rows: list[tuple[str, ...]], left: int) -> str:
-    """Aligned columns, the first ``left`` left-aligned, a rule under the header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ checks that matter under the lock.
 SIGTERM/SIGINT/SIGUSR1 (``--signals-to-handle`` leaves them to the ranks), and dies with
 this process (``PR_SET_PDEATHSIG``); its ranks die with it. A stop signal this process receives
 goes once to each rank (torchrun's children: it starts every rank in a session of its own), where
-every rank handles it (``omni_train.stage.lifecycle``):
+every rank handles it (``omni_train.lifecycle``):
 the step finishes, a checkpoint is written, the ranks exit with ``EXIT_INTERRUPTED``, which
 this launcher passes on. Left to torchrun, the signal would be forwarded to the ranks and they
 would be killed 30 s later, before a large checkpoint is written.
@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_train.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_parent
 from omni_train.log import human_bytes
-from omni_train.stage.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_parent
 
 _HEADROOM = 1.1  # free space wanted beyond the estimated checkpoint size
 

@@ -30,16 +30,22 @@ from pathlib import Path
 
 import torch
 
+from omni_train import platform as omni_platform
+from omni_train.checkpoint import read_manifest
+from omni_train.checkpoint.io import load_weights
 from omni_train.config import JobConfig, compose_job, config_hash
 from omni_train.config.parallel import ParallelConfig
+from omni_train.data.loader import task_encoder, to_device
+from omni_train.data.task_encoder import cook_raw
+from omni_train.datatools.learn_tasks import TASKS
+from omni_train.datatools.prepare import read_raw
+from omni_train.model.assembly import build_model
+from omni_train.parallel import destroy_parallel, init_parallel
 
 
 def task_items(root: str | Path) -> dict[str, list[tuple[str, dict, str, str]]]:
     """{task: [(key, members, category, answer), ...]} of the val split under ``root``, tasks
     in :data:`~omni_train.datatools.learn_tasks.TASKS` order; empty when ``root`` holds none."""
-    from omni_train.datatools.learn_tasks import TASKS
-    from omni_train.datatools.prepare import read_raw
-
     found: dict[str, list] = {name: [] for name in TASKS}
     for category in sorted({t.category for t in TASKS.values()}):
         folder = Path(root) / category
@@ -84,10 +90,6 @@ def evaluate_answers(
     """Score ``model`` (an :class:`~omni_train.model.omni.OmniModel`, world size 1) on every
     task's val samples under ``root``; {task: accuracy, token_accuracy, loss, num_samples,
     chance}."""
-    from omni_train.data.loader import task_encoder, to_device
-    from omni_train.data.task_encoder import cook_raw
-    from omni_train.datatools.learn_tasks import TASKS
-
     encoder = task_encoder(cfg, training=False)
     im_end = encoder.tok.specials.im_end
     model.eval()
@@ -129,11 +131,6 @@ def probe_config(overrides: list[str]) -> JobConfig:
 def probe(checkpoint: str | Path, root: str | Path, overrides: list[str]) -> dict[str, dict]:
     """Build the model of ``overrides`` (checked against the checkpoint's manifest), load the
     weights of ``checkpoint`` (a stage folder or one checkpoint) and score it."""
-    from omni_train import platform as omni_platform
-    from omni_train.checkpoint import load_weights, read_manifest
-    from omni_train.model import build_model
-    from omni_train.parallel import destroy_parallel, init_parallel
-
     cfg = probe_config(overrides)
     manifest_dir = Path(checkpoint)
     if not (manifest_dir / "manifest.json").is_file():

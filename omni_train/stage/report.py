@@ -138,8 +138,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
 
-    from omni_train.stage.curriculum import summary_table
-
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "</head><body style='font-family: sans-serif'>"
@@ -149,3 +147,53 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     )
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+def summary_table(manifests: list[dict]) -> str:
+    """One row per stage: steps, tokens, final and eval loss, mean answer accuracy over the
+    learnability tasks (probed stages), trainable parameters, wall time; then, if any stage was
+    probed, the accuracy per task and probed stage."""
+    head = ("stage", "action", "steps", "tokens", "final loss", "eval loss", "answer acc",
+            "trainable", "wall s")  # fmt: skip
+    rows = [head]
+    for m in manifests:
+        answers = m.get("answers") or {}
+        mean = sum(r["accuracy"] for r in answers.values()) / len(answers) if answers else None
+        rows.append(
+            (
+                m["stage"],
+                m.get("curriculum_action", ""),
+                f"{m['step']}/{m['train_steps']}",
+                f"{m['tokens']:,}",
+                f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "-",
+                f"{m['eval_loss']:.4f}" if m.get("eval_loss") is not None else "-",
+                f"{mean:.1%}" if mean is not None else "-",
+                f"{m['trainable_parameters']:,}",
+                f"{m['job_time_s']:.0f}",
+            )
+        )
+    text = _columns(rows, left=2)
+    probed = [m for m in manifests if m.get("answers")]
+    if probed:
+        tasks = list(probed[0]["answers"])
+        per = [("answer accuracy", "chance", *[m["stage"].split("_")[0] for m in probed])]
+        for task in tasks:
+            cells = [f"{m['answers'][task]['accuracy']:.1%}" if task in m["answers"] else "-"
+                     for m in probed]  # fmt: skip
+            per.append((task, f"{probed[0]['answers'][task]['chance']:.1%}", *cells))
+        text += "\n\n" + _columns(per, left=1)
+    return text
+
+
+def _columns(rows: list[tuple[str, ...]], left: int) -> str:
+    """Aligned columns, the first ``left`` left-aligned, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

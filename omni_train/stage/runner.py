@@ -19,20 +19,17 @@ from pathlib import Path
 import torch.distributed as dist
 
 from omni_train import platform as omni_platform
-from omni_train.checkpoint import (
+from omni_train.checkpoint import versions, write_manifest
+from omni_train.checkpoint.io import (
+    CheckpointSpaceError,
     TrainState,
     check_resumable,
+    check_space,
+    expected_checkpoint,
     load_component_weights,
     load_for_resume,
     load_weights,
     save_checkpoint,
-    versions,
-    write_manifest,
-)
-from omni_train.checkpoint.io import (
-    CheckpointSpaceError,
-    check_space,
-    expected_checkpoint,
     space_needed,
 )
 from omni_train.checkpoint.lock import LockedError, OutputLock, held_by_launcher
@@ -40,13 +37,13 @@ from omni_train.checkpoint.manifest import mark_failed
 from omni_train.config import JobConfig, config_hash, to_dict, validate
 from omni_train.config.validation import check_platform
 from omni_train.data import NoUsableSampleError, SkipLimitError, StopDuringWaitError, build_data
+from omni_train.lifecycle import StopRequest
 from omni_train.log import add_rank_log, get_logger, human_bytes, log_traceback
-from omni_train.model import build_model
+from omni_train.model.assembly import build_model
 from omni_train.parallel import ParallelState, destroy_parallel, init_parallel
 from omni_train.parallel.state import world_size_from_env
 from omni_train.stage import resume
 from omni_train.stage.handoff import check_components, check_handoff
-from omni_train.stage.lifecycle import StopRequest
 from omni_train.training.loop import evaluate, train
 from omni_train.training.metrics import MetricsLogger
 from omni_train.training.optimizer import build_optimizer, wrap_ddp

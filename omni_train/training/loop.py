@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from omni_train.checkpoint import TrainState
+from omni_train.checkpoint.io import TrainState
 from omni_train.config import JobConfig
 from omni_train.log import get_logger
 from omni_train.platform import detect

@@ -17,10 +17,10 @@ sample (or image) boundary. No parameters, like TE's core attention, so checkpoi
 unaffected.
 
 Context parallel (``config.context_parallel_size > 1``): query, key and value hold this CP
-rank's load-balanced shard of the sequence (``omni_train.parallel.context``). Keys and values
-are all-gathered over the CP group (megatron's ``all_gather`` CP communication; the backward
-reduce-scatters their gradients back to their owners), and the mask is built from the tokens'
-global positions: causal order and, for packed input, the sample boundaries.
+rank's load-balanced shard of the sequence (``omni_train.platform.kernels.cp_layout``). Keys
+and values are all-gathered over the CP group (megatron's ``all_gather`` CP communication; the
+backward reduce-scatters their gradients back to their owners), and the mask is built from the
+tokens' global positions: causal order and, for packed input, the sample boundaries.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from omni_train.parallel.context import gathered_positions
+from omni_train.platform.kernels.cp_layout import gathered_positions
 
 FLEX_BLOCK = 128  # FlexAttention's default tile: the BlockMask granularity
 

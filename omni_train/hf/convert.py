@@ -2,7 +2,7 @@
 
 **Import** (Hugging Face safetensors or a NeMo ``.nemo`` Parakeet -> torch_dist). The model is
 built on the meta device at TP=1 in a one-process world; each of its weights is then made from
-the released tensors (:mod:`omni_train.checkpoint.hf.weights`) and megatron's
+the released tensors (:mod:`omni_train.hf.weights`) and megatron's
 ``dist_checkpointing`` writes them. The safetensors files are memory-mapped and renamed tensors
 are views of the mapping, so only converted tensors (fused q/k/v, a dtype change) are copied;
 the writer copies one tensor at a time. torch_dist reshards on load, so the result starts a stage
@@ -33,17 +33,26 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from omni_train.checkpoint.hf import weights
-from omni_train.checkpoint.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
+from omni_train.checkpoint import find_latest
 from omni_train.checkpoint.manifest import (
     IMPORT_MANIFEST,
     architecture_diff,
     read_import_manifest,
+    read_manifest,
+    versions,
 )
 from omni_train.config import JobConfig, compose_job, config_hash, to_dict
 from omni_train.config import hf as hf_config
 from omni_train.config.model import ModelConfig
+from omni_train.hf import weights
+from omni_train.hf.nemo import read_nemo
+from omni_train.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
 from omni_train.log import get_logger
+from omni_train.model.build import build_omni_model
+from omni_train.model.meta import parameters_on_meta
+from omni_train.model.specs import platform_leaves
+from omni_train.parallel.state import local_world
+from omni_train.platform import setup
 
 log = get_logger()
 
@@ -82,12 +91,6 @@ class _MetaModel:
     def __enter__(self):
         # (no os.environ change here: it would leak into every later process this one starts;
         # the CLI runs conversions with OMNI_TRAIN_PLATFORM=cpu)
-        from omni_train.model.build import build_omni_model
-        from omni_train.model.specs import platform_leaves
-        from omni_train.model.summary import parameters_on_meta
-        from omni_train.parallel.state import local_world
-        from omni_train.platform import setup
-
         platform = setup()
         if platform.is_cuda:
             raise ValueError("checkpoint conversion runs on the CPU platform; unset CUDA devices")
@@ -197,8 +200,6 @@ def import_hf(
     _check_out(out)
     nemo = source.suffix == ".nemo"
     if nemo:
-        from omni_train.checkpoint.hf.nemo import read_nemo
-
         audio_fields, src = read_nemo(source)  # NeMo's encoder config and state dict
         kind, derived, raw_config = "audio_encoder", {"audio": audio_fields}, None
     else:
@@ -355,8 +356,6 @@ def _save(model, components, path: Path) -> None:
 
 
 def _write_import_manifest(path: Path, cfg, report: ImportReport, dtype: str, raw: dict | None):
-    from omni_train.checkpoint.manifest import versions
-
     manifest = {
         "kind": "hf_import",
         "source": report.source,
@@ -398,7 +397,6 @@ def _init_source(manifest: dict, depth: int = 0) -> dict | None:
     if imported is not None:
         base = path / SOURCE_CONFIG
         return json.loads(base.read_text()) if base.is_file() else None
-    from omni_train.checkpoint.manifest import read_manifest
 
     run = path if (path / "checkpoints").is_dir() else path.parent.parent
     try:
@@ -410,8 +408,6 @@ def _init_source(manifest: dict, depth: int = 0) -> dict | None:
 def resolve_checkpoint(path: str | Path) -> tuple[Path, dict, dict | None]:
     """(the torch_dist folder, its ``model`` section, the config.json it descends from or
     None) of an import folder, a stage's output_dir or one of its ``checkpoints/step_*``."""
-    from omni_train.checkpoint import find_latest, read_manifest
-
     path = Path(path)
     imported = read_import_manifest(path)
     if imported is not None:

@@ -32,9 +32,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from omni_train.checkpoint.io import load_weights
 from omni_train.config.model import AudioConfig
 from omni_train.data import tokens as token_accounting
 from omni_train.data.media import Media
+from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
+from omni_train.datatools.convert import sample_from_line
+from omni_train.datatools.encode import encode_mp4, encode_png, encode_wav
+from omni_train.hf.convert import _job, model_from_section, resolve_checkpoint
+from omni_train.model.assembly import build_model
+from omni_train.model.audio import build_mel_preprocessor
+from omni_train.model.vision import patchify
+from omni_train.parallel.state import local_world
+from omni_train.platform import setup
 
 
 @dataclass
@@ -51,9 +61,6 @@ class ParitySample:
 
 def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[ParitySample]:
     """Every line of a ``data convert`` JSONL through omni-train's task encoder (eval mode)."""
-    from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
-    from omni_train.datatools.convert import sample_from_line
-
     encoder = OmniTaskEncoder(
         tokenizer=cfg.data.tokenizer,
         vision=cfg.model.vision,
@@ -103,8 +110,6 @@ def our_logits(model, sample: ParitySample, pad_multiple: int = 1) -> torch.Tens
 
 
 def _patches(image: torch.Tensor, patch: int) -> tuple[torch.Tensor, list[int]]:
-    from omni_train.model.vision import patchify
-
     flat, rows, cols = patchify(image[None], patch)
     return flat, [rows, cols]
 
@@ -113,8 +118,6 @@ def reference_audio(ref, waveforms: list[torch.Tensor], audio: AudioConfig) -> t
     """The reference audio path on omni-train's clips (one encoder input each) and mel
     features: ``[tokens, h]``."""
     from torch.nn.utils.rnn import pad_sequence
-
-    from omni_train.model.audio import build_mel_preprocessor
 
     mel = build_mel_preprocessor(audio).eval()
     clips = [w.float() for w in waveforms]
@@ -210,19 +213,13 @@ def format_table(rows: list[dict]) -> str:
     lines.append(
         "path: forward = the reference's own forward; components = its encoder/projector/LM "
         "functions with the placeholders filled here (its forward cannot take video or "
-        "omni-train's audio clips; see omni_train/checkpoint/hf/compare.py)"
+        "omni-train's audio clips; see omni_train/hf/compare.py)"
     )
     return "\n".join(lines)
 
 
 def main(hf_dir, checkpoint, data, media_root, *, as_json: bool = False, overrides=()) -> int:
     """Compare on the CPU in one process (fp32, TP=1)."""
-    from omni_train.checkpoint import load_weights
-    from omni_train.checkpoint.hf.convert import _job, model_from_section, resolve_checkpoint
-    from omni_train.model import build_model
-    from omni_train.parallel.state import local_world
-    from omni_train.platform import setup
-
     ckpt, section, _ = resolve_checkpoint(checkpoint)
     overrides = list(overrides)
     rest = [o for o in overrides if not o.startswith("model.")]
@@ -248,8 +245,6 @@ def write_parity_set(out: str | Path, seed: int = 0) -> Path:
     text only; one image; three images of different sizes; a video with an odd frame count;
     35 s of audio (two encoder clips); a video with its audio track. Returns the JSONL path."""
     import numpy as np
-
-    from omni_train.datatools.encode import encode_mp4, encode_png, encode_wav
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

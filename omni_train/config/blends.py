@@ -159,7 +159,7 @@ def write_metadataset(
     target = out_dir / f"{name}.yaml"
     if target.resolve() == (BLENDS_DIR / f"{name}.yaml").resolve():
         raise ValueError(f"refusing to overwrite the blend source {target}")
-    text = f"# Generated from {BLENDS_DIR / name}.yaml by omni_train.data.blends; do not edit.\n"
+    text = f"# Generated from {BLENDS_DIR / name}.yaml by omni_train.config.blends; do not edit.\n"
     text += yaml.dump(resolved, Dumper=_NoAliasDumper, sort_keys=False, width=100)
     # Several ranks may write the same file at once: write aside, then rename over the target.
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")

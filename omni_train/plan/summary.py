@@ -14,61 +14,22 @@ token, and are listed separately.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
 
-import torch
+from omni_train.config import compose_job
+from omni_train.model.meta import build_on_meta
 
 _ROUTED_EXPERT = ".mlp.experts."  # megatron: routed experts; shared experts are .shared_experts.
 _INPUT_EMBEDDING = "llm.embedding.word_embeddings.weight"
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block moves to the meta device at once.
-
-    Weights are created by ``torch.empty`` (untouched pages) and replaced before anything
-    writes them; code that needs real scalars during construction (NeMo computes lengths
-    with ``.item()``) still works, which a global meta-device context would break.
-    """
-    original = torch.nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
-
-
-def build_on_meta(cfg) -> torch.nn.Module:
-    """The model of ``cfg`` (TP=1) on the meta device, in a world of one process on the CPU
-    platform: names and global shapes with no weight memory."""
-    from omni_train.model.build import build_omni_model
-    from omni_train.model.specs import platform_leaves
-    from omni_train.parallel.state import local_world
-    from omni_train.platform import setup
-
-    platform = setup()
-    with local_world(cfg.parallel, platform, cfg.trainer.seed) as ps, parameters_on_meta():
-        model, _ = build_omni_model(cfg, ps, platform, platform_leaves(platform), init=False)
-    return model
-
-
 def summarize(overrides: list[str]) -> dict:
     """Build ``model=...`` on meta and count. Runs in a fresh single-process world."""
     os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
-    from omni_train.config import compose_job
-
     cfg = compose_job([*overrides, "parallel=single", "trainer.precision=fp32"])
     start = time.process_time()
     model = build_on_meta(cfg)

@@ -225,7 +225,7 @@ def rule_for(key: str, model: dict, prefixes: Prefixes) -> Rule | None:
     if m := re.fullmatch(enc + r"layers\.(\d+)\.((?:feed_forward\d|norm_\w+|conv)\..+)", key):
         return rename(f"{audio}layers.{m.group(1)}.{m.group(2)}")
     raise KeyError(
-        f"no released name for omni-train weight {key}; omni_train/checkpoint/hf/weights.py "
+        f"no released name for omni-train weight {key}; omni_train/hf/weights.py "
         "does not know this layer"
     )
 

@@ -25,6 +25,14 @@ import os
 import sys
 from collections import defaultdict
 
+from omni_train.config import compose_job, validate
+from omni_train.model.build import build_omni_model
+from omni_train.model.freeze import apply_freezing
+from omni_train.model.meta import parameters_on_meta
+from omni_train.model.specs import platform_leaves
+from omni_train.parallel.state import init_model_parallel
+from omni_train.platform import setup
+
 GIB = 1024**3
 
 
@@ -41,14 +49,6 @@ def resolve(overrides: list[str], world_size: int | None = None, rank: int = 0) 
     for a cluster without a fixed size (``cluster=local``); a sized cluster's own wins."""
     os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
     from megatron.core import parallel_state as mpu
-
-    from omni_train.config import compose_job, validate
-    from omni_train.model.build import build_omni_model
-    from omni_train.model.freeze import apply_freezing
-    from omni_train.model.specs import platform_leaves
-    from omni_train.model.summary import parameters_on_meta
-    from omni_train.parallel.state import init_model_parallel
-    from omni_train.platform import setup
 
     cfg = compose_job(overrides)
     world = cfg.cluster.world_size or world_size
