@@ -273,8 +273,8 @@ from pathlib import Path
 import omni_train
 root = Path(sys.argv[1]).resolve()
 assert Path(omni_train.__file__).resolve().is_relative_to(root), omni_train.__file__
+from omni_train.config.blends import available_blends, blend_variables
 from omni_train.config.compose import available, compose_job
-from omni_train.data.blends import available_blends, blend_variables
 from omni_train.data.tokenizer import TINY_DIR
 stages = available("stage")
 for stage in stages:
