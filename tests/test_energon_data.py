@@ -101,7 +101,7 @@ def _clip_tokens(te, n: int) -> tuple[int, ...]:
     """Tokens per encoder input of an ``n``-sample stream: one input (processor layout) or
     30 s clips (report)."""
     a = te.audio_cfg
-    clip = 0 if te.layout == "processor" else a.clip_seconds
+    clip = 0 if te.layout.name == "processor" else a.clip_seconds
     return tuple(tokens.audio_clip_tokens(c, a) for c in tokens.audio_clip_samples(n, a, clip))
 
 

@@ -51,6 +51,7 @@ class ParitySample:
 
 def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[ParitySample]:
     """Every line of a ``data convert`` JSONL through omni-train's task encoder (eval mode)."""
+    from omni_train.data.layouts import layout_for
     from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
     from omni_train.datatools.convert import sample_from_line
 
@@ -59,7 +60,7 @@ def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[P
         vision=cfg.model.vision,
         audio=cfg.model.audio,
         context_length=2**31,
-        layout=cfg.data.layout,
+        layout=layout_for(cfg.data.layout),
         video_fps=cfg.data.video_fps,
         max_video_frames=cfg.data.max_video_frames,
         training=False,
