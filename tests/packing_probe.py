@@ -28,6 +28,7 @@ from omni_train.datatools.synth_media import CATEGORIES
 from omni_train.model.assembly import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
 from omni_train.platform import setup
+from omni_train.training.flops import FlopsPolicy
 from omni_train.training.loop import train
 from omni_train.training.optimizer import build_optimizer, wrap_ddp
 
@@ -93,7 +94,10 @@ def run(cfg, ps, platform, data, rng: torch.Tensor, init: dict) -> TrainState:
     model = wrap_ddp(cfg, built.module, built.tf_config)
     optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
     torch.set_rng_state(rng)  # the CPE crop and the mel dither draw from it
-    return train(cfg, model, optimizer, scheduler, data, TrainState(), lambda s: None)
+    policy = FlopsPolicy.from_config(cfg)
+    return train(
+        cfg, model, optimizer, scheduler, data, TrainState(), lambda s: None, flops_policy=policy
+    )
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from omni_train.model.assembly import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
 from omni_train.platform import setup
 from omni_train.stage.curriculum import stage_names
+from omni_train.training.flops import FlopsPolicy
 from omni_train.training.loop import train
 from omni_train.training.optimizer import build_optimizer, wrap_ddp
 
@@ -56,7 +57,17 @@ def freezing(out: Path, synth: str) -> dict:
         optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
         train_data, _ = build_data(cfg, ps, platform.device)
         before = {c: snapshot(m) for c, m in built.components.items()}
-        train(cfg, model, optimizer, scheduler, train_data, TrainState(), lambda s: None)
+        policy = FlopsPolicy.from_config(cfg)
+        train(
+            cfg,
+            model,
+            optimizer,
+            scheduler,
+            train_data,
+            TrainState(),
+            lambda s: None,
+            flops_policy=policy,
+        )
         trainable = [p for p in built.module.parameters() if p.requires_grad]
         in_ddp = {id(p) for b in model.buffers + model.expert_parallel_buffers for p in b.params}
         in_optimizer = sum(p.numel() for g in optimizer.optimizer.param_groups for p in g["params"])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from omni_train.config.data import TokenizerConfig
+from omni_train.config.data import LAYOUTS, TokenizerConfig
 from omni_train.config.model import MediaTokenConfig
 from omni_train.data.chat import (
     AudioPlan,
@@ -19,6 +19,7 @@ from omni_train.data.chat import (
     prompt,
 )
 from omni_train.data.conversation import SampleError, parse_conversation
+from omni_train.data.layouts import layout_for
 from omni_train.data.tokenizer import (
     TINY_DIR,
     Tokenizer,
@@ -173,8 +174,8 @@ def test_video_frame_labels_and_audio_in_both_layouts(tok):
         ("processor", groups.format(v="<image>" * 4, a0="", a1="", a2="") + "\n" + run(40)),
         ("report", groups.format(v="<image>" * 4, a0=run(13), a1=run(12), a2=run(15))),
     ):
-        ids, _ = layout(turns, [VIDEO], tok, mode).materialize()
-        head = prompt(turns, [VIDEO], tok, mode).split("<video>")[0]
+        ids, _ = layout(turns, [VIDEO], tok, layout_for(mode)).materialize()
+        head = prompt(turns, [VIDEO], tok, layout_for(mode)).split("<video>")[0]
         assert ids == tok.encode(
             head + video_text + "<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
         )
@@ -182,6 +183,12 @@ def test_video_frame_labels_and_audio_in_both_layouts(tok):
     no_tube = VideoPlan((0.0, 0.5, 1.0), (0.0, 0.5, 1.0), 2, 2, 1)
     assert no_tube.num_groups == 3 and no_tube.audio_chunks() == [0, 0, 0]
     assert frame_label(no_tube, 1) == "Frame 2 sampled at 0.50 seconds: "
+
+
+def test_every_config_layout_has_its_layout_object():
+    assert [layout_for(name).name for name in LAYOUTS] == list(LAYOUTS)
+    with pytest.raises(ValueError, match="layout 'hf'; valid"):
+        layout_for("hf")
 
 
 def test_audio_runs_per_layout(tok):

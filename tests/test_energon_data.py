@@ -15,10 +15,11 @@ from launch import launch
 
 from omni_train.config import compose_job
 from omni_train.data import REASONS, tokens
-from omni_train.data.chat import AudioPlan, ImagePlan, VideoPlan, layout
+from omni_train.data.chat import layout
 from omni_train.data.conversation import parse_conversation
 from omni_train.data.loader import task_encoder
 from omni_train.data.media_io import VideoInfo, sample_video_timestamps
+from omni_train.data.plans import AudioPlan, ImagePlan, VideoPlan
 from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools.encode import encode_png, encode_wav
 from omni_train.datatools.prepare import RawSample, read_raw, synthesize, write_dataset
@@ -101,7 +102,7 @@ def _clip_tokens(te, n: int) -> tuple[int, ...]:
     """Tokens per encoder input of an ``n``-sample stream: one input (processor layout) or
     30 s clips (report)."""
     a = te.audio_cfg
-    clip = 0 if te.layout == "processor" else a.clip_seconds
+    clip = 0 if te.layout.name == "processor" else a.clip_seconds
     return tuple(tokens.audio_clip_tokens(c, a) for c in tokens.audio_clip_samples(n, a, clip))
 
 

@@ -27,6 +27,7 @@ from omni_train.config.model import AudioConfig, VisionConfig
 from omni_train.data import media_io, tokens
 from omni_train.data.chat import prompt
 from omni_train.data.conversation import parse_conversation
+from omni_train.data.layouts import PROCESSOR
 from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
 from omni_train.data.tokenizer import TINY_DIR
 from omni_train.datatools import encode
@@ -151,7 +152,7 @@ def parity():
         vision=VISION,
         audio=AUDIO,
         context_length=1 << 20,
-        layout="processor",
+        layout=PROCESSOR,
         training=False,
         video_fps=2.0,
     )
@@ -164,7 +165,7 @@ def parity():
         turns = parse_conversation(raw.conversation, set(raw.members))
         req = dict(
             kind="process",
-            text=prompt(turns, planned.plans, encoder.tok, "processor"),
+            text=prompt(turns, planned.plans, encoder.tok, PROCESSOR),
             tokenizer=str(TINY_DIR),
             min_patches=VISION.min_patches,
             max_patches=VISION.max_patches,

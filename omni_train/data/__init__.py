@@ -3,7 +3,7 @@
 Synthetic token sequences (``data.kind=synthetic``), or conversations with media read by
 megatron-energon (``data.kind=energon``): conversation -> task encoder (chat template, media
 decoding, token accounting) -> micro-batches. Both sit behind one stream interface
-(:func:`build_data`).
+(:func:`build_data`; the protocols of :mod:`omni_train.data.microbatch`).
 """
 
 from omni_train.data.batches import MicroBatches, build_data

@@ -8,19 +8,30 @@ samples per step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
 from omni_train.config import JobConfig
-from omni_train.data.microbatch import MicroBatch
+from omni_train.data.microbatch import EvalStream, MicroBatch, StepCounts, TrainStream
 from omni_train.data.synthetic import SyntheticTokens
 
 
+class SyntheticPosition(TypedDict):
+    """The data position of a synthetic stream (identical on every rank)."""
+
+    consumed_samples: int
+    num_samples: int
+    num_tokens: int
+
+
 class MicroBatches:
-    """Iterator of :class:`MicroBatch` (text only, every token carries loss);
-    ``state_dict()`` is the data position for checkpoints."""
+    """Iterator of :class:`MicroBatch` (text only, every token carries loss), a
+    :class:`~omni_train.data.microbatch.TrainStream` and an
+    :class:`~omni_train.data.microbatch.EvalStream`; ``state_dict()`` is the data position for
+    checkpoints."""
 
     def __init__(
         self,
@@ -46,6 +57,11 @@ class MicroBatches:
     def num_microbatches(self) -> int:
         return self.per_rank // self.mbs
 
+    @property
+    def last_keys(self) -> list[str]:
+        """Always empty: a synthetic sample has no key (its index is all there is to it)."""
+        return []
+
     def _refill(self) -> None:
         base = self.consumed_samples + self.dp_rank * self.per_rank
         self._queue = list(range(base, base + self.per_rank))
@@ -68,7 +84,7 @@ class MicroBatches:
         )
         return batch.to(self.device)
 
-    def end_step(self) -> dict:
+    def end_step(self) -> StepCounts:
         """The step's samples and tokens (all real: synthetic sequences have no padding)."""
         tokens = self.global_batch_size * self.source.seq_length
         return {"samples": self.global_batch_size, "tokens": tokens, "positions": tokens}
@@ -78,7 +94,11 @@ class MicroBatches:
         self.consumed_samples = 0
         self._queue = []
 
-    def state_dict(self) -> dict:
+    def take_skipped(self) -> dict[str, int]:
+        """Always empty: a synthetic sample is never skipped."""
+        return {}
+
+    def state_dict(self) -> SyntheticPosition:
         """The data position, identical on every rank."""
         if self._queue:
             raise RuntimeError("data state taken mid-step; save only between optimizer steps")
@@ -93,19 +113,23 @@ class MicroBatches:
         """Nothing per rank: any rank can compute any sample."""
         return None
 
-    def load_state_dict(self, state: dict, rank_state: bytes | None = None) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], rank_state: bytes | None = None) -> None:
         self.consumed_samples = int(state["consumed_samples"])
         self._queue = []
 
 
-def build_data(cfg: JobConfig, ps, device: torch.device, stop_requested=None):
-    """(train, eval) micro-batch streams for this rank (``ps``: the parallel state).
+def build_data(
+    cfg: JobConfig, ps, device: torch.device, stop_requested=None
+) -> tuple[TrainStream, EvalStream | None]:
+    """(train, eval) micro-batch streams for this rank (``ps``: the parallel state); eval is
+    None when energon data is not evaluated (``trainer.eval_iters=0``).
 
-    Both kinds share one interface: iteration yields the forward step's batch dict;
-    ``end_step()`` after every optimizer step; ``restart()`` (eval); ``state_dict()`` (global)
-    and ``rank_state()`` (per rank) for checkpoints, ``load_state_dict(state, rank_state)``.
-    ``stop_requested``: a callable returning a reason once a stop is asked for; it ends a wait
-    for training data (energon; the synthetic streams never wait).
+    Both kinds satisfy the protocols of :mod:`omni_train.data.microbatch`: iteration yields
+    :class:`MicroBatch`; ``end_step()`` after every optimizer step; ``restart()`` and
+    ``take_skipped()`` (eval); ``state_dict()`` (global) and ``rank_state()`` (per rank) for
+    checkpoints, ``load_state_dict(state, rank_state)``. ``stop_requested``: a callable
+    returning a reason once a stop is asked for; it ends a wait for training data (energon; the
+    synthetic streams never wait).
     """
     if cfg.data.kind == "energon":
         # lazy: the loader imports megatron-energon and megatron-core (~5 s); the synthetic
@@ -116,7 +140,9 @@ def build_data(cfg: JobConfig, ps, device: torch.device, stop_requested=None):
     return _synthetic(cfg, ps.dp, ps.dp_rank, device)
 
 
-def _synthetic(cfg: JobConfig, dp_size: int, dp_rank: int, device: torch.device):
+def _synthetic(
+    cfg: JobConfig, dp_size: int, dp_rank: int, device: torch.device
+) -> tuple[MicroBatches, MicroBatches]:
     """Eval samples are a disjoint split of the synthetic token sequences."""
     t = cfg.trainer
     media_ids = cfg.model.media_tokens

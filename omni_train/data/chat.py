@@ -28,7 +28,9 @@ Steps (the same for both layouts, ``data.layout``):
    token that closes it, carry loss; everything else does not.
 
 The layout (:func:`layout`) is computed from media *metadata* only, so a sample's length is
-known before any pixel is decoded.
+known before any pixel is decoded. What differs between the layouts (a video's audio here, audio
+clipping and video budgets in the task encoder) is decided by the layout object
+(:mod:`omni_train.data.layouts`).
 """
 
 from __future__ import annotations
@@ -37,78 +39,14 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
-from omni_train.config.data import LAYOUTS
-from omni_train.data import tokens
-from omni_train.data.conversation import SampleError, Turn
+from omni_train.data.conversation import Part, SampleError, Turn
+from omni_train.data.layouts import PROCESSOR, DataLayout
+from omni_train.data.plans import AudioPlan, ImagePlan, Plan, VideoPlan
 from omni_train.data.tokenizer import Tokenizer
 
 # Private-use code points around assistant content while the template renders (never in data:
 # a sample whose text holds them is refused).
 _OPEN, _CLOSE = "\ue000", "\ue001"
-
-
-@dataclass(frozen=True)
-class ImagePlan:
-    rows: int  # patch grid after resizing
-    cols: int
-
-    @property
-    def num_tokens(self) -> int:
-        return tokens.grid_tokens(self.rows, self.cols)
-
-
-@dataclass(frozen=True)
-class VideoPlan:
-    timestamps: tuple[float, ...]  # seconds of the sampled frames, ascending (for decoding)
-    label_seconds: tuple[float, ...]  # the processor's label time of each sampled frame
-    rows: int  # per-frame patch grid
-    cols: int
-    tubelet_frames: int  # 1: every frame is its own group
-    audio_clips: tuple[int, ...] = ()  # tokens of each clip of the video's audio track
-    audio_token_seconds: float = 0.08
-
-    @property
-    def num_groups(self) -> int:
-        return tokens.video_groups(
-            len(self.timestamps), self.tubelet_frames > 1, self.tubelet_frames
-        )
-
-    @property
-    def tokens_per_group(self) -> int:
-        return tokens.grid_tokens(self.rows, self.cols)
-
-    @property
-    def audio_tokens(self) -> int:
-        return sum(self.audio_clips)
-
-    def group_frames(self, g: int) -> tuple[int, int]:
-        """First and last frame index (0-based) of group ``g``."""
-        first = g * self.tubelet_frames
-        return first, min(first + self.tubelet_frames, len(self.timestamps)) - 1
-
-    def audio_chunks(self) -> list[int]:
-        """Audio tokens placed after each frame group (``report``): token k (starting at
-        k x 80 ms) goes with the last group that starts at or before it."""
-        starts = [self.timestamps[self.group_frames(g)[0]] for g in range(self.num_groups)]
-        chunks = [0] * self.num_groups
-        for k in range(self.audio_tokens):
-            t = k * self.audio_token_seconds
-            g = max((i for i, s in enumerate(starts) if s <= t + 1e-9), default=0)
-            chunks[g] += 1
-        return chunks
-
-
-@dataclass(frozen=True)
-class AudioPlan:
-    num_samples: int  # after downmix and resampling
-    clips: tuple[int, ...]  # tokens of each encoder input (clip) the stream becomes
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.clips)
-
-
-Plan = ImagePlan | VideoPlan | AudioPlan
 
 
 @dataclass
@@ -179,19 +117,21 @@ def frame_label(plan: VideoPlan, g: int) -> str:
     return " and ".join(parts) + ": "
 
 
-def _part_text(part, plan: Plan, tok: Tokenizer, mode: str) -> str:
+def _part_text(part, plan: Plan, tok: Tokenizer, data_layout: DataLayout) -> str:
     """What a media part renders as in the prompt (before expansion)."""
     c = tok.cfg
     if isinstance(plan, ImagePlan):
         return c.image
     if isinstance(plan, AudioPlan):
         return c.audio
-    if plan.audio_clips and mode == "processor":
+    if plan.audio_clips and data_layout.audio_after_video:
         return f"{c.video}\n{c.audio}"
     return c.video
 
 
-def render(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor") -> str:
+def render(
+    turns: list[Turn], plans: list[Plan], tok: Tokenizer, data_layout: DataLayout = PROCESSOR
+) -> str:
     """The prompt text: turns through the chat template, media as single placeholders, the
     assistant spans marked by the sentinels (:data:`_OPEN`/:data:`_CLOSE`)."""
     todo = iter(plans)
@@ -208,7 +148,7 @@ def render(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "pr
                     )
                 texts.append(part.text)
             else:
-                texts.append(_part_text(part, next(todo), tok, mode))
+                texts.append(_part_text(part, next(todo), tok, data_layout))
         content = "\n".join(texts)
         if turn.role == "assistant":
             content = _OPEN + content + _CLOSE
@@ -218,13 +158,17 @@ def render(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "pr
     return tok.render(messages)
 
 
-def prompt(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor") -> str:
+def prompt(
+    turns: list[Turn], plans: list[Plan], tok: Tokenizer, data_layout: DataLayout = PROCESSOR
+) -> str:
     """The text a user would hand the released processor for this sample: the chat template's
     output with one placeholder per media part (per video and its audio, in ``processor``)."""
-    return render(turns, plans, tok, mode).replace(_OPEN, "").replace(_CLOSE, "")
+    return render(turns, plans, tok, data_layout).replace(_OPEN, "").replace(_CLOSE, "")
 
 
-def _expansions(plans: list[Plan], tok: Tokenizer, mode: str) -> list[tuple[str, str, list]]:
+def _expansions(
+    plans: list[Plan], tok: Tokenizer, data_layout: DataLayout
+) -> list[tuple[str, str, list]]:
     """Per placeholder the prompt holds, in order: (placeholder string, expansion text with
     one placeholder per run, run sizes), and the media part it belongs to."""
     c = tok.cfg
@@ -237,7 +181,7 @@ def _expansions(plans: list[Plan], tok: Tokenizer, mode: str) -> list[tuple[str,
         elif isinstance(plan, AudioPlan):
             out.append((c.audio, audio_run, [plan.num_tokens], k))
         else:
-            chunks = plan.audio_chunks() if mode == "report" else [0] * plan.num_groups
+            chunks = data_layout.video_audio_chunks(plan)
             text, runs = [], []
             for g in range(plan.num_groups):
                 group = frame_label(plan, g) + image_run
@@ -247,18 +191,19 @@ def _expansions(plans: list[Plan], tok: Tokenizer, mode: str) -> list[tuple[str,
                     runs.append(chunks[g])
                 text.append(group)
             out.append((c.video, "\n".join(text), runs, k))
-            if plan.audio_clips and mode == "processor":
+            if plan.audio_clips and data_layout.audio_after_video:
                 out.append((c.audio, audio_run, [plan.audio_tokens], k))
     return out
 
 
-def layout(turns: list[Turn], plans: list[Plan], tok: Tokenizer, mode: str = "processor") -> Layout:
-    """Lay out ``turns``; ``plans`` holds one plan per media part, in part order."""
-    if mode not in LAYOUTS:
-        raise ValueError(f"layout {mode!r}; valid: {LAYOUTS}")
-    prompt = render(turns, plans, tok, mode)
+def layout(
+    turns: list[Turn], plans: list[Plan], tok: Tokenizer, data_layout: DataLayout = PROCESSOR
+) -> Layout:
+    """Lay out ``turns`` in ``data_layout``; ``plans`` holds one plan per media part, in part
+    order."""
+    prompt = render(turns, plans, tok, data_layout)
     c = tok.cfg
-    expected = _expansions(plans, tok, mode)
+    expected = _expansions(plans, tok, data_layout)
     # longest first, so that a placeholder containing another one matches whole
     strings = sorted({_OPEN, _CLOSE, c.image, c.video, c.audio}, key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(s) for s in strings))
@@ -346,18 +291,16 @@ def _pieces(ids, offsets, starts, attrs, runs, tok: Tokenizer) -> Layout:
     return out
 
 
-def check_template(tok: Tokenizer, mode: str = "processor") -> None:
+def check_template(tok: Tokenizer, data_layout: DataLayout = PROCESSOR) -> None:
     """Start-up check: the chat template keeps one placeholder per media part and the
     assistant content in place (a probe conversation), so a template that cannot be used stops
     the job here with a fix, instead of skipping every sample."""
-    from omni_train.data.conversation import Part
-
     probe = [
         Turn("user", (Part("text", text="What is shown?"), Part("image", member="a.png"))),
         Turn("assistant", (Part("text", text="A square."),)),
     ]
     try:
-        ids, loss = layout(probe, [ImagePlan(2, 2)], tok, mode).materialize()
+        ids, loss = layout(probe, [ImagePlan(2, 2)], tok, data_layout).materialize()
     except SampleError as e:
         raise ValueError(
             f"data.tokenizer.path={tok.cfg.path!r}: its chat template cannot lay out a "

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -33,12 +35,31 @@ from megatron.energon import (
 from omni_train.config import JobConfig, blends
 from omni_train.data.chat import check_template
 from omni_train.data.conversation import REASONS, NoUsableSampleError, SkipLimitError
-from omni_train.data.microbatch import MicroBatch, StopDuringWaitError
+from omni_train.data.layouts import layout_for
+from omni_train.data.microbatch import MicroBatch, StepCounts, StopDuringWaitError
 from omni_train.data.task_encoder import OmniBatch, OmniTaskEncoder
 from omni_train.data.tokenizer import check_media_ids, load_tokenizer
 from omni_train.log import get_logger
 
 log = get_logger()
+
+
+class DataTotals(TypedDict):
+    """Global counts of a training stream since the stage began (identical on every rank):
+    samples read (skipped ones included), samples and real tokens trained on, skipped samples
+    per reason."""
+
+    num_read: int
+    num_samples: int
+    num_tokens: int
+    skipped: dict[str, int]
+
+
+class EnergonState(DataTotals):
+    """The global part of a training stream's checkpointed position: the totals and the worker
+    count (energon restores a loader state only with the same count)."""
+
+    num_workers: int
 
 
 def metadataset_path(cfg: JobConfig) -> Path:
@@ -84,7 +105,7 @@ def task_encoder(
         vision=cfg.model.vision,
         audio=cfg.model.audio,
         context_length=cfg.trainer.seq_length,
-        layout=cfg.data.layout,
+        layout=layout_for(cfg.data.layout),
         pad_multiple=per_batch,
         video_fps=cfg.data.video_fps,
         max_video_frames=cfg.data.max_video_frames,
@@ -159,7 +180,8 @@ def _isolated(fn, *args):
 
 
 class EnergonBatches:
-    """Training micro-batches of one data-parallel rank (see :class:`MicroBatches`)."""
+    """Training micro-batches of one data-parallel rank, a
+    :class:`~omni_train.data.microbatch.TrainStream`."""
 
     def __init__(
         self,
@@ -202,13 +224,13 @@ class EnergonBatches:
         self._fetcher = None
         self._iter = None
         self.last_keys: list[str] = []
-        self.totals = {"num_read": 0, "num_samples": 0, "num_tokens": 0, "skipped": {}}
+        self.totals = DataTotals(num_read=0, num_samples=0, num_tokens=0, skipped={})
         self._step = Counter()  # this rank, since the last end_step
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> MicroBatch:
         if self._iter is None:
             self._iter = _isolated(iter, self.loader)
         try:
@@ -243,7 +265,7 @@ class EnergonBatches:
                 if reason is not None:
                     raise StopDuringWaitError(reason) from None
 
-    def end_step(self) -> dict:
+    def end_step(self) -> StepCounts:
         """Add this step's counts of all data-parallel ranks to the totals; raise
         :class:`SkipLimitError` when the skipped share passes ``data.max_skip_fraction``.
         Returns the step's ``samples``, real ``tokens``, ``positions`` (tokens with padding)
@@ -260,12 +282,12 @@ class EnergonBatches:
         self.totals["skipped"] = {r: n for r, n in sorted(skipped.items()) if n}
         self._check_skips()
         new = {r: step["skip:" + r] for r in REASONS if step["skip:" + r]}
-        report = {
-            "samples": step["num_samples"],
-            "tokens": step["num_tokens"],
-            "positions": step["num_positions"],
-        }
-        return {**report, "skipped": new} if new else report
+        report = StepCounts(
+            samples=step["num_samples"], tokens=step["num_tokens"], positions=step["num_positions"]
+        )
+        if new:
+            report["skipped"] = new
+        return report
 
     def _check_skips(self) -> None:
         d = self.cfg.data
@@ -278,7 +300,7 @@ class EnergonBatches:
                 "sample), or raise data.max_skip_fraction"
             )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> EnergonState:
         """Global totals (identical on every rank)."""
         return {"num_workers": self.cfg.data.num_workers, **self.totals}
 
@@ -286,27 +308,34 @@ class EnergonBatches:
         """This rank's energon loader state (taken between optimizer steps)."""
         return pickle.dumps(self.loader.save_state_rank())
 
-    def load_state_dict(self, state: dict, rank_state: bytes | None) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], rank_state: bytes | None) -> None:
         if state.get("num_workers") != self.cfg.data.num_workers or rank_state is None:
             raise ValueError(
                 f"the checkpoint's data position was saved with data.num_workers="
                 f"{state.get('num_workers')} and this run has {self.cfg.data.num_workers}; "
                 "energon resumes only with the same worker count: set it back"
             )
-        self.totals = {k: state[k] for k in ("num_read", "num_samples", "num_tokens", "skipped")}
+        self.totals = DataTotals(
+            num_read=state["num_read"],
+            num_samples=state["num_samples"],
+            num_tokens=state["num_tokens"],
+            skipped=state["skipped"],
+        )
         _isolated(self.loader.restore_state_rank, pickle.loads(rank_state))
         self._iter = None
 
 
 class EnergonEvalBatches:
-    """Held-out micro-batches: the split ``data.eval_split``, in order, without workers; every
-    evaluation starts from its beginning and wraps around when it runs out."""
+    """Held-out micro-batches, an :class:`~omni_train.data.microbatch.EvalStream`: the split
+    ``data.eval_split``, in order, without workers; every evaluation starts from its beginning
+    and wraps around when it runs out."""
 
     def __init__(self, cfg: JobConfig, path: Path, *, dp_size: int, dp_rank: int, dp_group, device):
         """``path``: the metadataset the training stream resolved (written once)."""
         self.device = device
         self.dp_group = dp_group
         self._skipped: Counter[str] = Counter()
+        self.last_keys: list[str] = []
         self._make = lambda: get_loader(
             get_val_dataset(
                 path,
@@ -329,12 +358,13 @@ class EnergonEvalBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> MicroBatch:
         try:
-            batch = _isolated(next, self._iter)
+            batch: OmniBatch = _isolated(next, self._iter)
         except StopIteration:
             self.restart()
             batch = _isolated(next, self._iter)
+        self.last_keys = list(batch.keys)
         self._skipped.update(batch.skipped)
         return to_device(batch, self.device)
 
@@ -357,12 +387,14 @@ def _worker_message(e: BaseException) -> str:
     return lines[0] if lines else repr(e)
 
 
-def build_energon_data(cfg: JobConfig, ps, device: torch.device, stop_requested=None):
+def build_energon_data(
+    cfg: JobConfig, ps, device: torch.device, stop_requested=None
+) -> tuple[EnergonBatches, EnergonEvalBatches | None]:
     """(train, eval) streams for this rank (eval None when ``trainer.eval_iters=0``); checks
     the tokenizer against the model first."""
     tok = load_tokenizer(cfg.data.tokenizer)
     check_media_ids(tok, cfg.model.media_tokens, cfg.model.vocab_size)
-    check_template(tok, cfg.data.layout)
+    check_template(tok, layout_for(cfg.data.layout))
     train = EnergonBatches(
         cfg,
         dp_size=ps.dp,

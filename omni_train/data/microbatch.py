@@ -1,14 +1,20 @@
-"""The contract between the data side and the model: one micro-batch, typed.
+"""The contract between the data side and the trainer: one micro-batch and the streams of them,
+typed.
 
 The loaders (:mod:`omni_train.data.loader` for energon data, :mod:`omni_train.data.batches` for
-synthetic tokens) produce it; the forward step (:mod:`omni_train.training.forward_step`) is its
-only consumer. Both import this module, so a field cannot be renamed on one side only.
+synthetic tokens) produce :class:`MicroBatch`; the forward step
+(:mod:`omni_train.training.forward_step`) is its only consumer. Both import this module, so a
+field cannot be renamed on one side only. The streams that hand micro-batches out satisfy
+:class:`DataStream`, and :class:`TrainStream` or :class:`EvalStream` for what the training loop,
+the evaluation and the stage runner ask of them (counts, skipped samples, the keys of the last
+micro-batch, the data position for checkpoints).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
 import torch
 
@@ -63,6 +69,60 @@ class MicroBatch:
             self.packed_seq_params,
             list(self.categories),
         )
+
+
+class StepCounts(TypedDict):
+    """One optimizer step's data, summed over the data-parallel ranks: ``samples``, real
+    ``tokens``, ``positions`` (tokens with padding) and, when any sample was skipped,
+    ``skipped`` (reason -> count)."""
+
+    samples: int
+    tokens: int
+    positions: int
+    skipped: NotRequired[dict[str, int]]
+
+
+class DataStream(Protocol):
+    """A data-parallel rank's stream of micro-batches (every training and evaluation stream).
+
+    ``last_keys``: the sample keys of the micro-batch handed out last, for the error that names
+    them when its step fails (empty where samples have no keys: synthetic tokens)."""
+
+    @property
+    def last_keys(self) -> list[str]: ...
+
+    def __iter__(self) -> Iterator[MicroBatch]: ...
+
+    def __next__(self) -> MicroBatch: ...
+
+
+class TrainStream(DataStream, Protocol):
+    """The training stream: ``num_microbatches`` per optimizer step, then ``end_step()``
+    (collective over the data-parallel group; it raises when too many samples were skipped);
+    the data position for checkpoints as ``state_dict()`` (global, identical on every rank) and
+    ``rank_state()`` (this rank's, None when a rank has none), restored by
+    ``load_state_dict(state, rank_state)``."""
+
+    @property
+    def num_microbatches(self) -> int: ...
+
+    def end_step(self) -> StepCounts: ...
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def rank_state(self) -> bytes | None: ...
+
+    def load_state_dict(self, state: Mapping[str, Any], rank_state: bytes | None) -> None: ...
+
+
+class EvalStream(DataStream, Protocol):
+    """The held-out stream: ``restart()`` goes back to its first sample (every evaluation reads
+    the same ones); ``take_skipped()`` returns the samples skipped per reason, all data-parallel
+    ranks, since the last call (collective over the data-parallel group)."""
+
+    def restart(self) -> None: ...
+
+    def take_skipped(self) -> dict[str, int]: ...
 
 
 class StopDuringWaitError(Exception):

@@ -22,7 +22,6 @@ workers and the trainer because a batch is the only way data reaches it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections import Counter
 
@@ -43,10 +42,13 @@ from megatron.energon.wrappers.batch_dataset import BatchDataset
 from omni_train.config.data import PackingConfig, TokenizerConfig
 from omni_train.config.model import AudioConfig, VisionConfig
 from omni_train.data import media_io, tokens
-from omni_train.data.chat import AudioPlan, ImagePlan, Layout, Plan, VideoPlan, layout
+from omni_train.data.chat import Layout, layout
 from omni_train.data.conversation import NoUsableSampleError, SampleError, parse_conversation
+from omni_train.data.layouts import PROCESSOR, DataLayout
 from omni_train.data.media import Media
+from omni_train.data.packed import OnlinePackingDataset
 from omni_train.data.packing import CostWeights, sample_cost
+from omni_train.data.plans import AudioPlan, ImagePlan, Plan, VideoPlan
 from omni_train.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("omni_train.data")
@@ -157,7 +159,9 @@ class OmniBatch(Batch):
 
 class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, OmniBatch]):
     """Encodes conversations for a model with ``vision``/``audio`` configs (None: that modality
-    is not accepted; samples using it are an error of the blend, not of the sample).
+    is not accepted; samples using it are an error of the blend, not of the sample), in the
+    data layout ``layout`` (:mod:`omni_train.data.layouts`: audio clips, a video's audio, video
+    patch budgets).
 
     ``packing``: pack into THD sequences, dealing bins over ``num_ranks`` ranks of which this
     is ``rank`` (global balance: every rank plans the same stream), each sample padded to
@@ -175,7 +179,7 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         vision: VisionConfig | None,
         audio: AudioConfig | None,
         context_length: int,
-        layout: str = "processor",
+        layout: DataLayout = PROCESSOR,
         pad_id: int | None = None,
         pad_multiple: int = 1,
         video_fps: float = 2.0,
@@ -338,12 +342,8 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
         return self._finish(sample, sample.layout, images, videos, clips, kinds)
 
     def _clips(self, wav: torch.Tensor) -> list[torch.Tensor]:
-        """One stream -> its encoder inputs: whole (``processor``) or 30 s clips (``report``)."""
-        return list(torch.split(wav, self._clip_sizes(wav.shape[0])))
-
-    def _clip_sizes(self, num_samples: int) -> list[int]:
-        clip = 0.0 if self.layout == "processor" else None  # None: model.audio.clip_seconds
-        return tokens.audio_clip_samples(num_samples, self.audio_cfg, clip)
+        """One stream ``[n]`` -> its encoder inputs ``[n_i]``, as the layout cuts it."""
+        return list(torch.split(wav, self.layout.audio_clip_samples(wav.shape[0], self.audio_cfg)))
 
     def _finish(
         self, sample: PlannedSample, lay: Layout, images, videos, audio, kinds
@@ -436,19 +436,19 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
 
     def _audio_tokens(self, wav: torch.Tensor) -> tuple[int, ...]:
         """Tokens of each encoder input one stream becomes."""
-        sizes = self._clip_sizes(wav.shape[0])
+        sizes = self.layout.audio_clip_samples(wav.shape[0], self.audio_cfg)
         return tuple(tokens.audio_clip_tokens(n, self.audio_cfg) for n in sizes)
 
     def _patch_budget(self, key: str, member: str) -> int:
-        """Per-video target patch count per frame. ``processor``: the largest budget (1,024 by
-        default, the released video processor's ``video_target_num_patches``). ``report``:
-        drawn from the configured budgets in training (the same draw for the same video on
-        every visit, so resumes and restores reproduce it); the largest in evaluation."""
-        budgets = self.vision.video_patch_budgets
-        if not self.training or self.layout == "processor":
-            return max(budgets)
-        digest = hashlib.sha256(f"{self.seed}/{key}/{member}".encode()).digest()
-        return budgets[int.from_bytes(digest[:8], "little") % len(budgets)]
+        """Per-video target patch count per frame: the layout's rule
+        (:meth:`~omni_train.data.layouts.DataLayout.video_patch_budget`)."""
+        return self.layout.video_patch_budget(
+            self.vision.video_patch_budgets,
+            training=self.training,
+            seed=self.seed,
+            key=key,
+            member=member,
+        )
 
     # -- per micro-batch -------------------------------------------------------------------
 
@@ -580,7 +580,6 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
                 worker_config=worker_config,
                 **kw,
             )
-        from omni_train.data.packed import OnlinePackingDataset
 
         return BatchDataset(
             OnlinePackingDataset(dataset, encoder=self, worker_config=worker_config),

@@ -20,7 +20,8 @@ consecutive frames share one grid of patches (an odd last frame is duplicated).
 Audio: the reference counts ``1 + samples // hop`` mel frames (the centred STFT's frames; the
 feature extractor masks the last one, the model still emits its token), then each stride-2
 convolution of ``dw_striding`` maps ``L -> (L - 1) // 2 + 1``: 30 s -> 3001 frames -> 376
-tokens. Which clips a stream becomes is the data layout's choice (:func:`audio_clip_samples`).
+tokens. Which clips a stream becomes is the data layout's choice
+(:meth:`omni_train.data.layouts.DataLayout.audio_clip_samples`, over :func:`audio_clip_samples`).
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from omni_train.data.chat import AudioPlan, ImagePlan, Layout, VideoPlan
+from omni_train.data.chat import Layout
 from omni_train.data.conversation import SampleError
 from omni_train.data.loader import task_encoder
+from omni_train.data.plans import AudioPlan, ImagePlan, VideoPlan
 from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools.convert import ConvertError, sample_from_line
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from omni_train.checkpoint.io import load_weights
 from omni_train.config.model import AudioConfig
 from omni_train.data import tokens as token_accounting
+from omni_train.data.layouts import layout_for
 from omni_train.data.media import Media
 from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
 from omni_train.datatools.convert import sample_from_line
@@ -66,7 +67,7 @@ def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[P
         vision=cfg.model.vision,
         audio=cfg.model.audio,
         context_length=2**31,
-        layout=cfg.data.layout,
+        layout=layout_for(cfg.data.layout),
         video_fps=cfg.data.video_fps,
         max_video_frames=cfg.data.max_video_frames,
         training=False,

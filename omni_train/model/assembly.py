@@ -63,5 +63,4 @@ def build_model(cfg: JobConfig, ps: ParallelState, platform: Platform) -> BuiltM
         eval_components = [name for name in frozen if name in EVAL_WHEN_FROZEN]
     model.set_mode_policy(eval_components, cfg.stage.eval_parts)
     apply_recompute(model, cfg.recompute)
-    model.flops_policy = (list(cfg.stage.trainable), cfg.recompute)
     return BuiltModel(model, tf_config, components, global_parameter_counts(model))

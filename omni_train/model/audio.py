@@ -5,7 +5,7 @@ Using NeMo's own classes keeps parameter names identical to released ``.nemo`` c
 text-only or vision-only job should not pay.
 
 Every waveform is one encoder input (the data layout decides how a stream is cut into clips:
-``omni_train.data.chat``), and the clips of a micro-batch run through the encoder as one padded
+``omni_train.data.layouts``), and the clips of a micro-batch run through the encoder as one padded
 batch; NeMo masks the padding by length. The encoder is not tensor parallel: under TP and CP the
 clips are shared out over the TP x CP ranks (``omni_train.parallel.encoder_shard``), each rank
 encoding its share (:meth:`AudioEncoder.encode`). Its BatchNorm layers then take their training

@@ -30,7 +30,6 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from omni_train.config import ModelConfig
-from omni_train.config.training import RecomputeConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
 from omni_train.model.audio import GroupBatchNorm1d
@@ -93,9 +92,6 @@ class OmniModel(MegatronModule):
             for p in audio_encoder.parameters():
                 p.partial_over_tp = True
         self.recompute_projectors = False  # omni_train.model.recompute.apply_recompute
-        # (trainable component names, RecomputeConfig): what the FLOPs count of a step needs
-        # (omni_train.training.flops); set by omni_train.model.assembly.build_model
-        self.flops_policy = (list(self.components()), RecomputeConfig())
 
     # ---- components -------------------------------------------------------------------------
 

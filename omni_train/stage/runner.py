@@ -44,6 +44,7 @@ from omni_train.parallel import ParallelState, destroy_parallel, init_parallel
 from omni_train.parallel.state import world_size_from_env
 from omni_train.stage import resume
 from omni_train.stage.handoff import check_components, check_handoff
+from omni_train.training.flops import FlopsPolicy
 from omni_train.training.loop import evaluate, train
 from omni_train.training.metrics import MetricsLogger
 from omni_train.training.optimizer import build_optimizer, wrap_ddp
@@ -270,6 +271,7 @@ def _run(cfg, ps, platform, stop, started) -> dict:
     optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
     _check_checkpoint_space(cfg, built.module, ps)
     train_data, eval_data = build_data(cfg, ps, platform.device, stop.pending)
+    flops_policy = FlopsPolicy.from_config(cfg)
 
     state = TrainState()
     if resumed_from is not None:
@@ -280,10 +282,9 @@ def _run(cfg, ps, platform, stop, started) -> dict:
     logger = MetricsLogger(cfg, is_main=ps.is_main, first_step=state.step)
 
     def run_eval(when: str) -> None:
-        loss, by_modality = evaluate(cfg, model, eval_data)
+        loss, by_modality = evaluate(cfg, model, eval_data, flops_policy=flops_policy)
         evals[when] = loss
-        take = getattr(eval_data, "take_skipped", None)
-        evals["skipped"] = take() if take is not None else {}
+        evals["skipped"] = eval_data.take_skipped() if eval_data is not None else {}
         if loss is not None:
             state.evals.append({"step": state.step, "when": when, "loss": loss, **by_modality})
             logger.evaluation(state.step, loss, by_modality)
@@ -338,6 +339,7 @@ def _run(cfg, ps, platform, stop, started) -> dict:
             stop=lambda: stop.agreed(platform.device),
             logger=logger,
             on_eval=lambda s: run_eval("interval"),
+            flops_policy=flops_policy,
         )
         after_loop = True
         finished = state.step >= cfg.trainer.train_steps
@@ -362,7 +364,7 @@ def _run(cfg, ps, platform, stop, started) -> dict:
         if after_loop:
             where = f"after step {state.step} (final evaluation or checkpoint)"
         else:
-            keys = getattr(train_data, "last_keys", None)
+            keys = train_data.last_keys
             samples = f" in the micro-batch of samples {keys}" if keys else ""
             where = f"step {state.step + 1}{samples}"
         message = f"{where}: {type(e).__name__}: {_one_line(e)}"

@@ -20,13 +20,19 @@ Conventions (stated, because MFU figures depend on them):
   it trains itself), the gradient with respect to weights one forward where the component
   trains. **Model FLOPs** = forward + that backward; **hardware FLOPs** add the forward of
   every recomputed part (activation recompute runs it twice).
+
+Which components train and which parts are recomputed is the stage's :class:`FlopsPolicy`,
+built from the config by the stage runner and passed to the forward step
+(:func:`omni_train.training.forward_step.make_forward_step`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
+from omni_train.config import JobConfig
 from omni_train.config.model import AudioConfig, ModelConfig, VisionConfig
 from omni_train.config.training import RecomputeConfig
 
@@ -139,7 +145,7 @@ class StepFlops:
 
 
 def step_flops(
-    m: ModelConfig, g: Geometry, trainable: list[str], recompute: RecomputeConfig
+    m: ModelConfig, g: Geometry, trainable: Collection[str], recompute: RecomputeConfig
 ) -> StepFlops:
     """Model and hardware FLOPs of one micro-batch (see the module docstring)."""
     trains = set(trainable)
@@ -177,6 +183,24 @@ def step_flops(
         parts.append((proj, encoder_trains, trains_projector, proj if recompute.projectors else 0))
     model = sum(f * (1 + act + weight) for f, act, weight, _ in parts)
     return StepFlops(model, model + sum(r for *_, r in parts))
+
+
+@dataclass(frozen=True)
+class FlopsPolicy:
+    """What a step's FLOPs count takes from the stage besides the model and the micro-batch:
+    the components that train (``stage.trainable``: which backward passes run) and
+    ``recompute`` (which forwards run twice)."""
+
+    trainable: tuple[str, ...]
+    recompute: RecomputeConfig
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig) -> FlopsPolicy:
+        return cls(tuple(cfg.stage.trainable), cfg.recompute)
+
+    def count(self, m: ModelConfig, g: Geometry) -> StepFlops:
+        """Model and hardware FLOPs of one micro-batch of geometry ``g`` (:func:`step_flops`)."""
+        return step_flops(m, g, self.trainable, self.recompute)
 
 
 # measured or vendor bf16 dense peaks per GPU, TFLOP/s (logging.peak_tflops overrides)

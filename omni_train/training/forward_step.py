@@ -6,19 +6,23 @@ ranks and divides gradients by the global token count. Padding and masked tokens
 
 Besides the loss, each micro-batch reports (for the metrics, never for gradients) its loss per
 modality of sample (text only, image, video, audio, audio+video, mixed: from the media each
-sample owns) and its model and hardware FLOPs (``omni_train.training.flops``).
+sample owns) and its model and hardware FLOPs (``omni_train.training.flops``), counted under the
+stage's :class:`~omni_train.training.flops.FlopsPolicy`, which :func:`make_forward_step` binds.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
 
+from omni_train.config.model import ModelConfig
 from omni_train.data import tokens
 from omni_train.data.media import Media
 from omni_train.data.microbatch import MicroBatch
+from omni_train.model.omni import sample_index
 from omni_train.parallel.context import shard_index
 from omni_train.training import flops
 from omni_train.training.metrics import MODALITIES
@@ -95,17 +99,25 @@ def loss_func(
     return loss_sum, num_tokens, {"lm loss": report, "modality loss": per_modality, "flops": work}
 
 
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "flops_policy"):
-        model = model.module
-    return model
+ForwardStep = Callable[[Iterator[MicroBatch], torch.nn.Module], tuple[torch.Tensor, Callable]]
 
 
-def forward_step(data_iterator, model):
+def make_forward_step(model_cfg: ModelConfig, policy: flops.FlopsPolicy) -> ForwardStep:
+    """The forward step megatron's schedule calls as ``(data_iterator, model)``, for a model of
+    ``model_cfg`` whose FLOPs are counted under ``policy``."""
+    return partial(forward_step, model_cfg=model_cfg, policy=policy)
+
+
+def forward_step(
+    data_iterator: Iterator[MicroBatch],
+    model: torch.nn.Module,
+    *,
+    model_cfg: ModelConfig,
+    policy: flops.FlopsPolicy,
+):
     """Context parallel: every CP rank gets the whole micro-batch; the model embeds it and keeps
-    this rank's positions, so labels and loss mask are cut to the same positions here."""
-    from omni_train.model.omni import sample_index
-
+    this rank's positions, so labels and loss mask are cut to the same positions here. Returns
+    the per-token losses ``[b, s/cp]`` and the loss function megatron applies to them."""
     batch: MicroBatch = next(data_iterator)
     packed = batch.packed_seq_params
     labels, loss_mask = batch.labels, batch.loss_mask
@@ -118,9 +130,7 @@ def forward_step(data_iterator, model):
         cp_index = cp_index.to(labels.device)
         labels, loss_mask = (x.index_select(1, cp_index) for x in (labels, loss_mask))
         token_modality = token_modality.index_select(1, cp_index)
-    omni = _unwrap(model)
-    trainable, recompute = omni.flops_policy
-    work = flops.step_flops(omni.cfg, batch_geometry(batch, omni.cfg), trainable, recompute)
+    work = policy.count(model_cfg, batch_geometry(batch, model_cfg))
     if not math.isfinite(work.model):
         raise ValueError("non-finite FLOPs count")
     output = model(

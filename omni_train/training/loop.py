@@ -15,10 +15,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from omni_train.checkpoint.io import TrainState
 from omni_train.config import JobConfig
+from omni_train.data.microbatch import EvalStream, MicroBatch, TrainStream
 from omni_train.log import get_logger
 from omni_train.platform import detect
-from omni_train.training.flops import device_peak_tflops
-from omni_train.training.forward_step import forward_step
+from omni_train.training.flops import FlopsPolicy, device_peak_tflops
+from omni_train.training.forward_step import make_forward_step
 from omni_train.training.metrics import MODALITIES, MetricsLogger
 
 log = get_logger()
@@ -77,14 +78,14 @@ def _peak_tflops(cfg: JobConfig, device: torch.device) -> float | None:
 class _TimedData:
     """The data iterator, timing how long the step waits for its micro-batches."""
 
-    def __init__(self, data):
+    def __init__(self, data: TrainStream):
         self.data = data
         self.wait_s = 0.0
 
     def __iter__(self):
         return self
 
-    def __next__(self):
+    def __next__(self) -> MicroBatch:
         start = time.perf_counter()
         try:
             return next(self.data)
@@ -126,29 +127,32 @@ def train(
     model,
     optimizer,
     scheduler,
-    data,
+    data: TrainStream,
     state: TrainState,
     save: Callable[[TrainState], None],
     stop: Callable[[], str | None] | None = None,
     logger: MetricsLogger | None = None,
     on_eval: Callable[[TrainState], None] | None = None,
+    *,
+    flops_policy: FlopsPolicy,
 ) -> TrainState:
     """Run optimizer steps until ``trainer.train_steps`` (or ``exit_after_steps`` more steps);
     ``save`` is called at save intervals, ``on_eval`` every ``trainer.eval_interval`` steps.
     ``stop`` (collective, after every step) returns a reason to end the run early (a signal):
     the loop returns with ``state.stop_reason`` set. Every step's scalars go to ``logger``
-    (``omni_train.training.metrics`` names them) and to ``state.metrics``.
+    (``omni_train.training.metrics`` names them) and to ``state.metrics``. Each step's FLOPs
+    are counted under ``flops_policy``.
 
-    ``data`` yields one micro-batch dict per ``next()`` (``data.num_microbatches`` per step) and
-    has ``state_dict()`` and ``end_step()``, which returns the step's ``samples``, real
-    ``tokens`` and ``positions`` (tokens with padding), plus ``skipped`` {reason: count} if any
-    (as :class:`~omni_train.data.loader.EnergonBatches` and
-    :class:`~omni_train.data.batches.MicroBatches` do)."""
+    ``data`` yields one :class:`MicroBatch` per ``next()`` (``data.num_microbatches`` per step);
+    after each step its ``end_step()`` returns the step's ``samples``, real ``tokens`` and
+    ``positions`` (tokens with padding), plus ``skipped`` {reason: count} if any, and
+    ``state_dict()`` the data position (:class:`~omni_train.data.microbatch.TrainStream`)."""
     t = cfg.trainer
     last = t.train_steps
     if t.exit_after_steps:
         last = min(last, state.step + t.exit_after_steps)
     forward_backward = get_forward_backward_func()
+    forward_step = make_forward_step(cfg.model, flops_policy)
     device = detect().device
     peak = _peak_tflops(cfg, device)
     world = dist.get_world_size()
@@ -221,14 +225,17 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(cfg: JobConfig, model, data) -> tuple[float | None, dict[str, float]]:
+def evaluate(
+    cfg: JobConfig, model, data: EvalStream | None, *, flops_policy: FlopsPolicy
+) -> tuple[float | None, dict[str, float]]:
     """Mean token loss over ``trainer.eval_iters`` held-out micro-batches per rank, and the
-    mean per modality of sample."""
+    mean per modality of sample (``data`` is None only when ``trainer.eval_iters=0``)."""
     if cfg.trainer.eval_iters == 0:
         return None, {}
+    assert data is not None  # build_data makes an eval stream whenever eval_iters > 0
     model.eval()
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=make_forward_step(cfg.model, flops_policy),
         data_iterator=data,
         model=[model],
         num_microbatches=cfg.trainer.eval_iters,
