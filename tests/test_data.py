@@ -1,9 +1,13 @@
 """Synthetic data and the micro-batch stream: determinism, layout independence, resume."""
 
+import importlib
+import inspect
+import re
+
 import pytest
 import torch
 
-from omni_train.data import MicroBatches, SyntheticTokens
+from omni_train.data import MicroBatches, SyntheticTokens, microbatch
 
 
 def _stream(dp_size, dp_rank, mbs=2, gbs=8, consumed=0):
@@ -84,3 +88,34 @@ def test_micro_batch_rejects_mismatched_fields():
         MicroBatch(ids, ids[:, :7], torch.ones(2, 8), ids)
     with pytest.raises(ValueError, match="labels must be int64"):
         MicroBatch(ids, ids.float(), torch.ones(2, 8), ids)
+
+
+@pytest.mark.parametrize(
+    ("stream", "protocol"),
+    [
+        ("omni_train.data.batches:MicroBatches", "TrainStream"),
+        ("omni_train.data.batches:MicroBatches", "EvalStream"),
+        ("omni_train.data.loader:EnergonBatches", "TrainStream"),
+        ("omni_train.data.loader:EnergonEvalBatches", "EvalStream"),
+    ],
+)
+def test_every_stream_has_every_member_of_its_protocol(stream, protocol):
+    # the runner and the loop call these without probing (no getattr): a stream that lacks one
+    # would fail only at the first evaluation or checkpoint of a long run
+    module, name = stream.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    wanted = set()
+    for base in inspect.getmro(getattr(microbatch, protocol)):
+        if base.__module__ == microbatch.__name__:
+            wanted |= {
+                m for m in vars(base) if not m.startswith("_") or m in ("__iter__", "__next__")
+            }
+    missing = [
+        m for m in sorted(wanted) if not hasattr(cls, m) and m not in _instance_attributes(cls)
+    ]
+    assert missing == [], f"{name} lacks {missing} of {protocol}"
+
+
+def _instance_attributes(cls) -> set[str]:
+    """Attributes ``__init__`` assigns (``self.x = ...``), read from its source."""
+    return set(re.findall(r"self\.(\w+)\s*[:=]", inspect.getsource(cls.__init__)))
