@@ -37,6 +37,10 @@ omni-train checkpoint export-hf CKPT --out HF_DIR [--copy-processor-from DIR] [-
     a stage checkpoint (any layout) -> config.json + safetensors that transformers loads;
 omni-train checkpoint compare-hf HF_DIR CKPT --data FILE.jsonl --media DIR [--json]
     the reference model and omni-train's on the same samples: logit and loss differences.
+
+omni-train --verbose COMMAND ... (or COMMAND ... --verbose)
+    also the library lines omni-train filters (omni_train/log.py, QUIET) and torchrun's own
+    output, which otherwise goes to <output_dir>/logs/torchrun.log.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ import subprocess
 import sys
 
 from omegaconf import OmegaConf
+
+from omni_train.log import VERBOSE_ENV, install_filters
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -95,7 +101,6 @@ def _cpu_tool(module: str, args: list[str], capture: bool = False):
     inspection tools need no GPU, and a GPU host must not select the GPU path for a fake
     512-rank world or a meta-device model."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMNI_TRAIN_PLATFORM="cpu")
-    env.setdefault("PYTHONWARNINGS", "ignore")
     cmd = [sys.executable, "-m", module, *args]
     if capture:
         return subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -278,11 +283,27 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     )
 
 
+class _Subparsers:
+    """``add_subparsers()``'s object, each subcommand given the options every command takes."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="omni-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    verbose_help = "show every library warning and torchrun's own output"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    # also after the command; SUPPRESS: a subcommand's default must not undo the global flag
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=verbose_help)  # fmt: skip
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True), common)
     run = sub.add_parser("run", help="run one stage (launches torchrun)")
     run.add_argument("--nproc-per-node", type=int, default=1)
     run.add_argument("--nnodes", type=int, default=1)
@@ -400,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.add_argument("--json", action="store_true", help="compare-hf: machine-readable output")
     ckpt.set_defaults(func=_checkpoint)
     args, overrides = parser.parse_known_args(argv)
+    if args.verbose:  # for this process and every one it starts: tools, torchrun, the ranks
+        os.environ[VERBOSE_ENV] = "1"
+    install_filters()  # before any command imports megatron or NeMo, which warn as they import
     if args.command == "plan":  # the planner parses its own options (overrides hold a '=')
         options = [o for o in overrides if o.startswith("-") or "=" not in o]
         args.plan_args, overrides = options, [o for o in overrides if o not in options]

@@ -14,7 +14,7 @@ import os
 import sys
 
 from omni_train.config import compose_job
-from omni_train.log import error_path, rank_log_path
+from omni_train.log import error_path, install_filters, rank_log_path
 from omni_train.stage.lifecycle import EXIT_INTERRUPTED, die_with_parent, start_group_reaper
 
 
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: megatron's checkpoint writer starts a helper process with
     # the "spawn" method, which re-imports this (__main__) module; a light module keeps each
     # rank's first save from paying megatron's import (~7 s of CPU) once more.
+    install_filters()  # before megatron and NeMo are imported: they warn as they import
     from omni_train.stage.runner import StageError, run_stage
 
     overrides = sys.argv[1:] if argv is None else argv

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
+from omni_train.log import install_filters
+
 _ROUTED_EXPERT = ".mlp.experts."  # megatron: routed experts; shared experts are .shared_experts.
 _INPUT_EMBEDDING = "llm.embedding.word_embeddings.weight"
 
@@ -113,6 +115,7 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train model summary")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args, overrides = parser.parse_known_args(argv)

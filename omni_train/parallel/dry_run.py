@@ -25,6 +25,8 @@ import os
 import sys
 from collections import defaultdict
 
+from omni_train.log import install_filters
+
 GIB = 1024**3
 
 
@@ -159,6 +161,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train run --dry-run")
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--rank", type=int, default=0)

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_train.log import install_filters
+
 GROUPS = ("lm", "mamba_kernel", "vision", "audio")
 
 
@@ -460,6 +462,7 @@ def measure_encoder(probe: Probe, group: str, sizes: list[int], log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="python -m omni_train.plan.measure")
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from omni_train.data import tokens
+from omni_train.log import install_filters
 from omni_train.plan.costs import ActivationCosts, setting_key
 
 GIB = 1024**3
@@ -457,6 +458,7 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train plan")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verdict", action="store_true", help="one line (omni-train run)")

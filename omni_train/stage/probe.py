@@ -32,6 +32,7 @@ import torch
 
 from omni_train.config import JobConfig, compose_job, config_hash
 from omni_train.config.schema import ParallelConfig
+from omni_train.log import install_filters
 
 
 def task_items(root: str | Path) -> dict[str, list[tuple[str, dict, str, str]]]:
@@ -173,6 +174,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train probe", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a stage's output folder or one of its checkpoints")
     parser.add_argument("--data", required=True, help="a `data synth --flavour learn` root")
