@@ -37,6 +37,10 @@ omni-train checkpoint export-hf CKPT --out HF_DIR [--copy-processor-from DIR] [-
     a stage checkpoint (any layout) -> config.json + safetensors that transformers loads;
 omni-train checkpoint compare-hf HF_DIR CKPT --data FILE.jsonl --media DIR [--json]
     the reference model and omni-train's on the same samples: logit and loss differences.
+
+omni-train --verbose COMMAND ... (or COMMAND ... --verbose)
+    also the library lines omni-train filters (omni_train/log.py, QUIET) and torchrun's own
+    output, which otherwise goes to <output_dir>/logs/torchrun.log.
 """
 
 from __future__ import annotations
@@ -46,15 +50,22 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from omni_train.config import compose_job, to_dict, validate
+from omni_train.datatools import prepare
+from omni_train.lifecycle import EXIT_INTERRUPTED
+from omni_train.log import VERBOSE_ENV, install_filters
+from omni_train.stage import curriculum
+from omni_train.stage.launch import QUIET_MODULE, Rendezvous, launch_job, torchrun
+from omni_train.stage.report import summary_table, write_report
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.dry_run:
         return _dry_run(args, overrides)
-    from omni_train.stage.launch import Rendezvous, launch_job
-
     rendezvous = Rendezvous(
         nnodes=args.nnodes,
         node_rank=args.node_rank,
@@ -77,8 +88,6 @@ def _print_verdict(overrides: list[str]) -> None:
     """The planner's one-line verdict before a launch on a cluster whose GPU memory is known
     (about 30 s of CPU on the launching host; ``--no-plan`` skips it). It informs, it does
     not stop the launch: the activation model is an estimate."""
-    from omni_train.config import compose_job
-
     if compose_job(overrides).cluster.gpu_memory_gib is None:
         return
     done = _cpu_tool("omni_train.plan.planner", [*overrides, "--verdict"], capture=True)
@@ -95,33 +104,24 @@ def _cpu_tool(module: str, args: list[str], capture: bool = False):
     inspection tools need no GPU, and a GPU host must not select the GPU path for a fake
     512-rank world or a meta-device model."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMNI_TRAIN_PLATFORM="cpu")
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    cmd = [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, *QUIET_MODULE, module, *args]
     if capture:
         return subprocess.run(cmd, env=env, capture_output=True, text=True)
     return subprocess.call(cmd, env=env)
 
 
 def _dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from omni_train.config import compose_job
-
     compose_job(overrides)  # a bad override fails here with one line
     cmd = [*overrides, f"--world-size={args.nproc_per_node * args.nnodes}", f"--rank={args.rank}"]
     return _cpu_tool("omni_train.plan.dry_run", cmd + (["--json"] if args.json else []))
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
-    from omni_train.config import compose_job
-
     compose_job(overrides)  # a bad override fails here with one line
     return _cpu_tool("omni_train.plan.planner", [*overrides, *args.plan_args])
 
 
 def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
-    from pathlib import Path
-
-    from omni_train.stage import curriculum, report
-
     if not any(o.split("=", 1)[0] == "model" for o in overrides):
         overrides = ["model=tiny", *overrides]  # the CPU default: the tiny overlay
     model = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model")
@@ -136,17 +136,16 @@ def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
             run_dir, overrides, args.nproc_per_node, args.from_stage, probe_after
         )
     except curriculum.CurriculumInterruptedError as e:
-        from omni_train.lifecycle import EXIT_INTERRUPTED
-
         print(f"omni-train curriculum: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(report.summary_table(manifests))
+    except curriculum.CurriculumStageError as e:  # the stage's summary is printed above it
+        print(f"omni-train curriculum: {e}", file=sys.stderr)
+        return 1
+    print(summary_table(manifests))
     return 0
 
 
 def _config(args: argparse.Namespace, overrides: list[str]) -> int:
-    from omni_train.config import compose_job, to_dict, validate
-
     cfg = compose_job(overrides)
     if args.world_size:
         validate(cfg, args.world_size)
@@ -155,8 +154,6 @@ def _config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _model(args: argparse.Namespace, overrides: list[str]) -> int:
-    from omni_train.config import compose_job
-
     compose_job(overrides)  # a bad config fails here with one line
     # shapes are identical on both platforms: the summary builds on the CPU one
     return _cpu_tool("omni_train.plan.summary", overrides + (["--json"] if args.json else []))
@@ -167,8 +164,6 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
         return _data_show(args, overrides)
     if overrides:
         raise ValueError(f"omni-train data {args.action} takes no overrides, got {overrides}")
-    from omni_train.datatools import prepare
-
     if args.out is None:
         raise ValueError(f"omni-train data {args.action} needs --out DIR")
     if args.action == "synth":
@@ -178,6 +173,7 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
         )  # fmt: skip
         print(f"wrote {sum(counts.values())} samples in {len(counts)} datasets under {args.out}")
     elif args.action == "convert":
+        # lazy: the converter imports torch (~1.3 s), which the light commands never need
         from omni_train.datatools.convert import convert
 
         if not args.jsonl:
@@ -199,6 +195,7 @@ def _data(args: argparse.Namespace, overrides: list[str]) -> int:
             + (f" {skipped}" if skipped else "")
         )
     else:
+        # lazy: the tokenizer module imports torch (~1.3 s)
         from omni_train.data.tokenizer import build_tiny_tokenizer
 
         print(build_tiny_tokenizer(args.out))
@@ -210,7 +207,7 @@ def _data_show(args: argparse.Namespace, overrides: list[str]) -> int:
     tokenizer (e.g. ``model=nano_omni_30b_a3b data.layout=report``)."""
     if not args.jsonl or not args.media:
         raise ValueError("data show needs FILE.jsonl and --media DIR")
-    from omni_train.config import compose_job
+    # lazy: `data show` reads through the energon loader: megatron-core (~4 s)
     from omni_train.datatools.show import format_text, show
 
     records, skipped = show(args.jsonl, args.media, compose_job(overrides))
@@ -222,12 +219,9 @@ def _data_show(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _probe(args: argparse.Namespace, overrides: list[str]) -> int:
-    from omni_train.config import compose_job
-    from omni_train.stage.launch import torchrun
-
     compose_job(overrides)  # a bad override fails here with one line
     extra = ["--json", args.json] if args.json else []
-    target = ["-m", "omni_train.stage.probe", args.checkpoint, "--data", args.data, *extra]
+    target = [*QUIET_MODULE, "omni_train.stage.probe", args.checkpoint, "--data", args.data, *extra]
     torchrun(1, *target, *overrides, timeout=None, capture=False)  # a free port, one process
     return 0
 
@@ -235,8 +229,6 @@ def _probe(args: argparse.Namespace, overrides: list[str]) -> int:
 def _report(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise ValueError(f"omni-train report takes no overrides, got {overrides}")
-    from omni_train.stage.report import write_report
-
     print(write_report(args.run_dir, args.out))
     return 0
 
@@ -246,6 +238,7 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     # a GPU host from selecting the GPU path.
     os.environ.setdefault("OMNI_TRAIN_PLATFORM", "cpu")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # lazy: the conversion builds models: megatron-core (~4 s)
     from omni_train.hf import convert
 
     if args.action == "import-hf":
@@ -269,6 +262,7 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             f"{report.bytes / 2**30:.2f} GiB in {len(report.files)} files, {report.seconds:.1f} s"
         )
         return 0
+    # lazy: the comparison builds models: megatron-core (~4 s)
     from omni_train.hf import compare
 
     if not args.target or not args.data or not args.media:
@@ -278,11 +272,27 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     )
 
 
+class _Subparsers:
+    """``add_subparsers()``'s object, each subcommand given the options every command takes."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="omni-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    verbose_help = "show every library warning and torchrun's own output"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    # also after the command; SUPPRESS: a subcommand's default must not undo the global flag
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=verbose_help)  # fmt: skip
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True), common)
     run = sub.add_parser("run", help="run one stage (launches torchrun)")
     run.add_argument("--nproc-per-node", type=int, default=1)
     run.add_argument("--nnodes", type=int, default=1)
@@ -400,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.add_argument("--json", action="store_true", help="compare-hf: machine-readable output")
     ckpt.set_defaults(func=_checkpoint)
     args, overrides = parser.parse_known_args(argv)
+    if args.verbose:  # for this process and every one it starts: tools, torchrun, the ranks
+        os.environ[VERBOSE_ENV] = "1"
+    install_filters()  # before any command imports megatron or NeMo, which warn as they import
     if args.command == "plan":  # the planner parses its own options (overrides hold a '=')
         options = [o for o in overrides if o.startswith("-") or "=" not in o]
         args.plan_args, overrides = options, [o for o in overrides if o not in options]

@@ -15,13 +15,14 @@ import sys
 
 from omni_train.config import compose_job
 from omni_train.lifecycle import EXIT_INTERRUPTED, die_with_parent, start_group_reaper
-from omni_train.log import error_path, rank_log_path
+from omni_train.log import error_path, install_filters, rank_log_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    # lazy: not at the top because megatron's checkpoint writer starts a helper process with
-    # the "spawn" method, which re-imports this (__main__) module; a light module keeps each
-    # rank's first save from paying megatron's import (~7 s of CPU) once more.
+    install_filters()  # before megatron and NeMo are imported: they warn as they import
+    # lazy: megatron's checkpoint writer starts a helper process with the "spawn" method, which
+    # re-imports this (__main__) module; a light module keeps each rank's first save from
+    # paying megatron's import (~7 s of CPU) once more, and the filters above come first.
     from omni_train.stage.runner import StageError, run_stage
 
     overrides = sys.argv[1:] if argv is None else argv

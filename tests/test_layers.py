@@ -217,7 +217,7 @@ def test_the_checks_find_an_upward_import_a_circle_and_a_silent_lazy_import(tmp_
     assert [p.split(" ")[0] for p in unreasoned_lazy(edges)] == ["omni_train.high.c:2"]
 
 
-@pytest.mark.parametrize("name", ["config", "checkpoint", "stage.launch", "model.count"])
+@pytest.mark.parametrize("name", ["cli", "config", "checkpoint", "stage.launch", "model.count"])
 def test_the_launchers_modules_import_no_torch(name):
     # the front door's pre-flight runs in one light process: torch and megatron-core load only
     # in the ranks and the tools (the reason for the `# lazy:` imports above)

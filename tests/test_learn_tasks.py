@@ -17,9 +17,9 @@ from omni_train.data.loader import task_encoder
 from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools import prepare
 from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS, task_samples
-from omni_train.datatools.prepare import RawSample
+from omni_train.datatools.prepare import RawSample, task_items
 from omni_train.stage import report
-from omni_train.stage.probe import answer_mask, score, task_items
+from omni_train.stage.probe import answer_mask, score
 
 
 @pytest.fixture(scope="module")

@@ -501,3 +501,18 @@ def read_raw(dataset_dir: str | Path, split: str = "train") -> Iterator[tuple[st
                 key, _, member = info.name.partition(".")
                 samples.setdefault(key, {})[member] = tar.extractfile(info).read()
         yield from samples.items()
+
+
+def task_items(root: str | Path) -> dict[str, list[tuple[str, dict, str, str]]]:
+    """{task: [(key, members, category, answer), ...]} of the val split under ``root``, tasks
+    in :data:`~omni_train.datatools.learn_tasks.TASKS` order; empty when ``root`` holds none."""
+    found: dict[str, list] = {name: [] for name in TASKS}
+    for category in sorted({t.category for t in TASKS.values()}):
+        folder = Path(root) / category
+        if not folder.is_dir():
+            continue
+        for key, members in read_raw(folder, "val"):
+            doc = json.loads(members["json"])
+            if doc.get("task") in found:
+                found[doc["task"]].append((key, members, category, doc["answer"]))
+    return {name: items for name, items in found.items() if items}

@@ -26,6 +26,7 @@ import sys
 from collections import defaultdict
 
 from omni_train.config import compose_job, validate
+from omni_train.log import install_filters
 from omni_train.model.build import build_omni_model
 from omni_train.model.freeze import apply_freezing
 from omni_train.model.meta import parameters_on_meta
@@ -159,6 +160,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train run --dry-run")
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--rank", type=int, default=0)

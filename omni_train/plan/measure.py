@@ -51,6 +51,7 @@ from omni_train.config import compose_job
 from omni_train.config.training import RECOMPUTE_LM_MODULES
 from omni_train.data import tokens
 from omni_train.data.media import Media
+from omni_train.log import install_filters
 from omni_train.model.assembly import build_model
 from omni_train.parallel.state import destroy_parallel, init_parallel
 from omni_train.plan.costs import model_key
@@ -454,6 +455,7 @@ def measure_encoder(probe: Probe, group: str, sizes: list[int], log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="python -m omni_train.plan.measure")
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)

@@ -42,6 +42,7 @@ from omni_train.config import compose_job, validate
 from omni_train.config.blends import _train_entries, expected_token_shares
 from omni_train.config.training import RECOMPUTE_LM_MODULES
 from omni_train.data import tokens
+from omni_train.log import install_filters
 from omni_train.parallel.encoder_shard import assign, loads
 from omni_train.plan import dry_run
 from omni_train.plan.costs import ActivationCosts, setting_key
@@ -451,6 +452,7 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train plan")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verdict", action="store_true", help="one line (omni-train run)")

@@ -21,6 +21,7 @@ import sys
 import time
 
 from omni_train.config import compose_job
+from omni_train.log import install_filters
 from omni_train.model.meta import build_on_meta
 
 _ROUTED_EXPERT = ".mlp.experts."  # megatron: routed experts; shared experts are .shared_experts.
@@ -74,6 +75,7 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train model summary")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args, overrides = parser.parse_known_args(argv)

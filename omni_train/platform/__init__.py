@@ -22,6 +22,7 @@ from functools import cache
 
 import torch
 
+from omni_train.log import install_filters
 from omni_train.platform import device, registry, standins
 from omni_train.platform.capabilities import Libraries, Platform, choose, forced_platform, probe
 
@@ -56,7 +57,7 @@ def setup() -> Platform:
     if platform.is_cuda:
         torch.cuda.set_device(platform.device)
     else:
-        device.quiet_rng_warning()
+        install_filters(platform="cpu")  # the CPU's own noise (omni_train.log.QUIET)
     if platform.fusions == "eager":
         device.eager_fusions()
     sets = patch_sets()

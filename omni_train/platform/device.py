@@ -18,7 +18,6 @@ CUDA-only calls. These sets patch exactly those, and only where the chosen devic
 from __future__ import annotations
 
 import contextlib
-import logging
 import types
 from typing import Any
 
@@ -474,15 +473,6 @@ GLOO_COLLECTIVES = PatchSet(
 )
 
 PATCH_SETS = (CPU_DEVICE, GLOO_COLLECTIVES)
-
-
-def quiet_rng_warning() -> None:
-    """On the CPU the "CUDA" RNG that tracker.fork() swaps in *is* the CPU generator, so
-    megatron's check "CPU RNG state changed within GPU RNG context" fires on every random draw
-    inside a fork (e.g. every MambaMixer init) and means nothing here."""
-    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
-    )
 
 
 def eager_fusions() -> None:

@@ -24,14 +24,19 @@ from omni_train.checkpoint import read_manifest, write_manifest
 from omni_train.config import JobConfig, compose_job, config_hash, validate
 from omni_train.config.compose import available
 from omni_train.datatools import prepare
-from omni_train.stage.launch import manifest_mtime, stopped_by_signal, torchrun
-from omni_train.stage.probe import task_items
+from omni_train.datatools.prepare import task_items
+from omni_train.lifecycle import EXIT_INTERRUPTED
+from omni_train.stage.launch import QUIET_MODULE, run_ranks, torchrun
 from omni_train.stage.report import write_report
 from omni_train.training.metrics import GROUP_ENV, TOKENS_AFTER_ENV
 
 
 class CurriculumInterruptedError(RuntimeError):
     """A stage stopped on a signal (with a checkpoint): the curriculum stops there."""
+
+
+class CurriculumStageError(RuntimeError):
+    """A stage failed (its summary is printed): the curriculum stops there."""
 
 
 @dataclass
@@ -152,16 +157,17 @@ def run(
         os.environ[TOKENS_AFTER_ENV] = str(later)
         print(f"omni-train curriculum: {stage.name} ({stage.action})", flush=True)
         started = time.time()
-        before = manifest_mtime(stage.output_dir)
-        try:
-            torchrun(nproc, "-m", "omni_train.train", *stage.overrides, timeout=None, capture=False)
-        except RuntimeError:
-            if stopped_by_signal(stage.output_dir, before):
-                raise CurriculumInterruptedError(
-                    f"stage {stage.name} stopped on a signal with a checkpoint; run the same "
-                    "command again to resume it and go on"
-                ) from None
-            raise
+        code = run_ranks(stage.cfg, stage.overrides, nproc)
+        if code == EXIT_INTERRUPTED:
+            raise CurriculumInterruptedError(
+                f"stage {stage.name} stopped on a signal with a checkpoint; run the same "
+                "command again to resume it and go on"
+            )
+        if code != 0:  # the launcher's summary above says which rank, which step and why
+            raise CurriculumStageError(
+                f"stage {stage.name} failed (exit code {code}); run the same command again "
+                "once it is fixed: completed stages are skipped"
+            )
         print(f"omni-train curriculum: {stage.name} took {time.time() - started:.0f} s", flush=True)
     for i, stage in enumerate(stages):
         if i in probe_after:
@@ -190,7 +196,8 @@ def _probe(stage: PlannedStage) -> None:
         return
     result = stage.output_dir / "probe.json"
     print(f"omni-train curriculum: answer probe of {stage.name}", flush=True)
-    target = ["-m", "omni_train.stage.probe", str(stage.output_dir), "--data", data.synthetic_root]
+    target = [*QUIET_MODULE, "omni_train.stage.probe", str(stage.output_dir), "--data",
+              data.synthetic_root]  # fmt: skip
     torchrun(1, *target, "--json", str(result), *stage.overrides, timeout=None, capture=False)
     manifest["answers"] = json.loads(result.read_text())
     write_manifest(stage.output_dir, manifest)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,13 +35,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_train.checkpoint import integrity
+from omni_train.checkpoint.layout import step_dirs
+from omni_train.checkpoint.lock import TOKEN_ENV, OutputLock, check_unlocked
+from omni_train.checkpoint.manifest import mark_failed
+from omni_train.config import compose_job, validate
 from omni_train.lifecycle import EXIT_INTERRUPTED, STOP_SIGNALS, die_with_parent
-from omni_train.log import human_bytes
+from omni_train.log import error_path, human_bytes, rank_log_path, verbose
+from omni_train.model.count import parameter_counts
+from omni_train.stage.handoff import check_components, check_handoff
+from omni_train.stage.resume import decide, schedule_notes
 
 _HEADROOM = 1.1  # free space wanted beyond the estimated checkpoint size
 
 
 DEFAULT_RUN_ID = "omni-train"
+AGENT = "omni_train.stage.agent"  # torchrun, its own output in a file
+QUIET_MODULE = ("-m", "omni_train.quiet")  # then a module: run as a program, the log filters first
 C10D_PORT = 29400  # torchrun's own default for a c10d endpoint without a port
 
 
@@ -124,12 +136,27 @@ class Rendezvous:
         ]
 
 
-def torchrun_command(nproc: int, *target: str, rendezvous: Rendezvous = Rendezvous()) -> list[str]:
+def torchrun_command(
+    nproc: int,
+    *target: str,
+    rendezvous: Rendezvous = Rendezvous(),
+    report: str | os.PathLike | None = None,
+) -> list[str]:
     """``python -m torch.distributed.run ...`` for one node of the job. Stop signals are left to
-    the ranks (see :func:`run_supervised`); torchrun keeps SIGHUP/SIGQUIT."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    the ranks (see :func:`run_supervised`); torchrun keeps SIGHUP/SIGQUIT. With ``report``,
+    torchrun's own output (its log lines, its failure traceback and table) goes to that file
+    instead of the console (:mod:`omni_train.stage.agent`); the ranks' output does not."""
+    runner = ["torch.distributed.run"] if report is None else [AGENT, str(report)]
+    cmd = [sys.executable, "-m", *runner, f"--nproc-per-node={nproc}"]
     cmd.append("--signals-to-handle=SIGHUP,SIGQUIT")
     return [*cmd, *rendezvous.torchrun_args(), *target]
+
+
+def torchrun_report(output_dir: str | os.PathLike, rendezvous: Rendezvous = Rendezvous()) -> Path:
+    """Where this node's torchrun writes what it says itself; one file per host when several
+    nodes share the output folder."""
+    name = "torchrun.log" if rendezvous.nnodes == 1 else f"torchrun_{socket.gethostname()}.log"
+    return Path(output_dir) / "logs" / name
 
 
 def children(pid: int) -> list[int]:
@@ -188,7 +215,7 @@ def torchrun(
     module``, then its arguments), one thread per rank, supervised. Raises ``RuntimeError`` on
     failure, with the run's output tail when it was captured (``capture=False`` streams it)."""
     cmd = torchrun_command(nproc, *target)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: one thread each
     proc = run_supervised(cmd, env, capture=capture, timeout=timeout)
     if proc.returncode != 0:
@@ -236,8 +263,6 @@ def stopped_by_signal(output_dir: str | os.PathLike, manifest_mtime_before: int 
 def checkpoint_bytes(cfg) -> int:
     """An estimate of one checkpoint: every weight in the training dtype, plus AdamW's state
     for the trainable ones (fp32 main copy and two moments: 12 bytes each)."""
-    from omni_train.model.count import parameter_counts
-
     counts = parameter_counts(cfg.model)
     weight = 2 if cfg.trainer.precision == "bf16" else 4
     trainable = sum(n for name, n in counts.items() if name in cfg.stage.trainable)
@@ -267,16 +292,13 @@ def check_writable(cfg) -> None:
 
 def check_room(cfg) -> None:
     """The output folder has room for one checkpoint (an estimate: see docs/checkpoints.md)."""
-    from omni_train.checkpoint.integrity import checkpoint_bytes as written
-    from omni_train.checkpoint.layout import step_dirs
-
     out = Path(cfg.checkpoint.output_dir)
     # the closed form's tensors, with torch_dist's framing and metadata (+16 MiB; the ranks
     # check the exact size from the model's sharded state before the first step)
     need = checkpoint_bytes(cfg) * _HEADROOM + 16 * 1024**2
     newest = step_dirs(out)
-    if newest and written(newest[0]):  # a checkpoint of this run: its real size
-        need = max(need, written(newest[0]) * _HEADROOM)
+    if newest and integrity.checkpoint_bytes(newest[0]):  # a checkpoint of this run: its real size
+        need = max(need, integrity.checkpoint_bytes(newest[0]) * _HEADROOM)
     free = shutil.disk_usage(out).free
     if free < need:
         raise ValueError(
@@ -303,11 +325,6 @@ def preflight(cfg, world_size: int, *, locked: bool = False) -> list[str]:
     """Every check that needs no GPU, no process group and no megatron-core (raises
     ``ValueError`` saying what to do). Returns the notes of the resume decision (a damaged
     checkpoint passed over, ...), for the launcher to print."""
-    from omni_train.checkpoint.lock import check_unlocked
-    from omni_train.config import validate
-    from omni_train.stage.handoff import check_components, check_handoff
-    from omni_train.stage.resume import decide, schedule_notes
-
     validate(cfg, world_size)
     check_output_dir(cfg)
     if not locked:  # ``locked``: this launcher holds the lock itself
@@ -327,12 +344,8 @@ def launch_job(overrides: list[str], nproc: int, rendezvous: Rendezvous = Rendez
     """``omni-train run``: pre-flight, then this node's torchrun, supervised. Returns the exit
     code: 0, ``EXIT_INTERRUPTED`` (stopped by a signal with a checkpoint; run the same
     command again to resume) or torchrun's failure code."""
-    from omni_train.checkpoint.lock import TOKEN_ENV, OutputLock
-    from omni_train.config import compose_job, validate
-
     cfg = compose_job(overrides)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
     lock = None
     # The node that will hold rank 0 takes the output folder's lock now, before torchrun, and
     # hands it to the ranks: a second run into the folder is refused here in seconds. With c10d
@@ -345,48 +358,101 @@ def launch_job(overrides: list[str], nproc: int, rendezvous: Rendezvous = Rendez
     try:
         for note in preflight(cfg, nproc * rendezvous.nnodes, locked=lock is not None):
             print(f"omni-train: {note}", file=sys.stderr)
-        cmd = torchrun_command(nproc, "-m", "omni_train.train", *overrides, rendezvous=rendezvous)
-        before = manifest_mtime(cfg.checkpoint.output_dir)
-        started = time.time()
-        code = run_supervised(cmd, env).returncode
+        return run_ranks(cfg, overrides, nproc, rendezvous, env)
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_ranks(
+    cfg, overrides: list[str], nproc: int, rendezvous: Rendezvous = Rendezvous(), env=None
+) -> int:
+    """This node's ranks of the stage ``cfg`` (composed from ``overrides``): torchrun, supervised,
+    its own output in the stage's ``logs/`` (the console with ``--verbose``). Returns 0,
+    ``EXIT_INTERRUPTED`` (stopped by a signal with a checkpoint) or torchrun's failure code,
+    after printing the launcher's summary of the failure."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: one thread each
+    # torchrun's own traceback and failure table would bury the one line that says what failed;
+    # they go to a file, and the summary names it (all of it on the console: --verbose)
+    report = None if verbose() else torchrun_report(cfg.checkpoint.output_dir, rendezvous)
+    cmd = torchrun_command(
+        nproc, "-m", "omni_train.train", *overrides, rendezvous=rendezvous, report=report
+    )
+    before = manifest_mtime(cfg.checkpoint.output_dir)
+    started = time.time()
+    code = run_supervised(cmd, env).returncode
     if code != 0 and stopped_by_signal(cfg.checkpoint.output_dir, before):
         return EXIT_INTERRUPTED
     if code != 0:
-        print(failure_summary(cfg, before, code, started), file=sys.stderr)
+        print(failure_summary(cfg, before, code, started, report), file=sys.stderr)
     return code
 
 
-def failure_summary(cfg, manifest_mtime_before: int | None, code: int, started: float) -> str:
+def failure_summary(
+    cfg,
+    manifest_mtime_before: int | None,
+    code: int,
+    started: float,
+    report: str | os.PathLike | None = None,
+) -> str:
     """After a failed run: the manifest says ``failed`` (marked here when no rank could: a
-    rank that died, or rank 0 waiting on one), and the launcher's last line says why and
-    where the tracebacks are."""
-    from omni_train.checkpoint.manifest import mark_failed
-
+    rank that died, or rank 0 waiting on one), and the launcher's summary says which rank, at
+    which step, and where its traceback is; its last line says why. ``report``: torchrun's own
+    output (:mod:`omni_train.stage.agent`), named in the summary and read for the rank that
+    failed first when no rank said why."""
     out = Path(cfg.checkpoint.output_dir)
     logs = out / "logs"
-    error = None
+    error, step = None, None
     if manifest_mtime(out) not in (None, manifest_mtime_before):
         with contextlib.suppress(OSError, ValueError):
             manifest = json.loads((out / "manifest.json").read_text())
             if manifest.get("status") == "failed":
-                error = manifest.get("error")
+                error, step = manifest.get("error"), manifest.get("step")
     if error is None and code == 2:  # a config error the ranks found: rank 0 printed it
         return f"omni-train: stage {cfg.stage.name} did not start: see the error above"
+    ranks = sorted(
+        int(p.stem.split("_")[1]) for p in logs.glob("rank_*.error") if p.stat().st_mtime >= started
+    )
+    cause = None if ranks or report is None else _root_cause(Path(report))
     if error is None:
-        reports = sorted(
-            (p for p in logs.glob("rank_*.error") if p.stat().st_mtime >= started),
-            key=lambda p: int(p.stem.split("_")[1]),
-        )
-        if reports:
-            error = f"{reports[0].stem.replace('_', ' ')}: {reports[0].read_text().strip()}"
+        if ranks:
+            error = f"rank {ranks[0]}: {error_path(out, ranks[0]).read_text().strip()}"
+        elif cause is not None:
+            error = f"rank {cause[0]} exited with code {cause[1]} without saying why (killed?)"
         else:
             error = f"a rank exited with code {code} without saying why (killed?)"
         with contextlib.suppress(OSError):
             mark_failed(out, error, stage=cfg.stage.name)
+    if ranks:
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+    else:
+        who = f"rank {cause[0]}" if cause is not None else "a rank"
+    total = cfg.trainer.train_steps
+    when = ""
+    if step is not None:  # the manifest's step is the last one completed
+        when = (f" after step {step}/{total}" if str(error).startswith("after step")
+                else f" in step {step + 1}/{total}")  # fmt: skip
+    first = ranks[0] if ranks else cause[0] if cause is not None else None
+    log = rank_log_path(out, first) if first is not None else logs / "rank_*.log"
+    where = f"omni-train: {who} failed{when}; its log: {log}"
+    if report is not None:
+        where += f"; torchrun's own report: {report}"
     return (
+        f"{where}\n"
         f"omni-train: stage {cfg.stage.name} failed: {error}. Tracebacks: {logs}/rank_*.log; "
         f"manifest: {out / 'manifest.json'}"
     )
+
+
+def _root_cause(report: Path) -> tuple[int, int] | None:
+    """(rank, exit code) of the first failure torchrun observed, from the failure table of
+    its last run in the report (appended to: a run starts with a ``----`` line); None without
+    one."""
+    with contextlib.suppress(OSError):
+        text = report.read_text(encoding="utf-8", errors="replace").rsplit("\n---- ", 1)[-1]
+        table = text.rsplit("Root Cause", 1)[1] if "Root Cause" in text else ""
+        found = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", table, re.DOTALL)
+        if found:
+            return int(found.group(1)), int(found.group(2))
+    return None

@@ -38,24 +38,10 @@ from omni_train.config.parallel import ParallelConfig
 from omni_train.data.loader import task_encoder, to_device
 from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools.learn_tasks import TASKS
-from omni_train.datatools.prepare import read_raw
+from omni_train.datatools.prepare import task_items
+from omni_train.log import install_filters
 from omni_train.model.assembly import build_model
 from omni_train.parallel import destroy_parallel, init_parallel
-
-
-def task_items(root: str | Path) -> dict[str, list[tuple[str, dict, str, str]]]:
-    """{task: [(key, members, category, answer), ...]} of the val split under ``root``, tasks
-    in :data:`~omni_train.datatools.learn_tasks.TASKS` order; empty when ``root`` holds none."""
-    found: dict[str, list] = {name: [] for name in TASKS}
-    for category in sorted({t.category for t in TASKS.values()}):
-        folder = Path(root) / category
-        if not folder.is_dir():
-            continue
-        for key, members in read_raw(folder, "val"):
-            doc = json.loads(members["json"])
-            if doc.get("task") in found:
-                found[doc["task"]].append((key, members, category, doc["answer"]))
-    return {name: items for name, items in found.items() if items}
 
 
 def answer_mask(labels: torch.Tensor, loss_mask: torch.Tensor, im_end: int) -> torch.Tensor:
@@ -170,6 +156,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # an entry point: see omni_train.log.QUIET
     parser = argparse.ArgumentParser(prog="omni-train probe", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a stage's output folder or one of its checkpoints")
     parser.add_argument("--data", required=True, help="a `data synth --flavour learn` root")
