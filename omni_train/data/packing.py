@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from sortedcontainers import SortedList
 
@@ -130,6 +131,19 @@ def imbalance(costs: Sequence[float], ranks: list[list[int]]) -> float:
 _REPACK_BELOW_ROUNDS = 2
 
 
+class PackerState(TypedDict):
+    """Everything an :class:`OnlinePacker` changes, as plain data (the data loader checkpoints
+    it)."""
+
+    items: dict[int, list]  # id -> [length, cost, repack count at arrival]
+    next_id: int
+    bins: list[list[int]]  # ids per bin, from the last repack, minus emitted bins
+    stats: list[list]  # per bin: [tokens, cost, oldest arrival]
+    num_repacks: int
+    num_rounds: int
+    fresh: bool  # no round emitted since the last repack
+
+
 class OnlinePacker:
     """Bins over a bounded, carried-over buffer; one bin per rank per round.
 
@@ -154,7 +168,7 @@ class OnlinePacker:
         *,
         min_fill: float = 0.95,
         max_wait: int = 4,
-        state: dict | None = None,
+        state: PackerState | None = None,
     ):
         if capacity < 1 or num_ranks < 1 or max_wait < 1 or not 0.0 < min_fill <= 1.0:
             raise ValueError(
@@ -167,16 +181,10 @@ class OnlinePacker:
         self.state = state if state is not None else self.initial_state()
 
     @staticmethod
-    def initial_state() -> dict:
-        return {
-            "items": {},  # id -> [length, cost, repack count at arrival]
-            "next_id": 0,
-            "bins": [],  # ids per bin, from the last repack, minus emitted bins
-            "stats": [],  # per bin: [tokens, cost, oldest arrival]
-            "num_repacks": 0,
-            "num_rounds": 0,
-            "fresh": False,  # no round emitted since the last repack
-        }
+    def initial_state() -> PackerState:
+        return PackerState(
+            items={}, next_id=0, bins=[], stats=[], num_repacks=0, num_rounds=0, fresh=False
+        )
 
     def __len__(self) -> int:
         return len(self.state["items"])
