@@ -226,3 +226,10 @@ def test_the_launchers_modules_import_no_torch(name):
         "assert 'torch' not in sys.modules, [m for m in sys.modules if 'torch' in m][:5]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_no_module_is_over_600_lines():
+    # a module that grows past this holds more than one thing: split it by what it owns
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 600}  # fmt: skip
+    assert long == {}

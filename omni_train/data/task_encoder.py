@@ -580,7 +580,6 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
                 worker_config=worker_config,
                 **kw,
             )
-
         return BatchDataset(
             OnlinePackingDataset(dataset, encoder=self, worker_config=worker_config),
             batch_size=1,
