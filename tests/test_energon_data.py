@@ -213,8 +213,8 @@ def _bad_samples(shard: int, png: bytes) -> list[RawSample]:
         "undecodable_image": (_conv(ask("image", "a.png"), ok), {"a.png": png}),
         "undecodable_video": (_conv(ask("video", "v.mp4"), ok), {"v.mp4": garbage_mp4}),
         "undecodable_audio": (_conv(ask("audio", "a.wav"), ok), {"a.wav": b"RIFF\0\0junk" * 9}),
-        # 0.01 s: one encoder frame, which broke the conformer's BatchNorm when it was the only
-        # clip of a micro-batch; now refused when the sample is planned
+        # 0.01 s: one encoder frame, below the encoder's floor (two frames, 0.08 s: one frame
+        # alone in a micro-batch breaks the conformer's BatchNorm); refused when planned
         "audio_too_short": (_conv(ask("audio", "b.wav"), ok), {"b.wav": _wav(0.01)}),
         "too_long": (
             _conv({"role": "user", "content": "hi"}, dict(ok, content="word " * 2000)),
@@ -516,3 +516,24 @@ def test_data_config_errors_before_any_process_starts(synth, tmp_path):
     )
     with pytest.raises(ValueError, match=r"data.kind=energon feeds conversations with media"):
         check(f"data.synthetic_root={synth}", "model.vision=null", "model.audio=null")
+
+
+@pytest.mark.parametrize(("seconds", "kept"), [(0.01, False), (0.079, False), (0.08, True),
+                                               (0.1, True), (0.45, True)])  # fmt: skip
+def test_short_spoken_words_are_kept_down_to_the_encoders_floor(seconds, kept):
+    """A recording of one spoken word (0.4 s) trains, with the released processor's token
+    count; below two encoder frames (0.08 s) the sample is skipped, as it is planned."""
+    from omni_train.data.conversation import SampleError
+
+    cfg = compose_job(["stage=smoke_omni", "model=tiny"])
+    te = task_encoder(cfg, training=True)
+    members = {"json": json.dumps(_conv(*_ask_audio("w.wav"))).encode(), "w.wav": _wav(seconds)}
+    n = int(seconds * 16000)
+    if not kept:
+        with pytest.raises(SampleError, match="the encoder takes streams of at least 0.08 s"):
+            te.encode(cook_raw("word", members))
+        return
+    sample = te.encode(cook_raw("word", members))
+    assert [tuple(a.shape) for a in sample.audio] == [(n,)]
+    want = tokens.audio_clip_tokens(n, cfg.model.audio)
+    assert int((sample.tokens == cfg.model.media_tokens.audio).sum()) == want

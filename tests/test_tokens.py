@@ -124,3 +124,39 @@ def test_media_items_must_come_in_sample_order():
         Media(images=[torch.zeros(3, 32, 32)] * 2, image_sample=[1, 0])
     with pytest.raises(ValueError, match="2 audio streams but 1"):
         Media(audio=[torch.zeros(10)] * 2, audio_sample=[0])
+
+
+def test_the_audio_floor_is_two_encoder_frames():
+    """Short recordings (a spoken word: 0.4 s) are taken down to what the encoder can take:
+    two encoder frames, 0.08 s at 16 kHz, 10 ms hop, 8x subsampling."""
+    a = AudioConfig()
+    assert a.floor_samples == a.min_samples == 1280
+    assert tokens.audio_clip_tokens(1280, a) == 2 and tokens.audio_clip_tokens(1279, a) == 1
+    assert [tokens.audio_tokens(s) for s in (0.1, 0.4, 0.49)] == [2, 6, 7]  # the processor's
+    assert AudioConfig(min_seconds=0.5).min_samples == 8000  # a user's floor raises it
+    with pytest.raises(ValueError, match=r"below what the encoder can take in training \(0.08 s"):
+        AudioConfig(min_seconds=0.05)
+    # the report layout's short last clip joins the previous one below the floor only
+    assert tokens.audio_clip_samples(30 * 16000 + 1279) == [30 * 16000 + 1279]
+    assert tokens.audio_clip_samples(30 * 16000 + 1600) == [30 * 16000, 1600]
+
+
+@pytest.mark.parametrize("samples", [1280, 1600, 6400])
+def test_a_single_short_clip_trains_alone_in_a_micro_batch(samples):
+    """The conformer in training mode on one clip of a few frames (BatchNorm's statistics over
+    two or more frames): output of the counted length, finite gradients and running stats; one
+    sample fewer than the floor is what BatchNorm refuses."""
+    from omni_train.model.audio import AudioEncoder
+
+    cfg = AudioConfig(num_layers=1, d_model=16, num_heads=2, subsampling_conv_channels=4)
+    enc = AudioEncoder(cfg).train()
+    torch.manual_seed(0)
+    (out,) = enc([torch.randn(samples)])
+    assert out.shape == (tokens.audio_clip_tokens(samples, cfg), 16)
+    out.square().sum().backward()
+    grads = [p.grad for p in enc.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    norms = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(torch.isfinite(m.running_var).all() for m in norms)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        enc([torch.randn(cfg.floor_samples - 1)])

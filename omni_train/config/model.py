@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
@@ -124,10 +125,12 @@ class AudioConfig:
     # data.layout=report cuts a stream into clips of this length (the last clip holds the
     # remainder), each one encoder input; data.layout=processor keeps a stream whole
     clip_seconds: float = 30.0
-    # Shorter streams are skipped when a sample is planned (reason audio_too_short): Parakeet
-    # is trained on 0.5 s .. 20 min, and a stream of one or two encoder frames breaks the
-    # conformer's BatchNorm in training when it is the only clip of a micro-batch.
-    min_seconds: float = 0.5
+    # Shorter streams are skipped when a sample is planned (reason audio_too_short). None: the
+    # shortest stream the encoder can take (min_samples: two encoder frames, 0.08 s at 16 kHz
+    # with a 10 ms hop and 8x subsampling). One frame alone in a micro-batch leaves the
+    # conformer's BatchNorm one value per channel, which training cannot normalise; the
+    # released processor takes any length. A value raises the floor, never lowers it.
+    min_seconds: float | None = None
 
     def __post_init__(self) -> None:
         positive(
@@ -141,10 +144,19 @@ class AudioConfig:
             num_mel_bins=self.num_mel_bins,
             clip_seconds=self.clip_seconds,
         )
-        if self.min_seconds < 0 or self.min_seconds > self.clip_seconds:
+        if self.min_seconds is not None and self.min_seconds > self.clip_seconds:
             raise ValueError(
-                f"model.audio.min_seconds={self.min_seconds} must be in [0, clip_seconds="
-                f"{self.clip_seconds}]"
+                f"model.audio.min_seconds={self.min_seconds} must be at most clip_seconds="
+                f"{self.clip_seconds}"
+            )
+        if (
+            self.min_seconds is not None
+            and self.min_seconds * self.sample_rate < self.floor_samples
+        ):
+            raise ValueError(
+                f"model.audio.min_seconds={self.min_seconds} is below what the encoder can "
+                f"take in training ({self.floor_samples / self.sample_rate:g} s: two encoder "
+                "frames); set it higher, or null for that floor"
             )
         if self.d_model % self.num_heads:
             raise ValueError(
@@ -163,6 +175,20 @@ class AudioConfig:
     @property
     def hop_samples(self) -> int:
         return round(self.window_stride * self.sample_rate)
+
+    @property
+    def floor_samples(self) -> int:
+        """The shortest stream the encoder takes: ``1 + n // hop`` mel frames become two
+        encoder frames after ``dw_striding`` from ``subsampling_factor x hop`` samples on (the
+        STFT's reflect padding needs more than ``n_fft / 2``, always fewer)."""
+        return max(self.subsampling_factor * self.hop_samples, self.n_fft // 2 + 1)
+
+    @property
+    def min_samples(self) -> int:
+        """Streams shorter than this are skipped (``min_seconds``, or the encoder's floor)."""
+        if self.min_seconds is None:
+            return self.floor_samples
+        return max(self.floor_samples, math.ceil(self.min_seconds * self.sample_rate))
 
 
 @dataclass

@@ -35,7 +35,7 @@ REASONS = (
     "undecodable_image",
     "undecodable_video",
     "undecodable_audio",
-    "audio_too_short",  # an audio stream shorter than model.audio.min_seconds
+    "audio_too_short",  # shorter than the encoder takes (model.audio.min_seconds)
     "too_long",  # more tokens than the stage's context length
 )
 

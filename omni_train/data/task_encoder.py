@@ -425,12 +425,12 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             wav = decode(data, self.audio_cfg.sample_rate)
         except media_io.MediaError as e:
             raise SampleError("undecodable_audio", str(e)) from None
-        seconds = wav.shape[0] / self.audio_cfg.sample_rate
-        if seconds < self.audio_cfg.min_seconds:
+        a = self.audio_cfg
+        if wav.shape[0] < a.min_samples:
             raise SampleError(
                 "audio_too_short",
-                f"{seconds:.3f} s of audio; the encoder takes streams of at least "
-                f"model.audio.min_seconds={self.audio_cfg.min_seconds} s",
+                f"{wav.shape[0] / a.sample_rate:.3f} s of audio; the encoder takes streams of at "
+                f"least {a.min_samples / a.sample_rate:g} s (model.audio.min_seconds)",
             )
         return wav
 

@@ -124,7 +124,7 @@ def audio_clip_samples(
 ) -> list[int]:
     """Sizes (in samples) of the clips one stream is cut into: clips of ``clip_seconds``
     (default ``audio.clip_seconds``; 0 keeps the stream whole, as the reference processor
-    does), the last one holding the remainder; a remainder shorter than ``audio.min_seconds``
+    does), the last one holding the remainder; a remainder shorter than ``audio.min_samples``
     joins the previous clip instead of becoming a clip of a few frames."""
     audio = audio or AudioConfig()
     if num_samples <= 0:
@@ -135,7 +135,7 @@ def audio_clip_samples(
     clip = round(seconds * audio.sample_rate)
     sizes = [clip] * (num_samples // clip)
     tail = num_samples - clip * len(sizes)
-    if tail and sizes and tail < audio.min_seconds * audio.sample_rate:
+    if tail and sizes and tail < audio.min_samples:
         sizes[-1] += tail
     elif tail:
         sizes.append(tail)
