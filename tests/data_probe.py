@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from omni_train.config import blends, compose_job, tokens
+from omni_train.config import blends, compose_job
+from omni_train.data import tokens
 from omni_train.data.loader import EnergonBatches
 
 BASE = [

@@ -20,7 +20,6 @@ import pytest
 from torch.distributed.run import config_from_args, get_args_parser
 
 from omni_train import cli
-from omni_train.stage import launch
 from omni_train.stage.launch import Rendezvous, default_run_id, torchrun_command
 
 
@@ -106,7 +105,7 @@ def test_ambiguous_forms_are_refused(kwargs, message):
 def launched(monkeypatch):
     """``omni-train run`` up to the launch: the rendezvous it would hand to torchrun."""
     seen = []
-    monkeypatch.setattr(launch, "launch_job", lambda o, n, r: seen.append((n, r)) or 0)
+    monkeypatch.setattr(cli, "launch_job", lambda o, n, r: seen.append((n, r)) or 0)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     return seen
 
