@@ -55,7 +55,7 @@ def main() -> None:
     result["cached"] = generate_batch(model, prompts, media, greedy, gen)
     result["recomputed"] = generate_no_cache(model, prompts, media, greedy, gen)
     result["one_by_one"] = [
-        generate_batch(model, [p], [m], greedy, gen)[0] for p, m in zip(prompts, media)
+        generate_batch(model, [p], [m], greedy, gen)[0] for p, m in zip(prompts, media, strict=True)
     ]
     sampled = SamplingConfig(max_new_tokens=NEW, temperature=1.5, top_k=50, top_p=0.9, seed=3)
     runs = [generate_batch(model, prompts, media, sampled, generator(sampled)) for _ in range(2)]

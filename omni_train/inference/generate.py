@@ -59,6 +59,7 @@ from omni_train.data.prompts import encode_prompt
 from omni_train.data.task_encoder import OmniSample, cook_raw
 from omni_train.datatools.convert import ConvertError, sample_from_line
 from omni_train.inference.cache import key_padding_mask, merge_rows, prefill_row
+from omni_train.inference.layout import generation_parallel
 from omni_train.inference.sampling import SamplingConfig, generator, sample
 from omni_train.log import install_filters
 from omni_train.model.assembly import build_model
@@ -161,16 +162,11 @@ def generation_config(overrides: list[str]) -> JobConfig:
     unpacked rows, no loader workers. Context or pipeline parallel is refused (megatron's
     static Mamba decode asserts no CP; the loop runs the whole model in each process)."""
     cfg = compose_job(overrides)
-    p = cfg.parallel
-    if p.cp > 1 or p.pp > 1:
-        raise ValueError(
-            f"omni-train generate runs without context and pipeline parallelism, got "
-            f"parallel.cp={p.cp} parallel.pp={p.pp}; use tensor / expert parallelism"
-        )
+    parallel = generation_parallel(cfg.parallel)
     data = dataclasses.replace(
         cfg.data, packing=dataclasses.replace(cfg.data.packing, enabled=False), num_workers=0
     )
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, sp=False), data=data)
+    return dataclasses.replace(cfg, parallel=parallel, data=data)
 
 
 def read_rows(path: str | Path, media_root: str | Path) -> list[tuple[str, object]]:
