@@ -26,7 +26,8 @@ together (:mod:`.cache`); a finished row keeps decoding (masked) until the whole
 The output (rank 0 writes it) holds one JSON line per input row: ``key``, ``prompt_tokens``,
 ``tokens`` (the generated ids, the stop token included), ``text`` (decoded, without the stop
 token), ``stopped`` (the stop token was reached), ``answer`` (the reference, or null); a row
-that cannot be encoded gets ``error`` instead.
+that cannot be encoded gets ``error`` instead (a prompt longer than ``trainer.seq_length`` is
+one: raise it with ``trainer.seq_length=N``).
 
 Layouts: any TP / EP the checkpoint can be loaded into (its weights are resharded on load).
 Every rank reads and processes **the same rows in lockstep**: the MoE layers are collectives
@@ -220,7 +221,7 @@ def answer_rows(
         try:
             s, answer = encode_prompt(encoder, conv)
         except SampleError as e:
-            rec["error"] = f"{e.reason}: {e}"
+            rec["error"] = str(e)  # "reason: message"
             continue
         rec.update(prompt_tokens=int(s.tokens.shape[0]), answer=answer)
         todo.append((rec, s.tokens, prompt_media(s, key)))
