@@ -17,8 +17,9 @@ from omni_train.data.task_encoder import Conversation, OmniSample, OmniTaskEncod
 
 
 def encode_prompt(encoder: OmniTaskEncoder, sample: Conversation) -> tuple[OmniSample, str | None]:
-    """(the prompt as an :class:`OmniSample`: ``tokens`` ``[P]`` and its decoded media; no
-    token carries loss), the reference answer text or None. Raises SampleError."""
+    """(the prompt as an :class:`OmniSample`: ``tokens`` ``[P]`` and its decoded media; the
+    loss flags of earlier assistant turns are kept but mean nothing here), the reference
+    answer text or None. Raises SampleError."""
     turns = parse_conversation(sample.conversation, set(sample.members), require_assistant=False)
     last = max((i for i, t in enumerate(turns) if t.role == "assistant"), default=None)
     answer = None

@@ -66,7 +66,7 @@ def samples_from_jsonl(
 ) -> list[ParitySample]:
     """Every line of a ``data convert`` JSONL through omni-train's task encoder (eval mode).
     ``prompts``: each conversation's prompt instead (up to its last assistant turn, ending with
-    the generation prompt: :func:`omni_train.data.prompts.encode_prompt`; no loss anywhere)."""
+    the generation prompt: :func:`omni_train.data.prompts.encode_prompt`)."""
     encoder = OmniTaskEncoder(
         tokenizer=cfg.data.tokenizer,
         vision=cfg.model.vision,
