@@ -105,3 +105,13 @@ def test_cli_refuses_context_parallel_before_starting(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "without context and pipeline parallelism" in proc.stderr
+
+
+def test_model_fingerprint_is_checked_against_the_manifest(tmp_path):
+    from omni_train.checkpoint import check_model_fingerprint, write_manifest
+
+    check_model_fingerprint(tmp_path, "abc")  # no manifest (an imported checkpoint): nothing
+    write_manifest(tmp_path, {"model_fingerprint": "abc"})
+    check_model_fingerprint(tmp_path / "checkpoints" / "step_1", "abc")
+    with pytest.raises(ValueError, match="another model config"):
+        check_model_fingerprint(tmp_path, "xyz")
