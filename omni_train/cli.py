@@ -23,6 +23,12 @@ omni-train data synth --out DIR --samples N --seed S [--flavour learn [--learn-m
     the learn flavour: the learnability tasks (answers only the media tell), real/noise/none;
 omni-train probe CHECKPOINT --data ROOT [--json OUT] [overrides]
     answer accuracy per learnability task on ROOT's held-out samples (one process);
+omni-train generate CKPT --data FILE.jsonl --media DIR --out answers.jsonl [--max-new-tokens N]
+        [--temperature T] [--top-p P] [--top-k K] [--seed S] [--batch-size B]
+        [--nproc-per-node N] [overrides]
+    an answer per JSONL row (its conversation up to the last assistant turn is the prompt):
+    greedy or sampled, ending at the end of turn, with megatron-core's inference cache; on N
+    processes of any TP / EP layout (every rank answers the same rows);
 omni-train data convert FILE.jsonl --media DIR --out DIR
     turns JSONL conversations plus a media folder into a prepared energon dataset.
 omni-train data tokenizer --out DIR
@@ -56,6 +62,7 @@ from omegaconf import OmegaConf
 
 from omni_train.config import compose_job, to_dict, validate
 from omni_train.datatools import prepare
+from omni_train.inference.layout import generation_parallel
 from omni_train.lifecycle import EXIT_INTERRUPTED
 from omni_train.log import VERBOSE_ENV, install_filters
 from omni_train.stage import curriculum
@@ -223,6 +230,17 @@ def _probe(args: argparse.Namespace, overrides: list[str]) -> int:
     extra = ["--json", args.json] if args.json else []
     target = [*QUIET_MODULE, "omni_train.stage.probe", args.checkpoint, "--data", args.data, *extra]
     torchrun(1, *target, *overrides, timeout=None, capture=False)  # a free port, one process
+    return 0
+
+
+def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    # a bad override or layout fails here with one line, before any process starts
+    generation_parallel(compose_job(overrides).parallel)
+    options = ["--data", args.data, "--media", args.media, "--out", args.out]
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size"):
+        options += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    target = [*QUIET_MODULE, "omni_train.inference.generate", args.checkpoint, *options]
+    torchrun(args.nproc_per_node, *target, *overrides, timeout=None, capture=False)
     return 0
 
 
@@ -394,6 +412,21 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--data", required=True, help="a `data synth --flavour learn` root")
     probe.add_argument("--json", default=None, help="also write the results here")
     probe.set_defaults(func=_probe)
+    gen = sub.add_parser(
+        "generate", help="answers of a checkpoint for every row of a JSONL file (torchrun)"
+    )
+    gen.add_argument("checkpoint", help="a stage's output folder or one of its checkpoints")
+    gen.add_argument("--data", required=True, help="FILE.jsonl (the data convert format)")
+    gen.add_argument("--media", required=True, help="folder the JSONL's media paths are in")
+    gen.add_argument("--out", required=True, help="answers.jsonl to write (one line per row)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (the same on all ranks)")
+    gen.add_argument("--batch-size", type=int, default=8, help="rows decoded together")
+    gen.add_argument("--nproc-per-node", type=int, default=1)
+    gen.set_defaults(func=_generate)
     report = sub.add_parser("report", help="plots and an HTML summary of a stage or curriculum")
     report.add_argument("run_dir", help="a stage's output folder or a curriculum folder")
     report.add_argument("--out", default=None, help="where to write (default RUN_DIR/report)")

@@ -88,6 +88,8 @@ def released(tmp_path_factory):
     logits = [compare.reference_logits(ref, s, cfg.model)[0] for s in samples]
     return {
         "root": root,
+        "ref": ref,
+        "cfg": cfg,
         "ref_dir": ref_dir,
         "jsonl": jsonl,
         "imported": imported,
@@ -148,6 +150,70 @@ def test_logits_match_reference_at_tp2(released, tmp_path):
     for sample, mine, ref in zip(released["samples"], ours, released["logits"], strict=True):
         rel = (mine - ref).abs().max().item() / ref.abs().max().item()
         assert rel < TOL, f"{sample.name}: {rel:.2e}"
+
+
+NEW_TOKENS = 12  # greedy tokens per prompt in the generation tests
+
+
+@pytest.fixture(scope="module")
+def reference_answers(released):
+    """transformers' greedy ``generate`` (its own cache) on each parity sample's prompt: the
+    conversation before its last assistant turn with the generation prompt. Text and images go
+    through the released class's ``generate`` on ids and pixels; video and audio through it on
+    the reference's own embeddings (``compare.reference_embeddings``: why, in compare.py)."""
+    from omni_train.data.tokenizer import load_tokenizer
+    from omni_train.hf import compare
+
+    cfg = released["cfg"]
+    tok = load_tokenizer(cfg.data.tokenizer)
+    prompts = compare.samples_from_jsonl(
+        released["jsonl"], released["jsonl"].parent, cfg, prompts=True
+    )
+    answers = {}
+    for p in prompts:
+        ids, path = compare.reference_generate(
+            released["ref"], p, cfg.model, NEW_TOKENS, tok.specials.im_end, tok.specials.pad
+        )
+        answers[p.name] = {"tokens": ids, "prompt_tokens": int(p.tokens.shape[0]), "path": path}
+    return answers
+
+
+def generate_cli(released, out: Path, nproc: int, *overrides: str) -> dict[str, dict]:
+    """``omni-train generate`` on the imported checkpoint over the parity set (all six rows in
+    one batch); its answers by key."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_train.cli", "generate", str(released["imported"]),
+         "--data", str(released["jsonl"]), "--media", str(released["jsonl"].parent),
+         "--out", str(out), "--max-new-tokens", str(NEW_TOKENS), "--batch-size", "6",
+         "--nproc-per-node", str(nproc), "model=hf", f"model.hf_path={released['ref_dir']}",
+         *hf_reference.TINY_DATA, "trainer.precision=fp32", "trainer.seq_length=1024",
+         *overrides],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one_process", "tp2"])
+def test_generate_greedy_equals_transformers_every_modality(
+    released, reference_answers, tmp_path, nproc
+):
+    """The CLI end to end (answers.jsonl, one line per row) and its greedy tokens equal
+    transformers' ``generate`` on every modality: text, image, images, video, audio, audio in
+    video; at 1 process and TP 2 (sequence parallel switched off by generate)."""
+    layout = "parallel=tp2" if nproc == 2 else "parallel=single"
+    ours = generate_cli(released, tmp_path / "answers.jsonl", nproc, layout)
+    assert list(ours) == list(reference_answers)  # one line per row, in order
+    paths = {k: r["path"] for k, r in reference_answers.items()}
+    assert paths["image"] == paths["images"] == "forward" == paths["text"]
+    assert paths["audio_video"] == paths["audio_35s"] == "components"
+    for key, want in reference_answers.items():
+        got = ours[key]
+        assert "error" not in got, got
+        assert got["prompt_tokens"] == want["prompt_tokens"], key
+        assert got["tokens"] == want["tokens"], (key, got["tokens"], want["tokens"])
+        assert got["answer"]  # the reference answer: the conversation's last assistant turn
+        assert isinstance(got["text"], str)
 
 
 def test_the_options_matter(released):

@@ -15,6 +15,7 @@ from omni_train.platform.kernels.mamba import (
     TorchGatedRMSNorm,
     causal_conv1d,
     gated_rms_norm,
+    mamba_chunk_scan_combined,
     mamba_split_conv1d_scan_combined,
     ssd_chunk_scan,
 )
@@ -45,8 +46,11 @@ def naive_conv(x, weight, bias, seq_idx=None, activation="silu"):
     return F.silu(out) if activation in ("silu", "swish") else out
 
 
-def naive_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, seq_idx=None):
-    """The Mamba2 recurrence, one time step at a time, state reset at seq_idx changes."""
+def naive_scan(
+    x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, seq_idx=None, final=False
+):
+    """The Mamba2 recurrence, one time step at a time, state reset at seq_idx changes.
+    With ``final`` also the state after the last step, (b, h, p, n)."""
     x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
     b, seqlen, h, p = x.shape
     g, n = B.shape[-2:]
@@ -70,7 +74,7 @@ def naive_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, 
         y = y + D.double().reshape(h, -1) * x
     if z is not None:
         y = y * F.silu(z.double())
-    return y
+    return (y, state) if final else y
 
 
 def naive_split_scan(
@@ -210,6 +214,30 @@ def test_ssd_chunk_scan_raw_dt_and_limit():
     clamped = ssd_chunk_scan(*args, CHUNK, dt_limit=(0.1, 0.3))
     ref = naive_scan(inp["x"], dt.clamp(0.1, 0.3), *args[2:])
     assert rel_err(clamped, ref) < 1e-5
+
+
+@pytest.mark.parametrize("seqlen", [1, 16, 37])
+@pytest.mark.parametrize("limit", [None, (0.05, 0.4)])
+def test_mamba_chunk_scan_combined_final_state(seqlen, limit):
+    """The inference prefill's stand-in: y and the final state equal the float64 recurrence,
+    with and without the dt clamp (the clamp applies to the state as to y)."""
+    inp = scan_inputs(2, seqlen, 4, 8, 2, 16, seed=5)
+    args = [inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"]]
+    extra = {} if limit is None else {"dt_limit": limit}
+    y, state = mamba_chunk_scan_combined(
+        *args, CHUNK, D=torch.ones(4), dt_bias=inp["dt_bias"], dt_softplus=True,
+        return_final_states=True, **extra
+    )  # fmt: skip
+    dt = F.softplus(inp["dt"] + inp["dt_bias"])
+    dt = dt if limit is None else dt.clamp(*limit)
+    ref_y, ref_state = naive_scan(inp["x"], dt, *args[2:], D=torch.ones(4), final=True)
+    assert state.shape == (2, 4, 8, 16) and state.dtype == torch.float32
+    assert rel_err(y, ref_y) < 1e-5
+    assert rel_err(state, ref_state) < 1e-5
+    plain = mamba_chunk_scan_combined(*args, CHUNK, dt_bias=inp["dt_bias"], dt_softplus=True)
+    assert torch.is_tensor(plain)
+    with pytest.raises(NotImplementedError):
+        mamba_chunk_scan_combined(*args, CHUNK, initial_states=state)
 
 
 # --------------------------------------------------------------------------- fused entry point

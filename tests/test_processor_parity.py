@@ -28,6 +28,7 @@ from omni_train.data import media_io, tokens
 from omni_train.data.chat import prompt
 from omni_train.data.conversation import parse_conversation
 from omni_train.data.layouts import PROCESSOR
+from omni_train.data.prompts import encode_prompt
 from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
 from omni_train.data.tokenizer import TINY_DIR
 from omni_train.datatools import encode
@@ -182,14 +183,32 @@ def parity():
             req["audio"] = [a.numpy() for a in sample.audio]
         ours[name] = sample
         requests.append(req)
+        # the generation prompt (omni-train generate): the conversation before its last
+        # assistant turn, ending with the template's opening of a reply
+        ours[f"{name}/prompt"] = encode_prompt(encoder, raw)[0]
+        cut = [t for t in turns if t.role != "assistant"]
+        text = prompt(cut, planned.plans, encoder.tok, PROCESSOR, generation_prompt=True)
+        requests.append({**req, "text": text})
     answers = reference.run(requests)
-    return ours, dict(zip(CASES, answers, strict=True))
+    names = [n for name in CASES for n in (name, f"{name}/prompt")]
+    return ours, dict(zip(names, answers, strict=True))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_token_ids_equal_the_reference(parity, name):
     ours, ref = parity
     assert ours[name].tokens.tolist() == [int(i) for i in ref[name]["input_ids"]]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_generation_prompt_ids_equal_the_reference(parity, name):
+    """The prompt ``omni-train generate`` answers: its ids equal the released processor's for
+    the same rendered text (conversation before the last assistant turn, generation prompt)."""
+    ours, ref = parity
+    got = ours[f"{name}/prompt"].tokens.tolist()
+    assert got == [int(i) for i in ref[f"{name}/prompt"]["input_ids"]]
+    full = ours[name].tokens.tolist()
+    assert full[: len(got) - 1] == got[:-1]  # the same conversation up to the reply's opening
 
 
 def _bf16_close(ours: torch.Tensor, ref: np.ndarray) -> None:

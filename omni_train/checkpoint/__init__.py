@@ -6,6 +6,18 @@ use only ``layout``, ``manifest``, ``integrity`` and ``lock``, which import none
 """
 
 from omni_train.checkpoint.layout import checkpoints_dir, find_latest
-from omni_train.checkpoint.manifest import read_manifest, versions, write_manifest
+from omni_train.checkpoint.manifest import (
+    check_model_fingerprint,
+    read_manifest,
+    versions,
+    write_manifest,
+)
 
-__all__ = ["checkpoints_dir", "find_latest", "read_manifest", "versions", "write_manifest"]
+__all__ = [
+    "check_model_fingerprint",
+    "checkpoints_dir",
+    "find_latest",
+    "read_manifest",
+    "versions",
+    "write_manifest",
+]

@@ -27,6 +27,24 @@ def write_manifest(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> P
     return path
 
 
+def check_model_fingerprint(checkpoint: str | os.PathLike, have: str) -> None:
+    """Raise ValueError if the run that wrote ``checkpoint`` (a stage folder or one of its
+    checkpoints) trained another model than the config whose model fingerprint is ``have``
+    (``config_hash(cfg, sections=("model",))``). Without a manifest (an imported checkpoint)
+    there is nothing to check."""
+    manifest_dir = Path(checkpoint)
+    if not (manifest_dir / MANIFEST).is_file():
+        manifest_dir = manifest_dir.parent.parent  # <stage>/checkpoints/step_N
+    if not (manifest_dir / MANIFEST).is_file():
+        return
+    want = read_manifest(manifest_dir).get("model_fingerprint")
+    if want is not None and want != have:
+        raise ValueError(
+            f"{checkpoint} was trained with another model config (fingerprint {want}, "
+            f"these overrides give {have}); pass the stage's model overrides"
+        )
+
+
 def mark_failed(output_dir: str | os.PathLike, error: str, **fields: Any) -> Path:
     """The manifest says ``failed`` with ``error`` (everything else of an existing one kept;
     ``fields`` added, e.g. the stage's name when there was none). A ``completed`` stage stays

@@ -130,10 +130,15 @@ def _part_text(part, plan: Plan, tok: Tokenizer, data_layout: DataLayout) -> str
 
 
 def render(
-    turns: list[Turn], plans: list[Plan], tok: Tokenizer, data_layout: DataLayout = PROCESSOR
+    turns: list[Turn],
+    plans: list[Plan],
+    tok: Tokenizer,
+    data_layout: DataLayout = PROCESSOR,
+    generation_prompt: bool = False,
 ) -> str:
     """The prompt text: turns through the chat template, media as single placeholders, the
-    assistant spans marked by the sentinels (:data:`_OPEN`/:data:`_CLOSE`)."""
+    assistant spans marked by the sentinels (:data:`_OPEN`/:data:`_CLOSE`); with
+    ``generation_prompt`` the template's opening of the assistant's reply at the end."""
     todo = iter(plans)
     messages = []
     for turn in turns:
@@ -155,15 +160,20 @@ def render(
         messages.append({"role": turn.role, "content": content})
     if next(todo, None) is not None:
         raise AssertionError("more media plans than media parts")
-    return tok.render(messages)
+    return tok.render(messages, generation_prompt)
 
 
 def prompt(
-    turns: list[Turn], plans: list[Plan], tok: Tokenizer, data_layout: DataLayout = PROCESSOR
+    turns: list[Turn],
+    plans: list[Plan],
+    tok: Tokenizer,
+    data_layout: DataLayout = PROCESSOR,
+    generation_prompt: bool = False,
 ) -> str:
     """The text a user would hand the released processor for this sample: the chat template's
     output with one placeholder per media part (per video and its audio, in ``processor``)."""
-    return render(turns, plans, tok, data_layout).replace(_OPEN, "").replace(_CLOSE, "")
+    text = render(turns, plans, tok, data_layout, generation_prompt)
+    return text.replace(_OPEN, "").replace(_CLOSE, "")
 
 
 def _expansions(
@@ -197,11 +207,16 @@ def _expansions(
 
 
 def layout(
-    turns: list[Turn], plans: list[Plan], tok: Tokenizer, data_layout: DataLayout = PROCESSOR
+    turns: list[Turn],
+    plans: list[Plan],
+    tok: Tokenizer,
+    data_layout: DataLayout = PROCESSOR,
+    generation_prompt: bool = False,
 ) -> Layout:
     """Lay out ``turns`` in ``data_layout``; ``plans`` holds one plan per media part, in part
-    order."""
-    prompt = render(turns, plans, tok, data_layout)
+    order. ``generation_prompt``: end with the opening of an assistant reply (a prompt to
+    generate from; then usually no turn carries loss)."""
+    prompt = render(turns, plans, tok, data_layout, generation_prompt)
     c = tok.cfg
     expected = _expansions(plans, tok, data_layout)
     # longest first, so that a placeholder containing another one matches whole

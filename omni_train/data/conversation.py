@@ -74,8 +74,12 @@ class Turn:
     parts: tuple[Part, ...]
 
 
-def parse_conversation(raw: bytes | None, members: set[str]) -> list[Turn]:
-    """Parse and check a conversation against the sample's ``members`` (member names)."""
+def parse_conversation(
+    raw: bytes | None, members: set[str], require_assistant: bool = True
+) -> list[Turn]:
+    """Parse and check a conversation against the sample's ``members`` (member names).
+    ``require_assistant=False``: a conversation without an assistant turn is fine (a prompt
+    to generate from; training needs one)."""
     if raw is None:
         raise SampleError("bad_json", "the sample has no 'json' member")
     try:
@@ -86,7 +90,7 @@ def parse_conversation(raw: bytes | None, members: set[str]) -> list[Turn]:
     if not isinstance(turns_raw, list) or not turns_raw:
         raise SampleError("bad_json", "expected an object with a non-empty 'conversation' list")
     turns = [_turn(i, t, members) for i, t in enumerate(turns_raw)]
-    if not any(t.role == "assistant" for t in turns):
+    if require_assistant and not any(t.role == "assistant" for t in turns):
         raise SampleError("no_assistant_turn", "no assistant turn carries loss")
     # a video's own audio track (audio_member == member) names its member once
     named = [m for t in turns for p in t.parts for m in {p.member, p.audio_member} - {""}]

@@ -74,3 +74,18 @@ class AudioPlan:
 
 
 Plan = ImagePlan | VideoPlan | AudioPlan
+
+
+def media_tokens(plans: list[Plan]) -> tuple[int, int]:
+    """(vision, audio) placeholder tokens of a sample's plans: image and video frame tokens;
+    audio clips and video tracks."""
+    vision = audio = 0
+    for plan in plans:
+        if isinstance(plan, ImagePlan):
+            vision += plan.num_tokens
+        elif isinstance(plan, VideoPlan):
+            vision += plan.num_groups * plan.tokens_per_group
+            audio += plan.audio_tokens
+        else:
+            audio += plan.num_tokens
+    return vision, audio

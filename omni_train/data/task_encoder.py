@@ -48,7 +48,7 @@ from omni_train.data.layouts import PROCESSOR, DataLayout
 from omni_train.data.media import Media
 from omni_train.data.packed import OnlinePackingDataset
 from omni_train.data.packing import CostWeights, sample_cost
-from omni_train.data.plans import AudioPlan, ImagePlan, Plan, VideoPlan
+from omni_train.data.plans import AudioPlan, ImagePlan, Plan, VideoPlan, media_tokens
 from omni_train.data.tokenizer import load_tokenizer
 
 log = logging.getLogger("omni_train.data")
@@ -303,15 +303,11 @@ class OmniTaskEncoder(DefaultTaskEncoder[Conversation, OmniSample, OmniBatch, Om
             if not any(lay.loss):
                 raise too_long  # nothing left to learn from before the cut
             parts, plans = parts[:kept], plans[:kept]
-        vision = audio = 0
-        for plan in plans:
-            if isinstance(plan, ImagePlan):
-                vision += plan.num_tokens
-            elif isinstance(plan, VideoPlan):
-                vision += plan.num_groups * plan.tokens_per_group
-                audio += plan.audio_tokens
-            else:
-                audio += plan.num_tokens
+        return self.planned(sample, parts, plans, lay)
+
+    def planned(self, sample: Conversation, parts, plans, lay: Layout) -> PlannedSample:
+        """The planned sample of ``sample`` laid out as ``lay`` (its media ``parts``/``plans``)."""
+        vision, audio = media_tokens(plans)
         return PlannedSample.derive_from(
             sample,
             members=sample.members,

@@ -151,10 +151,13 @@ class Tokenizer:
         enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
         """A conversation (``role`` and string ``content`` per message) through the chat
-        template, as text."""
-        return self.hf.apply_chat_template(messages, tokenize=False)
+        template, as text; with ``generation_prompt`` followed by what opens the assistant's
+        reply (the template's ``add_generation_prompt``), for generation."""
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def media_strings_in(self, text: str) -> list[str]:
         """Media placeholder/marker strings that occur in ``text`` (they would forge media)."""

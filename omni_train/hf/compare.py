@@ -37,6 +37,7 @@ from omni_train.config.model import AudioConfig
 from omni_train.data import tokens as token_accounting
 from omni_train.data.layouts import layout_for
 from omni_train.data.media import Media
+from omni_train.data.prompts import encode_prompt
 from omni_train.data.task_encoder import OmniTaskEncoder, cook_raw
 from omni_train.datatools.convert import sample_from_line
 from omni_train.datatools.encode import encode_mp4, encode_png, encode_wav
@@ -60,8 +61,12 @@ class ParitySample:
     media: Media
 
 
-def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[ParitySample]:
-    """Every line of a ``data convert`` JSONL through omni-train's task encoder (eval mode)."""
+def samples_from_jsonl(
+    jsonl: str | Path, media_root: str | Path, cfg, prompts: bool = False
+) -> list[ParitySample]:
+    """Every line of a ``data convert`` JSONL through omni-train's task encoder (eval mode).
+    ``prompts``: each conversation's prompt instead (up to its last assistant turn, ending with
+    the generation prompt: :func:`omni_train.data.prompts.encode_prompt`)."""
     encoder = OmniTaskEncoder(
         tokenizer=cfg.data.tokenizer,
         vision=cfg.model.vision,
@@ -78,7 +83,8 @@ def samples_from_jsonl(jsonl: str | Path, media_root: str | Path, cfg) -> list[P
         if not line.strip():
             continue
         raw = sample_from_line(line, Path(media_root), f"line_{lineno}")
-        s = encoder.encode(cook_raw(raw.key, raw.tar_members()))
+        conversation = cook_raw(raw.key, raw.tar_members())
+        s = encode_prompt(encoder, conversation)[0] if prompts else encoder.encode(conversation)
         media = Media(
             images=s.images,
             image_sample=[0] * len(s.images),
@@ -134,22 +140,28 @@ def reference_audio(ref, waveforms: list[torch.Tensor], audio: AudioConfig) -> t
     return ref.embed_audio(torch.cat(kept))
 
 
+def _reference_images(sample: ParitySample, model_cfg):
+    """(pixel_values, image_grid_hw) of the sample's images as the reference takes them, or
+    (None, None)."""
+    patch = model_cfg.vision.patch_size if model_cfg.vision else 16
+    images = [_patches(img, patch) for img in sample.media.images]
+    if not images:
+        return None, None
+    return torch.cat([p for p, _ in images]), torch.tensor([g for _, g in images])
+
+
 @torch.no_grad()
-def reference_logits(ref, sample: ParitySample, model_cfg) -> tuple[torch.Tensor, str]:
-    """(the reference's logits ``[L, V]``, which path computed them)."""
+def reference_embeddings(ref, sample: ParitySample, model_cfg) -> torch.Tensor:
+    """The reference's LM input ``[1, L, h]`` for a sample, from its component functions
+    (module docstring: the route for video and audio)."""
     ids = sample.tokens[None]
-    media, patch = sample.media, model_cfg.vision.patch_size if model_cfg.vision else 16
-    images = [_patches(img, patch) for img in media.images]
-    pixel_values = torch.cat([p for p, _ in images]) if images else None
-    grid = torch.tensor([g for _, g in images]) if images else None
-    if not media.videos and not media.audio:
-        out = ref(input_ids=ids, pixel_values=pixel_values, image_grid_hw=grid)
-        return out.logits[0].float(), "forward"
+    media = sample.media
+    pixel_values, grid = _reference_images(sample, model_cfg)
     emb = ref.get_input_embeddings()(ids)
     placeholders = model_cfg.media_tokens
     spliced = []
     vision = {}
-    if images:
+    if pixel_values is not None:
         vision["image"] = list(ref.get_image_features(pixel_values, grid).pooler_output)
     if media.videos:
         feats = [ref.get_video_features(v).pooler_output for v in media.videos]
@@ -167,8 +179,43 @@ def reference_logits(ref, sample: ParitySample, model_cfg) -> tuple[torch.Tensor
                 f"made {feats.shape[0]} features"
             )
         emb = emb.masked_scatter(mask, feats.to(emb.dtype))
-    out = ref.language_model(inputs_embeds=emb)
+    return emb
+
+
+@torch.no_grad()
+def reference_logits(ref, sample: ParitySample, model_cfg) -> tuple[torch.Tensor, str]:
+    """(the reference's logits ``[L, V]``, which path computed them)."""
+    if not sample.media.videos and not sample.media.audio:
+        pixel_values, grid = _reference_images(sample, model_cfg)
+        out = ref(input_ids=sample.tokens[None], pixel_values=pixel_values, image_grid_hw=grid)
+        return out.logits[0].float(), "forward"
+    out = ref.language_model(inputs_embeds=reference_embeddings(ref, sample, model_cfg))
     return out.logits[0].float(), "components"
+
+
+@torch.no_grad()
+def reference_generate(
+    ref, sample: ParitySample, model_cfg, max_new_tokens: int, stop_id: int, pad_id: int
+) -> tuple[list[int], str]:
+    """(the reference's greedy continuation of a prompt sample, up to ``stop_id`` (kept) or
+    ``max_new_tokens``; which path): transformers' ``generate`` with its own cache, on the
+    token ids and pixels (text and images), or on :func:`reference_embeddings` (video, audio)."""
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=[stop_id],
+        pad_token_id=pad_id,
+    )
+    if not sample.media.videos and not sample.media.audio:
+        ids = sample.tokens[None]
+        pixel_values, grid = _reference_images(sample, model_cfg)
+        images = {} if pixel_values is None else dict(pixel_values=pixel_values, image_grid_hw=grid)
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, **options)
+        return out[0, ids.shape[1] :].tolist(), "forward"
+    emb = reference_embeddings(ref, sample, model_cfg)
+    mask = torch.ones(emb.shape[:2], dtype=torch.long)
+    out = ref.generate(inputs_embeds=emb, attention_mask=mask, **options)
+    return out[0].tolist(), "components"  # with inputs_embeds: only the new tokens
 
 
 def load_reference(hf_dir: str | Path):

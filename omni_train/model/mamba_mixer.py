@@ -8,9 +8,12 @@ clamp (about 1e-4 relative logit difference on the released weights). Both kerne
 into the same module attribute), so the subclass only adds the keyword; parameters, sharding and
 checkpoints are megatron's. ``dt_clamp_min=0`` is megatron's behaviour.
 
-Covered: the training/eval scan (``_ssm_training``) and the prefill scan (``_ssm_prefill``).
-Not covered: megatron's single-token ``_decode`` step (generation), which computes
-``softplus`` inline; omni-train does not generate.
+Covered: the training/eval scan (``_ssm_training``) and the prefill scan (``_ssm_prefill``,
+the first forward of ``omni-train generate``). Deliberately not covered: megatron's
+single-token ``_decode`` step (each generated token after the first), which computes
+``softplus`` inline and never clamps. transformers' decode step does not clamp either
+(``mamba2_selective_state_update`` gets no ``dt_limit``), so prefill-clamped, decode-unclamped is
+what makes greedy generation equal the released model's ``generate``.
 """
 
 from __future__ import annotations

@@ -366,6 +366,49 @@ class OmniModel(MegatronModule):
             runtime_gather_output=runtime_gather_output,
         )
 
+    def embed_generated(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Generated tokens ``[b, s]`` -> decoder input ``[s, b, h]``: the LM's embedding
+        only (no media, no placeholder check; no sequence parallel in generation)."""
+        return self.llm.embedding(input_ids=input_ids, position_ids=None)
+
+    def generate_step(
+        self,
+        input_ids: torch.Tensor | None,
+        media: Media | None,
+        inference_context,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        decoder_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One forward of generation: logits ``[b, V]`` (fp32, the whole vocabulary) of the
+        last position of ``input_ids`` ``[b, s]``, or of ``decoder_input`` ``[s, b, h]``
+        (embeddings already made, then ``input_ids`` is ignored).
+
+        ``media``: the prompt's (a ``Media``, empty for a text prompt) at the prefill, checked
+        against its placeholders as in training. None for generated tokens: they are embedded
+        as text whatever their ids, so a generated placeholder id is an ordinary token without
+        media, as in transformers' ``generate`` (:meth:`embed_generated`).
+
+        ``inference_context``: megatron-core's ``StaticInferenceContext`` (attention keys and
+        values, Mamba conv and SSM states; updated in place: the caller advances its offset),
+        or None to run the whole sequence without a cache. ``attention_mask``: megatron's
+        convention, ``[b, 1, s, sk]`` bool, True = masked out (padding slots of a merged
+        cache). Eval mode, no sequence or context parallel: megatron's static Mamba path
+        asserts both off. The LM has no positional embedding, so no position ids."""
+        if decoder_input is None and media is None:
+            decoder_input = self.embed_generated(input_ids)
+        elif decoder_input is None:
+            decoder_input = self.embed(input_ids, media, None)
+        logits = self.llm(
+            input_ids=None,
+            position_ids=None,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            inference_context=inference_context,
+            runtime_gather_output=True,
+        )
+        return logits[:, -1].float()  # a static context materialises the last position only
+
 
 def _assert_counts(feats: list[torch.Tensor], counts: list[int], what: str) -> None:
     got = [f.shape[0] for f in feats]

@@ -152,6 +152,15 @@ NO_MAMBA_SSM = PatchSet(
         ),
         AttributePatch(
             "megatron.core.ssm.mamba_mixer",
+            "mamba_chunk_scan_combined",
+            "omni_train.platform.kernels.mamba:mamba_chunk_scan_combined",
+            "y = mamba_chunk_scan_combined(",
+            "ssm/mamba_mixer.py: the chunked SSD scan (Triton) of the static-inference prefill "
+            "(_ssm_prefill), unbound without mamba-ssm; it returns the final state for the cache",
+            must_exist=False,
+        ),
+        AttributePatch(
+            "megatron.core.ssm.mamba_mixer",
             "ExtendedRMSNorm",
             "omni_train.platform.kernels.mamba:TorchGatedRMSNorm",
             "self.norm = ExtendedRMSNorm(",

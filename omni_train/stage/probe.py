@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from omni_train import platform as omni_platform
-from omni_train.checkpoint import read_manifest
+from omni_train.checkpoint import check_model_fingerprint
 from omni_train.checkpoint.io import load_weights
 from omni_train.config import JobConfig, compose_job, config_hash
 from omni_train.config.parallel import ParallelConfig
@@ -118,17 +118,7 @@ def probe(checkpoint: str | Path, root: str | Path, overrides: list[str]) -> dic
     """Build the model of ``overrides`` (checked against the checkpoint's manifest), load the
     weights of ``checkpoint`` (a stage folder or one checkpoint) and score it."""
     cfg = probe_config(overrides)
-    manifest_dir = Path(checkpoint)
-    if not (manifest_dir / "manifest.json").is_file():
-        manifest_dir = manifest_dir.parent.parent  # <stage>/checkpoints/step_N
-    if (manifest_dir / "manifest.json").is_file():
-        want = read_manifest(manifest_dir).get("model_fingerprint")
-        have = config_hash(cfg, sections=("model",))
-        if want is not None and want != have:
-            raise ValueError(
-                f"{checkpoint} was trained with another model config (fingerprint {want}, "
-                f"these overrides give {have}); pass the stage's model overrides"
-            )
+    check_model_fingerprint(checkpoint, config_hash(cfg, sections=("model",)))
     if not task_items(root):
         raise ValueError(
             f"{root} holds no learnability task samples; make them with "

@@ -10,6 +10,9 @@ torch ops so megatron's own ``MambaMixer`` runs on CPU with the GPU kernels' sem
 * ``ssd_chunk_scan``: the Mamba2 SSD scan, ``mamba_chunk_scan_combined`` (training path: no
   initial or final states), computed with the chunked algorithm of the Mamba2 paper's
   ``ssd_minimal_discrete`` so it costs a few batched matmuls instead of a loop over time.
+* ``mamba_chunk_scan_combined``: the same scan under mamba-ssm's name and signature, with the
+  final state (``return_final_states``) that megatron's static-inference prefill stores in the
+  cache (``MambaMixer._ssm_prefill``; used by ``omni-train generate``).
 * ``mamba_split_conv1d_scan_combined``: the fused split -> conv -> scan -> (norm) -> (out-proj)
   entry point, keyword-compatible with mamba-ssm's.
 * ``gated_rms_norm`` / ``TorchGatedRMSNorm``: ``rmsnorm_fn`` and a drop-in for
@@ -37,6 +40,7 @@ __all__ = [
     "TorchGatedRMSNorm",
     "causal_conv1d",
     "gated_rms_norm",
+    "mamba_chunk_scan_combined",
     "mamba_split_conv1d_scan_combined",
     "ssd_chunk_scan",
 ]
@@ -166,6 +170,69 @@ def ssd_chunk_scan(
     Returns:
         ``(b, l, h, p)`` in ``x.dtype`` (computed in float32).
     """
+    y, _ = _ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, seq_idx, dt_limit)
+    return y
+
+
+def mamba_chunk_scan_combined(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,  # noqa: N803 - mamba-ssm's argument names
+    B: torch.Tensor,  # noqa: N803
+    C: torch.Tensor,  # noqa: N803
+    chunk_size: int,
+    D: torch.Tensor | None = None,  # noqa: N803
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    return_varlen_states: bool = False,
+    **unused: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """CPU drop-in for ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``.
+
+    megatron's static-inference prefill (``MambaMixer._ssm_prefill``) calls it with
+    ``return_final_states=True`` and stores the final state in the inference cache; decode
+    steps then continue from it. Shapes as ``ssd_chunk_scan``.
+
+    Returns:
+        ``y`` ``(b, l, h, p)`` in ``x.dtype``, and with ``return_final_states`` also the state
+        after the last token, ``(b, h, p, n)`` float32 (of the last packed sample if
+        ``seq_idx`` is given, as the kernel).
+
+    Raises:
+        NotImplementedError: for ``initial_states``, ``cu_seqlens`` or
+            ``return_varlen_states``: only the dynamic (chunked, paged) inference path of
+            megatron passes them, and omni-train does not use it.
+    """
+    if initial_states is not None or cu_seqlens is not None or return_varlen_states:
+        raise NotImplementedError(
+            "the CPU mamba_chunk_scan_combined covers the static, unpacked prefill only "
+            "(no initial_states / cu_seqlens / return_varlen_states)"
+        )
+    y, state = _ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, seq_idx, dt_limit)
+    return (y, state) if return_final_states else y
+
+
+def _ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,  # noqa: N803 - mamba-ssm's argument names
+    B: torch.Tensor,  # noqa: N803
+    C: torch.Tensor,  # noqa: N803
+    chunk_size: int,
+    D: torch.Tensor | None = None,  # noqa: N803
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    seq_idx: torch.Tensor | None = None,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ssd_chunk_scan`` returning ``(y (b, l, h, p), final_state (b, h, p, n) fp32)``."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
     if nheads % ngroups:
@@ -266,7 +333,9 @@ def ssd_chunk_scan(
         y = y + d_skip * xf
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(x.dtype)
+    # After the loop ``state`` is the state at the last (padded) position; padded steps have
+    # dt = 0, so they neither decay nor feed it: it is the state after the last real token.
+    return y.to(x.dtype), rearrange(state, "b g r p n -> b (g r) p n")
 
 
 def gated_rms_norm(
