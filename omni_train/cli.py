@@ -29,6 +29,12 @@ omni-train generate CKPT --data FILE.jsonl --media DIR --out answers.jsonl [--ma
     an answer per JSONL row (its conversation up to the last assistant turn is the prompt):
     greedy or sampled, ending at the end of turn, with megatron-core's inference cache; on N
     processes of any TP / EP layout (every rank answers the same rows);
+omni-train eval CKPT --data FILE.jsonl|DATASET_DIR [--media DIR] [--metrics loss,exact,generate,wer]
+        [--max-new-tokens N] [--batch-size B] [--json OUT] [--nproc-per-node N] [overrides]
+    per data source and category (a JSONL file's rows, or a converted dataset's val split):
+    teacher-forced loss and exact match on the last assistant turn, greedy generation exact
+    match (normalised text), WER / CER on transcription rows; rows it cannot read are counted
+    by reason; a table, and JSON with every row;
 omni-train data convert FILE.jsonl --media DIR --out DIR
     turns JSONL conversations plus a media folder into a prepared energon dataset.
 omni-train data tokenizer --out DIR
@@ -63,6 +69,7 @@ from omegaconf import OmegaConf
 from omni_train.config import compose_job, to_dict, validate
 from omni_train.datatools import prepare
 from omni_train.inference.layout import generation_parallel
+from omni_train.inference.metrics import METRICS, parse_metrics
 from omni_train.lifecycle import EXIT_INTERRUPTED
 from omni_train.log import VERBOSE_ENV, install_filters
 from omni_train.stage import curriculum
@@ -240,6 +247,19 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size"):
         options += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     target = [*QUIET_MODULE, "omni_train.inference.generate", args.checkpoint, *options]
+    torchrun(args.nproc_per_node, *target, *overrides, timeout=None, capture=False)
+    return 0
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    # a bad override, layout or metric fails here with one line, before any process starts
+    generation_parallel(compose_job(overrides).parallel)
+    parse_metrics(args.metrics)
+    options = ["--data", args.data, "--metrics", args.metrics]
+    options += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
+    options += ["--media", args.media] if args.media else []
+    options += ["--json", args.json] if args.json else []
+    target = [*QUIET_MODULE, "omni_train.inference.evaluate", args.checkpoint, *options]
     torchrun(args.nproc_per_node, *target, *overrides, timeout=None, capture=False)
     return 0
 
@@ -427,6 +447,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--batch-size", type=int, default=8, help="rows decoded together")
     gen.add_argument("--nproc-per-node", type=int, default=1)
     gen.set_defaults(func=_generate)
+    ev = sub.add_parser(
+        "eval", help="loss, exact match and WER / CER of a checkpoint per source and category"
+    )
+    ev.add_argument("checkpoint", help="a stage's output folder or one of its checkpoints")
+    ev.add_argument("--data", required=True, help="FILE.jsonl or a converted dataset folder")
+    ev.add_argument("--media", default=None, help="the JSONL's media folder (default: its own)")
+    ev.add_argument("--metrics", default=",".join(METRICS), help="a comma list of these")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--json", default=None, help="write the results and every row here")
+    ev.add_argument("--nproc-per-node", type=int, default=1)
+    ev.set_defaults(func=_eval)
     report = sub.add_parser("report", help="plots and an HTML summary of a stage or curriculum")
     report.add_argument("run_dir", help="a stage's output folder or a curriculum folder")
     report.add_argument("--out", default=None, help="where to write (default RUN_DIR/report)")

@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -170,19 +171,27 @@ def generation_config(overrides: list[str]) -> JobConfig:
     return dataclasses.replace(cfg, parallel=parallel, data=data)
 
 
-def read_rows(path: str | Path, media_root: str | Path) -> list[tuple[str, object]]:
-    """(key, a cooked conversation or the error string) per non-empty JSONL line."""
-    rows = []
+def iter_jsonl(path: str | Path, media_root: str | Path) -> Iterator[tuple[str, object, dict]]:
+    """(key, a cooked conversation or the ConvertError, the row's JSON object or {}) per
+    non-empty JSONL line."""
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             raw = sample_from_line(line, Path(media_root), f"line_{lineno}")
         except ConvertError as e:
-            rows.append((f"line_{lineno}", f"{e}"))
+            yield f"line_{lineno}", e, {}
             continue
-        rows.append((raw.key, cook_raw(raw.key, raw.tar_members())))
-    return rows
+        row = json.loads(line)
+        yield raw.key, cook_raw(raw.key, raw.tar_members()), row
+
+
+def read_rows(path: str | Path, media_root: str | Path) -> list[tuple[str, object]]:
+    """(key, a cooked conversation or the error string) per non-empty JSONL line."""
+    return [
+        (key, f"{conv}" if isinstance(conv, ConvertError) else conv)
+        for key, conv, _ in iter_jsonl(path, media_root)
+    ]
 
 
 def answer_rows(
