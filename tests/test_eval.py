@@ -5,9 +5,20 @@ dataset's val split, where its teacher-forced numbers equal the answer probe's."
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from omni_train.inference import metrics as m
+from omni_train.stage.launch import torchrun
+
+PROBE = Path(__file__).with_name("eval_probe.py")
+TINY = ("model=tiny", "trainer.precision=fp32")
+NEW = 4  # generated tokens per row
 
 
 def test_normalize_lowercases_and_drops_punctuation_and_extra_spaces():
@@ -43,3 +54,114 @@ def test_parse_metrics():
     assert m.parse_metrics("loss, wer") == ("loss", "wer")
     with pytest.raises(ValueError, match="unknown"):
         m.parse_metrics("loss,bleu")
+
+
+def _rows() -> list[dict]:
+    def user(*parts):
+        return {"role": "user", "content": list(parts)}
+
+    image = {"type": "image", "member": "a.png"}
+    return [
+        {"conversation": [user({"type": "text", "text": "Say hi."}),
+                          {"role": "assistant", "content": "Hi there!"}]},
+        {"conversation": [user(image, {"type": "text", "text": "Colour?"}),
+                          {"role": "assistant", "content": "Red."}]},
+        {"audio_filepath": "t.wav", "duration": 1.0, "text": "Hello world."},  # an ASR row
+        {"category": "qa", "conversation": [user({"type": "text", "text": "2+2?"}),
+                                            {"role": "assistant", "content": "4"}]},
+        {"conversation": [user({"type": "image", "member": "missing.png"}),
+                          {"role": "assistant", "content": "x"}]},
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model's checkpoint; a JSONL of text, image, ASR, "qa" and unreadable rows; the
+    same rows answered by the model itself (category "self")."""
+    from omni_train.datatools.encode import encode_png, encode_wav
+
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    (root / "a.png").write_bytes(encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    (root / "t.wav").write_bytes(encode_wav(tone.astype(np.float32), 16000))
+    jsonl = root / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    ckpt, own = root / "ckpt", root / "self.jsonl"
+    ckpt.mkdir()
+    torchrun(1, str(PROBE), str(ckpt), str(jsonl), str(own), str(NEW), *TINY, timeout=600)
+    both = root / "both.jsonl"
+    both.write_text(jsonl.read_text() + own.read_text())
+    return {"root": root, "ckpt": ckpt, "jsonl": both}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "omni_train.cli", *args, *TINY]
+
+
+def test_eval_cli_on_jsonl_groups_scores_and_counts_failures(tiny):
+    out = tiny["root"] / "eval.json"
+    proc = subprocess.run(
+        _cli("eval", str(tiny["ckpt"]), "--data", str(tiny["jsonl"]), "--max-new-tokens",
+             str(NEW), "--batch-size", "3", "--json", str(out)),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    groups = {(g["source"], g["category"]): g for g in r["groups"]}
+    src = "both.jsonl"
+    assert {k: g["rows"] for k, g in groups.items()} == {
+        (src, "text"): 1, (src, "image"): 1, (src, "audio"): 1, (src, "qa"): 1,
+        (src, "unreadable"): 1, (src, "self"): 3,
+    }  # fmt: skip
+    assert groups[(src, "unreadable")]["failed"] == {"missing_media": 1}
+    assert r["total"]["rows"] == 8 and r["total"]["teacher_forced_rows"] == 7
+    assert r["total"]["generated_rows"] == 7
+    # WER / CER only on the ASR row (data convert's "Transcribe the audio." turn)
+    assert [k for k, g in groups.items() if g["transcription_rows"]] == [(src, "audio")]
+    rows = {(x["source"], x["key"], x["category"]): x for x in r["rows"]}
+    (asr,) = [x for x in rows.values() if x["category"] == "audio"]
+    w, c = (
+        m.word_edits(asr["generated"], "Hello world."),
+        m.char_edits(asr["generated"], "Hello world."),
+    )
+    assert groups[(src, "audio")]["wer"] == pytest.approx(w.errors / 2)  # "hello world"
+    assert groups[(src, "audio")]["cer"] == pytest.approx(c.errors / 11)
+    # the model's own greedy answers: teacher-forced and generated exact match must both hold
+    assert groups[(src, "self")]["exact"] == 1.0 and groups[(src, "self")]["generate_exact"] == 1.0
+    scored = [x for x in rows.values() if "loss" in x]
+    assert r["total"]["loss"] == pytest.approx(
+        sum(x["loss"] for x in scored) / sum(x["answer_tokens"] for x in scored)
+    )
+    assert "total" in proc.stdout and "both.jsonl / self" in proc.stdout
+
+
+def test_eval_on_a_converted_datasets_val_split_equals_the_probe(tiny, tmp_path):
+    """Per learnability task, eval's teacher-forced loss and exact match on the val split are
+    the answer probe's loss and accuracy (one assistant turn: the same answer tokens)."""
+    from omni_train.datatools.prepare import synthesize
+
+    synthesize(tmp_path / "learn", 12, 0, val_every=3, flavour="learn",
+               tasks=["image_colour", "audio_pitch"])  # fmt: skip
+    ckpt, data = str(tiny["ckpt"]), str(tmp_path / "learn")
+    procs = [
+        subprocess.Popen(_cli("probe", ckpt, "--data", data, "--json", str(tmp_path / "p.json")),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+        subprocess.Popen(_cli("eval", ckpt, "--data", data, "--metrics", "loss,exact",
+                              "--json", str(tmp_path / "e.json")),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+    ]  # fmt: skip
+    for p in procs:
+        output = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, output[-3000:]
+    probe = json.loads((tmp_path / "p.json").read_text())
+    ev = json.loads((tmp_path / "e.json").read_text())
+    got = {g["category"]: g for g in ev["groups"]}
+    assert {g["source"]: g["category"] for g in ev["groups"]} == {
+        "audio": "audio_pitch", "image": "image_colour"
+    }  # fmt: skip
+    assert "generate_exact" not in ev["total"] and "wer" not in ev["total"]
+    for task, want in probe.items():
+        assert got[task]["rows"] == got[task]["teacher_forced_rows"] == want["num_samples"]
+        assert got[task]["exact"] == want["accuracy"]
+        assert got[task]["loss"] == pytest.approx(want["loss"], rel=1e-5)
