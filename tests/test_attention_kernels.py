@@ -3,10 +3,20 @@ reference mask, and flex against SDPA (forward: FlexAttention has no CPU backwar
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from omni_train.platform.kernels.attention import DocumentMask, flex_attention
 from omni_train.platform.kernels.cp_layout import thd_partitioned_indices
+
+
+@pytest.fixture(autouse=True)
+def _dynamo_on(monkeypatch):
+    """FlexAttention is compiled. The CPU platform's ``setup()`` switches dynamo off for the
+    whole process (``platform.device.eager_fusions``), and tests in this worker may have run it
+    in-process before: these tests must not depend on the order the suite ran in."""
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
+
 
 # Sample lengths of one packed buffer (the last 7 tokens are the buffer's padding).
 _LENGTHS = [1, 130, 127, 256, 3, 200, 96, 420]

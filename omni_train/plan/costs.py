@@ -35,6 +35,8 @@ def model_key(m: ModelConfig) -> str:
     data = asdict(m)
     data.pop("name"), data.pop("hf_path")
     data.pop("projector_init_method_std")  # an init choice (added later): not in the keys
+    if data.get("audio"):  # which streams the data accepts: no activation of any size changes
+        data["audio"].pop("min_seconds")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
