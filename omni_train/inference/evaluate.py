@@ -45,9 +45,7 @@ from pathlib import Path
 
 import torch
 
-from omni_train import platform as omni_platform
 from omni_train.checkpoint import check_model_fingerprint
-from omni_train.checkpoint.io import load_weights
 from omni_train.config import JobConfig, config_hash
 from omni_train.data.conversation import SampleError, parse_conversation
 from omni_train.data.loader import task_encoder, to_device
@@ -55,12 +53,10 @@ from omni_train.data.task_encoder import Conversation, cook_raw
 from omni_train.datatools.convert import ConvertError
 from omni_train.datatools.prepare import STAMP, read_raw
 from omni_train.inference import metrics as m
-from omni_train.inference.generate import answer_rows, generation_config, iter_jsonl
+from omni_train.inference.generate import answer_rows, generation_config, iter_jsonl, loaded_model
 from omni_train.inference.metrics import METRICS, parse_metrics
 from omni_train.inference.sampling import SamplingConfig
 from omni_train.log import install_filters
-from omni_train.model.assembly import build_model
-from omni_train.parallel import destroy_parallel, init_parallel
 
 _TRANSCRIBE = re.compile(r"asr|transcri", re.IGNORECASE)
 
@@ -338,17 +334,10 @@ def run(
     cfg = generation_config(overrides)
     check_model_fingerprint(checkpoint, config_hash(cfg, sections=("model",)))
     rows = read_eval_rows(data, media_root)
-    platform = omni_platform.setup()
-    ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
-    try:
-        model = build_model(cfg, ps, platform).module
-        load_weights(checkpoint, model)
-        model.eval()
-        result, records = evaluate(model, cfg, rows, wanted, sampling, batch_size, platform.device)
+    with loaded_model(cfg, checkpoint) as (model, ps, device):
+        result, records = evaluate(model, cfg, rows, wanted, sampling, batch_size, device)
         result["is_main"] = ps.is_main
         return result, records
-    finally:
-        destroy_parallel()
 
 
 def main(argv: list[str] | None = None) -> int:

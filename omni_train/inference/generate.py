@@ -42,6 +42,7 @@ of a merged batch has not been verified: use ``--batch-size 1`` there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -257,17 +258,24 @@ def run(
     cfg = generation_config(overrides)
     check_model_fingerprint(checkpoint, config_hash(cfg, sections=("model",)))
     rows = read_rows(data, media_root)
+    with loaded_model(cfg, checkpoint) as (model, ps, device):
+        records = answer_rows(model, cfg, rows, sampling, batch_size, device)
+        if ps.is_main:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text("".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+
+@contextlib.contextmanager
+def loaded_model(cfg: JobConfig, checkpoint: str | Path):
+    """(the ``OmniModel`` of ``cfg`` in eval mode with ``checkpoint``'s weights, resharded to
+    this layout; the parallel state; the device), in a process group torn down on exit."""
     platform = omni_platform.setup()
     ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
     try:
         model = build_model(cfg, ps, platform).module
         load_weights(checkpoint, model)
-        model.eval()
-        records = answer_rows(model, cfg, rows, sampling, batch_size, platform.device)
-        if ps.is_main:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text("".join(json.dumps(r) + "\n" for r in records))
-        return records
+        yield model.eval(), ps, platform.device
     finally:
         destroy_parallel()
 
