@@ -12,8 +12,9 @@ omni-train plan stage=stage6_omni_sft_256k [overrides] [--json] [--mfu 0.3]
     smallest change that makes a failing stage fit, step time and GPU-hours;
 omni-train curriculum [--nproc-per-node 2] [--name N] [--from STAGE] [--plan] [overrides]
     runs every stage in order into runs/<name>/stage<k>_<name>/, each from the previous
-    stage's weights (default model=tiny: the CPU overlay); completed stages are skipped; on
-    learnability data the answer probe scores the weights after stages 0, 3, 6 (--probe-after);
+    stage's weights (default model=tiny: the CPU overlay); completed stages are skipped; each
+    stage with trainer.eval_answers (the tiny overlay: every stage) scores its answers at its
+    end, and the summary shows the accuracy per learnability task after every stage;
 omni-train config [overrides]
     prints the composed, validated config as YAML.
 omni-train model summary model=NAME [--json]
@@ -22,7 +23,8 @@ omni-train data synth --out DIR --samples N --seed S [--flavour learn [--learn-m
     writes one energon dataset per synthetic category (every modality, real encoded media);
     the learn flavour: the learnability tasks (answers only the media tell), real/noise/none;
 omni-train probe CHECKPOINT --data ROOT [--json OUT] [overrides]
-    answer accuracy per learnability task on ROOT's held-out samples (one process);
+    answer accuracy per learnability task on ROOT's held-out samples (one process; omni-train
+    eval's teacher-forced loss and exact match, grouped by task);
 omni-train generate CKPT --data FILE.jsonl --media DIR --out answers.jsonl [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--batch-size B]
         [--nproc-per-node N] [overrides]
@@ -145,10 +147,7 @@ def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"{s.action:7s} {s.name:34s} {' '.join(s.overrides)}")
         return 0
     try:
-        probe_after = tuple(int(i) for i in args.probe_after.split(",") if i.strip())
-        manifests = curriculum.run(
-            run_dir, overrides, args.nproc_per_node, args.from_stage, probe_after
-        )
+        manifests = curriculum.run(run_dir, overrides, args.nproc_per_node, args.from_stage)
     except curriculum.CurriculumInterruptedError as e:
         print(f"omni-train curriculum: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -372,11 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--runs-dir", default="runs")
     cur.add_argument("--from", dest="from_stage", help="re-run from this stage (name or index)")
     cur.add_argument("--plan", action="store_true", help="print what would run, run nothing")
-    cur.add_argument(
-        "--probe-after", default="0,3,6",
-        help="stage indices whose weights the answer probe scores (learnability data only); "
-        "'' for none",
-    )  # fmt: skip
     cur.set_defaults(func=_curriculum)
     show = sub.add_parser("config", help="print the composed config")
     show.add_argument("--world-size", type=int, default=0, help="also validate for this size")

@@ -149,15 +149,50 @@ def test_resolve_errors_name_the_problem():
         blends.blend_variables("synthetic")
 
 
+def test_blend_temperature_flattens_the_weights_and_keeps_the_entries(tmp_path):
+    paths = blends.synthetic_paths("stage4", tmp_path)
+    plain = yaml.safe_load(blends.write_metadataset("stage4", paths, tmp_path / "a").read_text())
+    mds = blends.write_metadataset("stage4", paths, tmp_path / "b", temperature=4.0)
+    assert "w ** (1 / 4.0)" in mds.read_text()
+    hot = yaml.safe_load(mds.read_text())
+    for split in ("train", "val"):
+        # synthetic "vision" is two entries (image, document) sharing its weight
+        a, b = plain["splits"][split]["blend"], hot["splits"][split]["blend"]
+        assert [(e["path"], e["subflavors"]) for e in a] == [
+            (e["path"], e["subflavors"]) for e in b
+        ]
+        for x, y in zip(a, b, strict=True):
+            n = 2 if x["subflavors"]["category"] == "vision" else 1
+            assert y["weight"] == pytest.approx((x["weight"] * n) ** 0.25 / n)
+    # audio+video: 0.8 % of stage 4's samples as published, 6.9 % at T = 4
+    share = Counter()
+    for e in hot["splits"]["train"]["blend"]:
+        share[e["subflavors"]["category"]] += e["weight"]
+    omni = "short video omni (audio+video)"
+    assert share[omni] / sum(share.values()) == pytest.approx(0.069, abs=0.001)
+    assert blends.tempered(plain, 1.0) is plain
+
+
 def test_synthetic_paths_cover_every_variable():
     used = set()
     for name in STAGES:
         paths = blends.synthetic_paths(name, "/syn")
         assert sorted(paths) == blends.blend_variables(name)
         for path in paths.values():
-            assert Path(path).parent == Path("/syn")
-            assert Path(path).name in blends.SYNTHETIC_CATEGORIES
+            for one in path if isinstance(path, list) else [path]:
+                assert Path(one).parent == Path("/syn")
+                assert Path(one).name in blends.SYNTHETIC_CATEGORIES
         used |= set(paths)
+    # the stage 4-6 vision mix stands on images and documents, one entry each at half weight
+    assert blends.synthetic_paths("stage4", "/syn")["vision"] == ["/syn/image", "/syn/document"]
+    entries = blends.resolve_blend("stage4", blends.synthetic_paths("stage4", "/syn"))
+    vision = [
+        e for e in entries["splits"]["train"]["blend"] if e["subflavors"]["category"] == "vision"
+    ]
+    assert [(e["path"], e["weight"]) for e in vision] == [
+        ("/syn/image", 7.3),
+        ("/syn/document", 7.3),
+    ]
     # No stale (e.g. misspelt) entries in the mapping either.
     assert set(_raw("synthetic")) == used
 
@@ -250,7 +285,8 @@ def test_energon_draws_follow_the_weights(name, synthetic_root, tmp_path):
     for _, sample in zip(range(DRAWS), get_savable_loader(ds), strict=False):
         entry = entries[sample.category]
         assert sample.__subflavors__ == entry["subflavors"]
-        assert sample.payload == synthetic[entry["path"][2:-1]]  # "${var}" -> its dataset
+        mapped = synthetic[entry["path"][2:-1]]  # "${var}" -> its dataset(s)
+        assert sample.payload in (mapped if isinstance(mapped, list) else [mapped])
         assert "_t" in sample.__key__  # train split part only
         counts[sample.category] += 1
     assert sum(counts.values()) == DRAWS

@@ -111,6 +111,21 @@ INVALID = [
         2,
         "no MoE layer",
     ),
+    (
+        ["stage=stage4_omni_sft_16k", "model=tiny", "parallel.cp=2"],
+        4,
+        "trainer.eval_answers.num_samples=72 needs parallel.cp=1 and parallel.pp=1",
+    ),
+    (
+        ["trainer.eval_answers.num_samples=8"],
+        1,
+        "num_samples=8 on data.kind='synthetic': synthetic token sequences have no",
+    ),
+    (
+        ["trainer.eval_answers.num_samples=8", "trainer.eval_answers.data=/nonexistent/x.jsonl"],
+        1,
+        "trainer.eval_answers.data=/nonexistent/x.jsonl does not exist",
+    ),
 ]
 
 
@@ -137,6 +152,10 @@ PER_FIELD = [
     ("data.max_skip_fraction=1.5", "data.max_skip_fraction=1.5 must be in"),
     ("data.video_fps=0", "data.video_fps must be > 0"),
     ("data.packing.plan_cache_mib=-1", "data.packing.plan_cache_mib=-1 must be >= 0"),
+    ("data.blend_temperature=0", "data.blend_temperature=0.0 must be > 0"),
+    ("trainer.eval_answers.num_samples=-1", "num_samples=-1 must be >= 0"),
+    ("trainer.eval_answers.metrics=[bleu]", "unknown .'bleu'.; choose from loss, exact"),
+    ("trainer.eval_answers.max_new_tokens=0", "max_new_tokens must be > 0"),
 ]
 
 

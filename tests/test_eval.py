@@ -1,7 +1,9 @@
 """``omni-train eval`` (omni_train.inference.evaluate, .metrics): normalisation, exact match,
 WER / CER against hand-computed values; the CLI end to end on a tiny checkpoint over a JSONL
 file (text, image, an audio transcription row, an unreadable row) and over a converted
-dataset's val split, where its teacher-forced numbers equal the answer probe's."""
+dataset's val split, where its teacher-forced numbers equal the answer probe's (the probe's
+own front door); the same metrics computed by a stage while it trains (``trainer.eval_answers``,
+TP 2 + SP) against ``omni-train eval`` on its checkpoint, and the rows it picks."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import launch
 
+from omni_train.datatools import prepare
 from omni_train.inference import metrics as m
 from omni_train.stage.launch import torchrun
 
@@ -165,3 +169,70 @@ def test_eval_on_a_converted_datasets_val_split_equals_the_probe(tiny, tmp_path)
         assert got[task]["rows"] == got[task]["teacher_forced_rows"] == want["num_samples"]
         assert got[task]["exact"] == want["accuracy"]
         assert got[task]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_a_stage_scores_its_answers_while_it_trains_as_eval_scores_its_checkpoint(tmp_path):
+    """``trainer.eval_answers`` under TP 2 + SP (sequence parallelism off for its duration):
+    the answer metrics in the manifest at the stage's end equal ``omni-train eval``'s on the
+    stage's checkpoint in one process, on the same rows; the stage trains exactly as it does
+    without them (the same losses, bit for bit: the RNG is forked, and training goes on under
+    SP after the evaluation at step 2)."""
+    root = tmp_path / "learn"
+    prepare.synthesize(root, 8, 0, flavour="learn", tasks=["image_shape", "audio_pitch"])
+    common = ["stage=learn", "model=tiny", "parallel=tp2", f"data.path={root}/learn.yaml",
+              "trainer.train_steps=4", "trainer.eval_interval=2",
+              "trainer.eval_iters=1"]  # fmt: skip
+    answers = ["trainer.eval_answers.num_samples=100", f"trainer.eval_answers.data={root}",
+               f"trainer.eval_answers.max_new_tokens={NEW}",
+               "trainer.eval_answers.batch_size=5"]  # fmt: skip
+    scored = launch(2, tmp_path / "scored", *common, *answers)
+    plain = launch(2, tmp_path / "plain", *common)
+    assert scored["losses"] == plain["losses"] and len(scored["losses"]) == 4
+    assert [e["step"] for e in scored["evals"] if "answers" in e] == [2, 4]
+    assert plain["answers"] is None and all("answers" not in e for e in plain["evals"])
+    ours = {g["category"]: g for g in scored["answers"]["groups"]}
+    assert {c: g["rows"] for c, g in ours.items()} == {"image_shape": 12, "audio_pitch": 12}
+
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_train.cli", "eval", str(tmp_path / "scored"), "--data",
+         str(root), "--metrics", "loss,exact,generate", "--max-new-tokens", str(NEW),
+         "--json", str(out), "stage=learn", "model=tiny"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    theirs = {g["category"]: g for g in json.loads(out.read_text())["groups"]}
+    assert ours.keys() == theirs.keys()
+    for category, g in theirs.items():
+        mine = ours[category]
+        for key in ("rows", "failed", "answer_tokens", "exact", "generated_rows"):
+            assert mine[key] == g[key], (category, key)
+        assert mine["generate_exact"] == g["generate_exact"], category
+        assert mine["loss"] == pytest.approx(g["loss"], rel=1e-5), category
+
+
+def test_heldout_rows_take_a_row_from_each_group_in_turn(tmp_path):
+    from omni_train.config import compose_job
+    from omni_train.inference.evaluate import heldout_rows
+
+    root = tmp_path / "learn"
+    prepare.synthesize(root, 8, 0, flavour="learn", tasks=["image_colour", "image_shape"])
+
+    def rows(*overrides):
+        cfg = compose_job(["stage=learn", "model=tiny", f"data.path={root}/learn.yaml",
+                           *overrides])  # fmt: skip
+        return [(r.source, r.category) for r in heldout_rows(cfg)]
+
+    # the stage's own datasets (learn.yaml's image folder), in turn: colour, shape, colour, ...
+    got = rows("trainer.eval_answers.num_samples=5")
+    assert got == [("image", "image_colour"), ("image", "image_shape")] * 2 + [
+        ("image", "image_colour")
+    ]
+    # more than there are: every row once (12 per task)
+    assert len(rows("trainer.eval_answers.num_samples=100")) == 24
+    only = rows(
+        "trainer.eval_answers.num_samples=3", "trainer.eval_answers.categories=[image_shape]"
+    )
+    assert only == [("image", "image_shape")] * 3
+    with pytest.raises(ValueError, match=r"no rows in .* of categories \['audio_pitch'\]"):
+        rows("trainer.eval_answers.num_samples=3", "trainer.eval_answers.categories=[audio_pitch]")

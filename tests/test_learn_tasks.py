@@ -18,8 +18,8 @@ from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools import prepare
 from omni_train.datatools.learn_tasks import MEDIA_MODES, TASKS, task_samples
 from omni_train.datatools.prepare import RawSample, task_items
+from omni_train.inference.evaluate import last_answer_mask
 from omni_train.stage import report
-from omni_train.stage.probe import answer_mask, score
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_task_samples_are_balanced_deterministic_and_noise_keeps_the_token_count
         assert er.tokens.shape == en.tokens.shape
         assert et.tokens.shape[0] < er.tokens.shape[0]
         # the answer span is exactly the answer's tokens
-        mask = answer_mask(er.labels[None], er.loss_mask[None], tok.specials.im_end)[0]
+        mask = last_answer_mask(er.labels[None], er.loss_mask[None], tok.specials.im_end)[0]
         assert tok.hf.decode(er.labels[mask].tolist()) == r.truth["answer"]
 
 
@@ -141,36 +141,52 @@ def test_learn_dataset_has_balanced_val_splits_and_a_metadataset(tmp_path):
         prepare.synthesize(tmp_path / "x", 10, 0, media="noise")
 
 
-def test_score_counts_exact_answers_tokens_and_loss():
-    labels = torch.tensor([[5, 7, 8, 2], [5, 9, 2, 0]])
-    loss_mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.float32)
-    mask = answer_mask(labels, loss_mask, im_end=2)
-    assert mask.tolist() == [[False, True, True, False], [False, True, False, False]]
-    logits = torch.full((2, 4, 10), -10.0)
-    logits[0, 1, 7] = logits[0, 2, 3] = 10.0  # row 0: first answer token right, second wrong
-    logits[1, 1, 9] = 10.0  # row 1: its one answer token right
-    out = score(logits, labels, mask)
-    assert out["exact"] == [False, True] and out["right"] == [1, 1] and out["tokens"] == [2, 1]
-    expected = torch.nn.functional.cross_entropy(logits[0, 2], labels[0, 2])
-    assert out["loss"][0] == pytest.approx(expected.item() + out["loss"][1], rel=1e-6)
+def test_the_answer_span_is_the_last_assistant_turn_less_its_end_of_turn():
+    labels = torch.tensor([[5, 7, 8, 2, 0, 0], [5, 9, 2, 4, 6, 2]])
+    # row 1: two assistant turns ([9, 2] and [6, 2]) around a user token 4
+    loss_mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 1, 1]], dtype=torch.float32)
+    mask = last_answer_mask(labels, loss_mask, im_end=2)
+    assert mask.tolist() == [
+        [False, True, True, False, False, False],
+        [False, False, False, False, True, False],
+    ]
 
 
-def test_summary_table_reports_answer_accuracy_of_probed_stages():
+def _answers(**accuracy: float) -> dict:
+    """A stage's answer metrics (omni_train.inference.evaluate's result) with these tasks'
+    generation exact match."""
+    groups = [{"source": "x", "category": t, "rows": 12, "exact": 0.0, "generate_exact": a}
+              for t, a in accuracy.items()]  # fmt: skip
+    return {"metrics": ["exact", "generate"], "groups": groups, "total": {}}
+
+
+def test_summary_table_reports_answer_accuracy_after_each_scored_stage():
     m = {
         "step": 6, "train_steps": 6, "tokens": 1, "final_loss": 1.0, "eval_loss": 1.0,
         "trainable_parameters": 1, "job_time_s": 1.0,
     }  # fmt: skip
-    answers = {
-        "image_colour": {"accuracy": 0.5, "chance": 1 / 6},
-        "audio_pitch": {"accuracy": 1.0, "chance": 0.25},
-    }
+    audio = {"datasets": ["/r/audio"]}
     stages = [
-        {**m, "stage": "stage0_vision_projector_warmup", "answers": answers},
+        {**m, "stage": "stage0_vision_projector_warmup",
+         "answers": _answers(image_colour=0.5, audio_pitch=1.0, text=0.0)},
         {**m, "stage": "stage1_vision_sft_16k"},
-    ]
+        {**m, "stage": "stage2_audio", "data": audio,
+         "answers": _answers(image_colour=0.25, audio_pitch=0.5)},
+    ]  # fmt: skip
     text = report.summary_table(stages)
     table, per_task = text.split("\n\n")
-    assert "answer acc" in table.splitlines()[0]
-    assert "75.0%" in table.splitlines()[2] and table.splitlines()[3].split()[5] == "-"
-    assert per_task.splitlines()[0].split() == ["answer", "accuracy", "chance", "stage0"]
-    assert per_task.splitlines()[2].split() == ["image_colour", "16.7%", "50.0%"]
+    lines = table.splitlines()
+    assert "answer acc" in lines[0]
+    # the mean over learnability tasks only (the text group is not one)
+    assert "75.0%" in lines[2] and lines[3].split()[5] == "-" and "37.5%" in lines[4]
+    per = per_task.splitlines()
+    assert per[0].split() == ["answer", "accuracy", "chance", "stage0", "stage2"]
+    assert per[2].split() == ["image_colour", "16.7%", "50.0%", "25.0%"]
+    assert per[3].split() == ["audio_pitch", "25.0%", "100.0%", "50.0%"]
+    assert per[4:] == [
+        "forgotten:",
+        "stage2_audio: image_colour 25.0%, was 50.0% after stage0_vision_projector_warmup "
+        "(its blend does not hold it)",
+        "stage2_audio: audio_pitch 50.0%, was 100.0% after stage0_vision_projector_warmup "
+        "(its blend holds it)",
+    ]

@@ -80,9 +80,39 @@ def _absolute(var: str, path: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def resolve_blend(name: str, paths: Mapping[str, str | os.PathLike]) -> dict[str, Any]:
-    """Blend ``name`` as a plain dict, every path variable replaced by an absolute path."""
-    raw = _raw(name)
+def _split_entries(raw: dict[str, Any], multi: Mapping[str, list]) -> tuple[dict, dict]:
+    """``raw`` with every entry of a variable in ``multi`` (variable -> several datasets) split
+    into one entry per dataset, ``var__0``, ``var__1``, ..., sharing its weight evenly (the
+    same subflavors); and those variables' paths."""
+    out = dict(raw, splits={})
+    for split, body in raw.get("splits", {}).items():
+        entries = []
+        for e in body["blend"]:
+            m = _VARIABLE.fullmatch(str(e["path"]))
+            if m is None or m.group(1) not in multi:
+                entries.append(e)
+                continue
+            targets = multi[m.group(1)]
+            weight = float(e["weight"]) / len(targets)
+            entries += [dict(e, path=f"${{{m.group(1)}__{i}}}", weight=weight)
+                        for i in range(len(targets))]  # fmt: skip
+        out["splits"][split] = dict(body, blend=entries)
+    paths = {f"{var}__{i}": p for var, targets in multi.items() for i, p in enumerate(targets)}
+    return out, paths
+
+
+def resolve_blend(
+    name: str, paths: Mapping[str, str | os.PathLike | list[str]], temperature: float = 1.0
+) -> dict[str, Any]:
+    """Blend ``name`` as a plain dict, every path variable replaced by an absolute path. A
+    variable given a list of paths (the synthetic map's stand-ins) becomes one entry per path,
+    sharing the entry's weight evenly. The weights are :func:`tempered` first."""
+    raw = tempered(_raw(name), temperature)
+    multi = {v: list(p) for v, p in paths.items() if isinstance(p, list | tuple)}
+    if multi:
+        needed = set(_variables(raw, name))
+        raw, split = _split_entries(raw, {v: p for v, p in multi.items() if v in needed})
+        paths = {**{v: p for v, p in paths.items() if v not in multi or v not in needed}, **split}
     needed = _variables(raw, name)
     missing = sorted(set(needed) - set(paths))
     unknown = sorted(set(paths) - set(needed))
@@ -109,22 +139,28 @@ def resolve_blend(name: str, paths: Mapping[str, str | os.PathLike]) -> dict[str
     return resolved
 
 
-def synthetic_paths(name: str, root: str | Path) -> dict[str, str]:
-    """Each variable of blend ``name`` -> ``root/<synthetic category>`` (``synthetic.yaml``)."""
+def synthetic_paths(name: str, root: str | Path) -> dict[str, str | list[str]]:
+    """Each variable of blend ``name`` -> ``root/<synthetic category>`` (``synthetic.yaml``),
+    or a list of them where the map names several categories for one variable."""
     mapping = OmegaConf.to_container(OmegaConf.load(BLENDS_DIR / f"{_SYNTHETIC_MAP}.yaml"))
-    out = {}
+    out: dict[str, str | list[str]] = {}
     for var in blend_variables(name):
-        category = mapping.get(var)
-        if category not in SYNTHETIC_CATEGORIES:
+        categories = mapping.get(var)
+        listed = categories if isinstance(categories, list) else [categories]
+        bad = [c for c in listed if c not in SYNTHETIC_CATEGORIES]
+        if bad or not listed:
             raise ValueError(
-                f"{_SYNTHETIC_MAP}.yaml maps {var!r} to {category!r}; "
-                f"want one of {', '.join(SYNTHETIC_CATEGORIES)}"
+                f"{_SYNTHETIC_MAP}.yaml maps {var!r} to {categories!r}; "
+                f"want one or a list of {', '.join(SYNTHETIC_CATEGORIES)}"
             )
-        out[var] = str(Path(root) / category)
+        found = [str(Path(root) / c) for c in listed]
+        out[var] = found if isinstance(categories, list) else found[0]
     return out
 
 
-def job_paths(name: str, paths: Mapping[str, str], synthetic_root: str | None) -> dict[str, str]:
+def job_paths(
+    name: str, paths: Mapping[str, str], synthetic_root: str | None
+) -> dict[str, str | list[str]]:
     """The variables a job gives blend ``name``: ``data.paths``, and for every variable not
     set there, the synthetic category under ``data.synthetic_root`` (when set)."""
     out = dict(paths)
@@ -144,22 +180,56 @@ def dataset_dirs(resolved: dict[str, Any]) -> list[str]:
     return found
 
 
+def stage_dataset_dirs(
+    blend: str | None, paths: Mapping[str, str], synthetic_root: str | None, path: str | None
+) -> list[str]:
+    """The dataset folders a job's data config names: ``data.path`` (one dataset, or a
+    metadataset file: its entries, relative to the file's folder), else the blend's resolved
+    paths (``data.blend``, ``data.paths``, ``data.synthetic_root``)."""
+    if path is None:
+        return dataset_dirs(resolve_blend(blend, job_paths(blend, paths, synthetic_root)))
+    if not Path(path).is_file():
+        return [path]
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    found = dataset_dirs(doc)
+    return [p if _URL.match(p) else str(Path(path).parent / p) for p in found]
+
+
 class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
 
+def tempered(resolved: dict[str, Any], temperature: float) -> dict[str, Any]:
+    """``resolved`` with every split's weights ``w`` replaced by ``w ** (1 / temperature)``
+    (temperature sampling, as multilingual LMs balance their languages: 1 keeps the blend,
+    larger values flatten it towards one weight per entry; the entries stay the same)."""
+    if temperature == 1.0:
+        return resolved
+    out = dict(resolved, splits={})
+    for split, body in resolved.get("splits", {}).items():
+        entries = [dict(e, weight=float(e["weight"]) ** (1.0 / temperature)) for e in body["blend"]]
+        out["splits"][split] = dict(body, blend=entries)
+    return out
+
+
 def write_metadataset(
-    name: str, paths: Mapping[str, str | os.PathLike], out_dir: str | Path
+    name: str,
+    paths: Mapping[str, str | os.PathLike],
+    out_dir: str | Path,
+    temperature: float = 1.0,
 ) -> Path:
-    """Write the resolved blend to ``out_dir/<name>.yaml`` (atomically) and return its path."""
-    resolved = resolve_blend(name, paths)
+    """Write the resolved blend (its weights :func:`tempered`) to ``out_dir/<name>.yaml``
+    (atomically) and return its path."""
+    resolved = resolve_blend(name, paths, temperature)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}.yaml"
     if target.resolve() == (BLENDS_DIR / f"{name}.yaml").resolve():
         raise ValueError(f"refusing to overwrite the blend source {target}")
     text = f"# Generated from {BLENDS_DIR / name}.yaml by omni_train.config.blends; do not edit.\n"
+    if temperature != 1.0:
+        text += f"# Weights tempered: w ** (1 / {temperature}) (data.blend_temperature).\n"
     text += yaml.dump(resolved, Dumper=_NoAliasDumper, sort_keys=False, width=100)
     # Several ranks may write the same file at once: write aside, then rename over the target.
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")

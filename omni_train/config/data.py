@@ -107,6 +107,10 @@ class DataConfig:
     # from model.vision.video_patch_budgets; the same markers and frame labels otherwise.
     layout: str = "processor"
     blend: str | None = None
+    # Temperature sampling over the blend's entries: each weight w becomes w ** (1 / T).
+    # 1: the blend as written; larger: flatter (every entry drawn more evenly). Only the tiny
+    # CPU overlay sets it (recipes/scale/tiny/_common.yaml says why).
+    blend_temperature: float = 1.0
     paths: dict[str, str] = field(default_factory=dict)
     path: str | None = None
     # Dataset root of `omni-train data synth`; with `blend`, every blend variable not in
@@ -134,6 +138,8 @@ class DataConfig:
     packing: PackingConfig = field(default_factory=PackingConfig)
 
     def __post_init__(self) -> None:
+        if not self.blend_temperature > 0:
+            raise ValueError(f"data.blend_temperature={self.blend_temperature} must be > 0")
         if self.over_long not in ("skip", "truncate"):
             raise ValueError(f"data.over_long={self.over_long!r}; valid: skip, truncate")
         if self.layout not in LAYOUTS:

@@ -46,6 +46,49 @@ class OptimizerConfig:
             raise ValueError("optimizer.weight_decay and optimizer.clip_grad must be >= 0")
 
 
+# what ``omni-train eval --metrics`` and ``trainer.eval_answers.metrics`` choose from
+# (omni_train.inference.evaluate defines each)
+ANSWER_METRICS = ("loss", "exact", "generate", "wer")
+
+
+@dataclass
+class AnswerEvalConfig:
+    """Answer metrics at every evaluation (``trainer.eval_interval`` and the stage's end): the
+    metrics of ``omni-train eval`` (:mod:`omni_train.inference.evaluate`) on a fixed set of
+    held-out rows, in the training processes, on the weights being trained.
+
+    The rows: the val split (``data.eval_split``) of ``data`` (a JSONL file, a converted
+    dataset or a folder of them), or, when it is None, of every dataset the stage trains on,
+    read once at the start; ``num_samples`` rows in all, spread evenly over the (source,
+    category) groups, the first rows of each group in file order (the same rows at every
+    evaluation and after a resume). ``categories``: only these categories (a row's ``task`` /
+    ``category`` field, else its modality mix); empty: all. Generation is greedy, at most
+    ``max_new_tokens`` per row, in batches of ``batch_size`` rows, with sequence parallelism
+    switched off for its duration; it needs ``parallel.cp=1`` and ``parallel.pp=1``.
+    """
+
+    num_samples: int = 0  # 0: no answer metrics
+    metrics: list[str] = field(default_factory=lambda: ["loss", "exact", "generate"])
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    data: str | None = None
+    media: str | None = None  # a JSONL's media folder (default: the JSONL's own)
+    categories: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0:
+            raise ValueError(f"trainer.eval_answers.num_samples={self.num_samples} must be >= 0")
+        positive(
+            "trainer.eval_answers", max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+        )
+        unknown = sorted(set(self.metrics) - set(ANSWER_METRICS))
+        if unknown or not self.metrics:
+            raise ValueError(
+                f"trainer.eval_answers.metrics={list(self.metrics)}: unknown {unknown}; choose "
+                f"from {', '.join(ANSWER_METRICS)}"
+            )
+
+
 @dataclass
 class TrainerConfig:
     train_steps: int = 10
@@ -57,6 +100,7 @@ class TrainerConfig:
     eval_iters: int = 2  # micro-batches of held-out data evaluated at the end
     eval_interval: int = 0  # also evaluate every this many steps (0: only at the end)
     eval_at_start: bool = False  # also evaluate before the first step (checks a handoff)
+    eval_answers: AnswerEvalConfig = field(default_factory=AnswerEvalConfig)
     # Stop this run (with a checkpoint) after this many steps, as a time-limited allocation
     # would; a later run resumes. 0: run to train_steps. The LR schedule is unaffected.
     exit_after_steps: int = 0

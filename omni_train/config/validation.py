@@ -265,8 +265,7 @@ def check_data(cfg: JobConfig) -> None:
                 f"data.blend={d.blend!r} is not in {blends.BLENDS_DIR}; valid: "
                 f"{', '.join(blends.available_blends())}"
             )
-        paths = blends.job_paths(d.blend, d.paths, d.synthetic_root)
-        dirs = blends.dataset_dirs(blends.resolve_blend(d.blend, paths))
+        dirs = blends.stage_dataset_dirs(d.blend, d.paths, d.synthetic_root, None)
     hint = (
         f"; create it with: omni-train data synth --out {d.synthetic_root}"
         if d.synthetic_root
@@ -307,6 +306,30 @@ def _check_splits(path: Path, cfg: JobConfig) -> None:
         )
 
 
+def check_answers(cfg: JobConfig, files: bool = True) -> None:
+    """``trainer.eval_answers``: generation runs the whole model in every process, without
+    context or pipeline parallelism, on conversations."""
+    a = cfg.trainer.eval_answers
+    if a.num_samples == 0:
+        return
+    p = cfg.parallel
+    if p.cp > 1 or p.pp > 1:
+        raise ValueError(
+            f"trainer.eval_answers.num_samples={a.num_samples} needs parallel.cp=1 and "
+            f"parallel.pp=1 (got cp={p.cp}, pp={p.pp}): megatron's static Mamba decode has no "
+            "context parallelism; set trainer.eval_answers.num_samples=0 and run omni-train "
+            "eval on the stage's checkpoint with TP / EP instead"
+        )
+    if a.data is None and cfg.data.kind != "energon":
+        raise ValueError(
+            f"trainer.eval_answers.num_samples={a.num_samples} on data.kind={cfg.data.kind!r}: "
+            "synthetic token sequences have no conversations to answer; set "
+            "trainer.eval_answers.data=FILE.jsonl|DATASET or num_samples=0"
+        )
+    if files and a.data is not None and "://" not in a.data and not Path(a.data).exists():
+        raise ValueError(f"trainer.eval_answers.data={a.data} does not exist")
+
+
 def check_platform(cfg: JobConfig, platform: Platform) -> None:
     """What the chosen building blocks can run; called once each rank knows its platform
     (``omni_train.platform.setup``), before the model is built."""
@@ -338,3 +361,4 @@ def validate(cfg: JobConfig, world_size: int, *, data: bool = True) -> None:
         check_data(cfg)  # after the config-only checks: it reads the filesystem
     check_stage(cfg)
     check_recompute(cfg)
+    check_answers(cfg, files=data)

@@ -69,7 +69,8 @@ def metadataset_path(cfg: JobConfig) -> Path:
     if d.path is not None:
         return Path(d.path)
     paths = blends.job_paths(d.blend, d.paths, d.synthetic_root)
-    return blends.write_metadataset(d.blend, paths, Path(cfg.checkpoint.output_dir) / "data")
+    out = Path(cfg.checkpoint.output_dir) / "data"
+    return blends.write_metadataset(d.blend, paths, out, d.blend_temperature)
 
 
 def pad_multiples(cfg: JobConfig) -> tuple[int, int]:

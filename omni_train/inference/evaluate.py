@@ -47,13 +47,21 @@ import torch
 
 from omni_train.checkpoint import check_model_fingerprint
 from omni_train.config import JobConfig, config_hash
+from omni_train.config.blends import stage_dataset_dirs
 from omni_train.data.conversation import SampleError, parse_conversation
 from omni_train.data.loader import task_encoder, to_device
 from omni_train.data.task_encoder import Conversation, cook_raw
 from omni_train.datatools.convert import ConvertError
 from omni_train.datatools.prepare import STAMP, read_raw
 from omni_train.inference import metrics as m
-from omni_train.inference.generate import answer_rows, generation_config, iter_jsonl, loaded_model
+from omni_train.inference.generate import (
+    answer_rows,
+    generation_config,
+    generation_view,
+    iter_jsonl,
+    loaded_model,
+)
+from omni_train.inference.layout import without_sequence_parallel
 from omni_train.inference.metrics import METRICS, parse_metrics
 from omni_train.inference.sampling import SamplingConfig
 from omni_train.log import install_filters
@@ -99,8 +107,11 @@ def _row(source: str, key: str, conv: Conversation, doc: dict) -> EvalRow:
     return EvalRow(source, key, None if error else conv, category, asr, error)
 
 
-def read_eval_rows(data: str | Path, media_root: str | Path | None) -> list[EvalRow]:
-    """The rows of ``data`` (module docstring) with their source and category."""
+def read_eval_rows(
+    data: str | Path, media_root: str | Path | None, split: str = "val"
+) -> list[EvalRow]:
+    """The rows of ``data`` (module docstring; a dataset's ``split``) with their source and
+    category."""
     data = Path(data)
     rows: list[EvalRow] = []
     if data.is_file():
@@ -121,7 +132,7 @@ def read_eval_rows(data: str | Path, media_root: str | Path | None) -> list[Eval
     if not folders:
         raise ValueError(f"{data} is neither a JSONL file nor a converted dataset (no {STAMP})")
     for folder in folders:
-        for key, members in read_raw(folder, "val"):
+        for key, members in read_raw(folder, split):
             try:
                 doc = json.loads(members["json"])
             except (KeyError, ValueError):
@@ -144,7 +155,8 @@ def last_answer_mask(labels: torch.Tensor, loss_mask: torch.Tensor, im_end: int)
 
 @torch.no_grad()
 def teacher_forced(model, encoder, convs: list, device) -> list[dict]:
-    """Per conversation: {exact, tokens, loss} (summed loss over the answer tokens)."""
+    """Per conversation: {exact, right, tokens, loss}: whether every answer token is the argmax,
+    how many are, how many there are, and their summed loss."""
     batch = to_device(encoder.batch([encoder.encode(c) for c in convs]), device)
     logits = model(
         input_ids=batch.tokens,
@@ -160,7 +172,7 @@ def teacher_forced(model, encoder, convs: list, device) -> list[dict]:
     )
     counts = mask.sum(1)
     return [
-        {"exact": bool(h == c) and int(c) > 0, "tokens": int(c), "loss": float(ls)}
+        {"exact": bool(h == c) and int(c) > 0, "right": int(h), "tokens": int(c), "loss": float(ls)}
         for h, c, ls in zip(hit.sum(1), counts, (losses * mask).sum(1), strict=True)
     ]
 
@@ -171,6 +183,7 @@ class Group:
     failed: Counter = field(default_factory=Counter)
     tf_rows: int = 0
     tf_exact: int = 0
+    tf_right: int = 0  # answer tokens that are the argmax
     tokens: int = 0
     loss_sum: float = 0.0
     gen_rows: int = 0
@@ -180,7 +193,7 @@ class Group:
     chars: m.EditCounts = field(default_factory=m.EditCounts)
 
     def add(self, o: Group) -> None:
-        for name in ("rows", "tf_rows", "tf_exact", "tokens", "loss_sum", "gen_rows"):
+        for name in ("rows", "tf_rows", "tf_exact", "tf_right", "tokens", "loss_sum", "gen_rows"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         self.gen_exact += o.gen_exact
         self.asr_rows += o.asr_rows
@@ -198,6 +211,7 @@ class Group:
             out["answer_tokens"] = self.tokens
         if "exact" in wanted:
             out["exact"] = self.tf_exact / self.tf_rows if self.tf_rows else None
+            out["token_accuracy"] = self.tf_right / self.tokens if self.tokens else None
         if "generate" in wanted:
             out["generated_rows"] = self.gen_rows
             out["generate_exact"] = self.gen_exact / self.gen_rows if self.gen_rows else None
@@ -251,6 +265,7 @@ def evaluate(
                 rec.update(answer_tokens=s["tokens"], loss=s["loss"], exact=s["exact"])
                 g.tf_rows += 1
                 g.tf_exact += s["exact"]
+                g.tf_right += s["right"]
                 g.tokens += s["tokens"]
                 g.loss_sum += s["loss"]
     gen_rows = live
@@ -292,6 +307,58 @@ def evaluate(
         "total": total.report(wanted),
     }
     return result, records
+
+
+def heldout_rows(cfg: JobConfig) -> list[EvalRow]:
+    """The rows ``trainer.eval_answers`` scores (:class:`~omni_train.config.training.
+    AnswerEvalConfig`): its ``data`` or the stage's own datasets, split ``data.eval_split``,
+    only ``categories`` (when set), ``num_samples`` in all, taken a row from each (source,
+    category) group in turn (groups in reading order, rows in file order)."""
+    a, d = cfg.trainer.eval_answers, cfg.data
+    if a.data is not None:
+        rows = read_eval_rows(a.data, a.media, d.eval_split)
+    else:
+        dirs = stage_dataset_dirs(d.blend, d.paths, d.synthetic_root, d.path)
+        rows = [r for folder in dirs for r in read_eval_rows(folder, None, d.eval_split)]
+    if a.categories:
+        rows = [r for r in rows if r.category in a.categories]
+    groups: dict[tuple[str, str], list[EvalRow]] = {}
+    for r in rows:
+        groups.setdefault((r.source, r.category), []).append(r)
+    if not groups:
+        where = a.data or f"the stage's datasets ({d.eval_split} split)"
+        raise ValueError(
+            f"trainer.eval_answers: no rows in {where}"
+            + (f" of categories {list(a.categories)}" if a.categories else "")
+        )
+    chosen: list[EvalRow] = []
+    queues = [list(g) for g in groups.values()]
+    while len(chosen) < a.num_samples and any(queues):
+        for q in queues:
+            if q and len(chosen) < a.num_samples:
+                chosen.append(q.pop(0))
+    return chosen
+
+
+def answer_metrics(model, cfg: JobConfig, rows: list[EvalRow]) -> dict:
+    """``trainer.eval_answers``' metrics of ``model`` (the ``OmniModel`` being trained, in any
+    mode, built with the stage's layout) on ``rows``: :func:`evaluate`'s result. Runs in eval
+    mode with sequence parallelism off, then puts both back; the RNG streams are forked, so a
+    stage trains the same with or without it."""
+    a = cfg.trainer.eval_answers
+    sampling = SamplingConfig(max_new_tokens=a.max_new_tokens)
+    device = next(model.parameters()).device
+    was_training = model.training
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), without_sequence_parallel(model):
+        model.eval()
+        try:
+            result, _ = evaluate(
+                model, generation_view(cfg), rows, a.metrics, sampling, a.batch_size, device
+            )
+        finally:
+            model.train(was_training)
+    return result
 
 
 def _fmt(value, pct: bool = False) -> str:

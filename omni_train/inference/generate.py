@@ -161,10 +161,14 @@ def generate_no_cache(
 
 
 def generation_config(overrides: list[str]) -> JobConfig:
-    """The stage's config (its overrides) as generation builds it: sequence parallel off,
-    unpacked rows, no loader workers. Context or pipeline parallel is refused (megatron's
-    static Mamba decode asserts no CP; the loop runs the whole model in each process)."""
-    cfg = compose_job(overrides)
+    """The stage's config (its overrides) as generation builds it (:func:`generation_view`)."""
+    return generation_view(compose_job(overrides))
+
+
+def generation_view(cfg: JobConfig) -> JobConfig:
+    """``cfg`` as generation runs it: sequence parallel off, unpacked rows, no loader workers.
+    Context or pipeline parallel is refused (megatron's static Mamba decode asserts no CP; the
+    loop runs the whole model in each process)."""
     parallel = generation_parallel(cfg.parallel)
     data = dataclasses.replace(
         cfg.data, packing=dataclasses.replace(cfg.data.packing, enabled=False), num_workers=0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import jiwer
 
-METRICS = ("loss", "exact", "generate", "wer")  # what ``omni-train eval --metrics`` selects
+from omni_train.config.training import ANSWER_METRICS as METRICS  # what --metrics selects
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:

@@ -13,20 +13,18 @@ deletes that stage's folder and every later one, and runs them again.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_train.checkpoint import read_manifest, write_manifest
+from omni_train.checkpoint import read_manifest
 from omni_train.config import JobConfig, compose_job, config_hash, validate
 from omni_train.config.compose import available
 from omni_train.datatools import prepare
-from omni_train.datatools.prepare import task_items
 from omni_train.lifecycle import EXIT_INTERRUPTED
-from omni_train.stage.launch import QUIET_MODULE, run_ranks, torchrun
+from omni_train.stage.launch import run_ranks
 from omni_train.stage.report import write_report
 from omni_train.training.metrics import GROUP_ENV, TOKENS_AFTER_ENV
 
@@ -130,19 +128,16 @@ def _ensure_synthetic(cfg: JobConfig) -> None:
         prepare.synthesize(root, prepare.DEFAULT_SAMPLES[flavour], 0, flavour=flavour)
 
 
-PROBE_AFTER = (0, 3, 6)  # after the vision warmup, the audio encoder, the last stage
-
-
 def run(
     run_dir: Path,
     overrides: list[str],
     nproc: int,
     from_stage: str | None = None,
-    probe_after: tuple[int, ...] = PROBE_AFTER,
 ) -> list[dict]:
-    """Run the curriculum; returns each stage's manifest (in order). On learnability data
-    (``data.synthetic_flavour=learn``) the stages of index ``probe_after`` are scored by the
-    answer probe once they complete (``answers`` in their manifest)."""
+    """Run the curriculum; returns each stage's manifest (in order). A stage whose recipe sets
+    ``trainer.eval_answers`` scores its weights at its end, in its own job (``answers`` in its
+    manifest; the tiny overlay scores every stage on the learnability tasks), and the summary
+    shows the accuracy per task after every such stage."""
     stages = plan(run_dir, overrides, nproc, from_stage)
     for stage in stages:
         if stage.action == "rerun":
@@ -169,9 +164,6 @@ def run(
                 "once it is fixed: completed stages are skipped"
             )
         print(f"omni-train curriculum: {stage.name} took {time.time() - started:.0f} s", flush=True)
-    for i, stage in enumerate(stages):
-        if i in probe_after:
-            _probe(stage)
     manifests = [read_manifest(s.output_dir) for s in stages]
     for m, s in zip(manifests, stages, strict=True):
         m["curriculum_action"] = s.action
@@ -179,28 +171,6 @@ def run(
     page = write_report(run_dir)
     print(f"omni-train curriculum: report {page}", flush=True)
     return manifests
-
-
-def _probe(stage: PlannedStage) -> None:
-    """Score a completed stage on its data root's held-out learnability questions (in a process
-    of its own: omni_train.stage.probe) and record the result in its manifest, once."""
-    data = stage.cfg.data
-    manifest = read_manifest(stage.output_dir)
-    if data.synthetic_flavour != "learn" or not data.synthetic_root or "answers" in manifest:
-        return
-
-    if not task_items(data.synthetic_root):
-        root = data.synthetic_root
-        print(f"omni-train curriculum: no answer probe of {stage.name}: {root} holds no "
-              "learnability tasks (general synthetic data?)", flush=True)  # fmt: skip
-        return
-    result = stage.output_dir / "probe.json"
-    print(f"omni-train curriculum: answer probe of {stage.name}", flush=True)
-    target = [*QUIET_MODULE, "omni_train.stage.probe", str(stage.output_dir), "--data",
-              data.synthetic_root]  # fmt: skip
-    torchrun(1, *target, "--json", str(result), *stage.overrides, timeout=None, capture=False)
-    manifest["answers"] = json.loads(result.read_text())
-    write_manifest(stage.output_dir, manifest)
 
 
 def _stage_tokens(cfg: JobConfig) -> int:

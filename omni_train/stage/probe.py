@@ -1,5 +1,7 @@
 """``omni-train probe``: how well a trained model answers the learnability tasks' held-out
-questions (:mod:`omni_train.datatools.learn_tasks`), task by task.
+questions (:mod:`omni_train.datatools.learn_tasks`), task by task: ``omni-train eval``'s
+teacher-forced metrics (:mod:`omni_train.inference.evaluate`) on a learnability root, grouped
+by task, with each task's chance.
 
 For every val sample of every task under a dataset root (``omni-train data synth --flavour
 learn``), the model reads the sample as training does (the same task encoder: tokens, media,
@@ -14,8 +16,8 @@ end-of-turn token:
 - ``loss``: mean cross-entropy over answer tokens.
 
 It runs in one process (world size 1, unpacked rows) on the weights of any parallel layout:
-the checkpoint is resharded on load. Off the training path: the curriculum calls it after
-chosen stages (in a process of its own), the learnability benchmark after each run.
+the checkpoint is resharded on load. Off the training path: the learnability benchmark calls
+it after each run; a stage scores itself while it trains with ``trainer.eval_answers``.
 
     omni-train probe CHECKPOINT --data ROOT [--json OUT] [overrides: model=tiny ...]
 """
@@ -30,79 +32,51 @@ from pathlib import Path
 
 import torch
 
-from omni_train import platform as omni_platform
 from omni_train.checkpoint import check_model_fingerprint
-from omni_train.checkpoint.io import load_weights
 from omni_train.config import JobConfig, compose_job, config_hash
 from omni_train.config.parallel import ParallelConfig
-from omni_train.data.loader import task_encoder, to_device
-from omni_train.data.task_encoder import cook_raw
 from omni_train.datatools.learn_tasks import TASKS
-from omni_train.datatools.prepare import task_items
+from omni_train.inference.evaluate import EvalRow, evaluate, read_eval_rows
+from omni_train.inference.generate import loaded_model
 from omni_train.log import install_filters
-from omni_train.model.assembly import build_model
-from omni_train.parallel import destroy_parallel, init_parallel
 
 
-def answer_mask(labels: torch.Tensor, loss_mask: torch.Tensor, im_end: int) -> torch.Tensor:
-    """[b, s] bool: positions whose label is an answer token (loss-bearing, not end-of-turn).
-    A learnability sample has one assistant turn, so this is its answer."""
-    return (loss_mask > 0) & (labels != im_end)
-
-
-@torch.no_grad()
-def score(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> dict[str, list]:
-    """Per row of ``logits`` [b, s, V] (the whole vocabulary): whether every answer token is
-    the argmax, the number of answer tokens right and in all, and their summed loss."""
-    logits = logits.float()
-    hit = (logits.argmax(-1) == labels) & mask
-    losses = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), labels, reduction="none"
-    )  # [b, s]
-    counts = mask.sum(1)
-    if bool((counts == 0).any()):
-        raise ValueError("a learnability sample without answer tokens")
-    return {
-        "exact": (hit.sum(1) == counts).tolist(),
-        "right": hit.sum(1).tolist(),
-        "tokens": counts.tolist(),
-        "loss": (losses * mask).sum(1).tolist(),
-    }
+def task_rows(root: str | Path) -> list[EvalRow]:
+    """Every learnability task's val rows under ``root`` (tasks' folders in name order)."""
+    folders = sorted({t.category for t in TASKS.values()})
+    rows = [r for f in folders if (Path(root) / f).is_dir() for r in read_eval_rows(Path(root) / f)]
+    return [r for r in rows if r.category in TASKS]
 
 
 def evaluate_answers(
     model, cfg: JobConfig, root: str | Path, device: torch.device, batch_size: int = 16
 ) -> dict[str, dict]:
-    """Score ``model`` (an :class:`~omni_train.model.omni.OmniModel`, world size 1) on every
+    """Score ``model`` (an :class:`~omni_train.model.omni.OmniModel` in eval mode) on every
     task's val samples under ``root``; {task: accuracy, token_accuracy, loss, num_samples,
-    chance}."""
-    encoder = task_encoder(cfg, training=False)
-    im_end = encoder.tok.specials.im_end
-    model.eval()
-    results = {}
-    for task, items in task_items(root).items():
-        total: dict[str, list] = {"exact": [], "right": [], "tokens": [], "loss": []}
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            samples = [encoder.encode(cook_raw(k, m, c)) for k, m, c, _ in chunk]
-            batch = to_device(encoder.batch(samples), device)
-            logits = model(
-                input_ids=batch.tokens,
-                position_ids=batch.position_ids,
-                attention_mask=None,
-                media=batch.media,
-            )
-            rows = score(logits, batch.labels, answer_mask(batch.labels, batch.loss_mask, im_end))
-            for name, values in rows.items():
-                total[name] += values
-        results[task] = {
-            "accuracy": sum(total["exact"]) / len(items),
-            "token_accuracy": sum(total["right"]) / sum(total["tokens"]),
-            "loss": sum(total["loss"]) / sum(total["tokens"]),
-            "num_samples": len(items),
-            "chance": TASKS[task].chance,
+    chance}, tasks in :data:`TASKS` order."""
+    rows = task_rows(root)
+    if not rows:
+        raise ValueError(
+            f"{root} holds no learnability task samples; make them with "
+            f"omni-train data synth --flavour learn --out {root}"
+        )
+    result, _ = evaluate(model, cfg, rows, ("loss", "exact"), batch_size=batch_size, device=device)
+    groups = {g["category"]: g for g in result["groups"]}
+    for g in groups.values():
+        if g["failed"]:
+            failed = g["failed"]
+            raise ValueError(f"learnability rows of {g['category']} could not be read: {failed}")
+    return {
+        task: {
+            "accuracy": groups[task]["exact"],
+            "token_accuracy": groups[task]["token_accuracy"],
+            "loss": groups[task]["loss"],
+            "num_samples": groups[task]["rows"],
+            "chance": spec.chance,
         }
-    return results
+        for task, spec in TASKS.items()
+        if task in groups
+    }
 
 
 def probe_config(overrides: list[str]) -> JobConfig:
@@ -119,19 +93,8 @@ def probe(checkpoint: str | Path, root: str | Path, overrides: list[str]) -> dic
     weights of ``checkpoint`` (a stage folder or one checkpoint) and score it."""
     cfg = probe_config(overrides)
     check_model_fingerprint(checkpoint, config_hash(cfg, sections=("model",)))
-    if not task_items(root):
-        raise ValueError(
-            f"{root} holds no learnability task samples; make them with "
-            f"omni-train data synth --flavour learn --out {root}"
-        )
-    platform = omni_platform.setup()
-    ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
-    try:
-        built = build_model(cfg, ps, platform)
-        load_weights(checkpoint, built.module)
-        return evaluate_answers(built.module, cfg, root, platform.device)
-    finally:
-        destroy_parallel()
+    with loaded_model(cfg, checkpoint) as (model, _, device):
+        return evaluate_answers(model, cfg, root, device)
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+from omni_train.datatools.learn_tasks import TASKS
 from omni_train.training.metrics import MODALITIES
 
 
@@ -149,16 +150,34 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out / "index.html"
 
 
+def task_answers(answers: dict | None) -> dict[str, dict]:
+    """{learnability task: {accuracy, exact, generate_exact, chance, rows}} of a stage's answer
+    metrics (``omni_train.inference.evaluate``'s result, whose categories are the tasks'
+    names), tasks in :data:`~omni_train.datatools.learn_tasks.TASKS` order. ``accuracy`` is
+    the generated answers' exact match where generation ran, else the teacher-forced one."""
+    out = {}
+    groups = {g["category"]: g for g in (answers or {}).get("groups", [])}
+    for task, spec in TASKS.items():
+        g = groups.get(task)
+        if g is None:
+            continue
+        accuracy = g.get("generate_exact", g.get("exact"))
+        out[task] = {"accuracy": accuracy, "exact": g.get("exact"), "chance": spec.chance,
+                     "generate_exact": g.get("generate_exact"), "rows": g["rows"]}  # fmt: skip
+    return out
+
+
 def summary_table(manifests: list[dict]) -> str:
     """One row per stage: steps, tokens, final and eval loss, mean answer accuracy over the
-    learnability tasks (probed stages), trainable parameters, wall time; then, if any stage was
-    probed, the accuracy per task and probed stage."""
+    learnability tasks (stages with answer metrics), trainable parameters, wall time; then, if
+    any stage has them, the accuracy per task after each such stage."""
     head = ("stage", "action", "steps", "tokens", "final loss", "eval loss", "answer acc",
             "trainable", "wall s")  # fmt: skip
     rows = [head]
-    for m in manifests:
-        answers = m.get("answers") or {}
-        mean = sum(r["accuracy"] for r in answers.values()) / len(answers) if answers else None
+    scored = [(m, task_answers(m.get("answers"))) for m in manifests]
+    for m, tasks in scored:
+        values = [r["accuracy"] for r in tasks.values() if r["accuracy"] is not None]
+        mean = sum(values) / len(values) if values else None
         rows.append(
             (
                 m["stage"],
@@ -173,16 +192,47 @@ def summary_table(manifests: list[dict]) -> str:
             )
         )
     text = _columns(rows, left=2)
-    probed = [m for m in manifests if m.get("answers")]
-    if probed:
-        tasks = list(probed[0]["answers"])
-        per = [("answer accuracy", "chance", *[m["stage"].split("_")[0] for m in probed])]
-        for task in tasks:
-            cells = [f"{m['answers'][task]['accuracy']:.1%}" if task in m["answers"] else "-"
-                     for m in probed]  # fmt: skip
-            per.append((task, f"{probed[0]['answers'][task]['chance']:.1%}", *cells))
+    scored = [(m, tasks) for m, tasks in scored if tasks]
+    if scored:
+        names = [t for t in TASKS if any(t in tasks for _, tasks in scored)]
+        per = [("answer accuracy", "chance", *[m["stage"].split("_")[0] for m, _ in scored])]
+        for task in names:
+            cells = [_pct(tasks.get(task, {}).get("accuracy")) for _, tasks in scored]
+            per.append((task, f"{TASKS[task].chance:.1%}", *cells))
         text += "\n\n" + _columns(per, left=1)
+        text += "\n" + _forgotten(scored)
     return text
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _forgotten(scored: list[tuple[dict, dict]]) -> str:
+    """A line per task a later stage answers worse than its best earlier stage (by more than
+    10 points), naming whether that stage's blend holds the task's category: a stage forgets
+    what its published blend does not hold."""
+    lines = []
+    best: dict[str, tuple[float, str]] = {}
+    for m, tasks in scored:
+        for task, r in tasks.items():
+            acc = r["accuracy"]
+            if acc is None:
+                continue
+            if task in best and acc < best[task][0] - 0.10:
+                held = TASKS[task].category in _blend_categories(m)
+                why = "its blend holds it" if held else "its blend does not hold it"
+                lines.append(f"{m['stage']}: {task} {_pct(acc)}, was {_pct(best[task][0])} after "
+                             f"{best[task][1]} ({why})")  # fmt: skip
+            if task not in best or acc > best[task][0]:
+                best[task] = (acc, m["stage"])
+    return "\n".join(["forgotten:", *lines]) if lines else "forgotten: nothing"
+
+
+def _blend_categories(manifest: dict) -> set[str]:
+    """The folder names of the datasets a stage trained on: on learnability data, the
+    synthetic categories its blend draws from (data_blends/synthetic.yaml)."""
+    return {Path(d).name for d in manifest.get("data", {}).get("datasets", [])}
 
 
 def _columns(rows: list[tuple[str, ...]], left: int) -> str:

@@ -34,9 +34,10 @@ from omni_train.checkpoint.io import (
 )
 from omni_train.checkpoint.lock import LockedError, OutputLock, held_by_launcher
 from omni_train.checkpoint.manifest import mark_failed
-from omni_train.config import JobConfig, config_hash, to_dict, validate
+from omni_train.config import JobConfig, blends, config_hash, to_dict, validate
 from omni_train.config.validation import check_platform
 from omni_train.data import NoUsableSampleError, SkipLimitError, StopDuringWaitError, build_data
+from omni_train.inference.evaluate import answer_metrics, heldout_rows
 from omni_train.lifecycle import StopRequest
 from omni_train.log import add_rank_log, get_logger, human_bytes, log_traceback
 from omni_train.model.assembly import build_model
@@ -111,12 +112,14 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt,
         "final_loss": state.losses[-1] if state.losses else None,
         "eval_loss": evals.get("end"),
         "eval_loss_at_start": evals.get("start"),
-        "evals": state.evals,  # every evaluation: step, loss and loss per modality
+        "evals": state.evals,  # every evaluation: step, loss, loss per modality, answers
+        "answers": evals.get("answers"),  # the last evaluation's answer metrics, if any
         "metrics": state.metrics,  # every step's scalars (omni_train.training.metrics)
         "tokens": data.get("num_tokens", 0),  # real (unpadded) tokens trained on
         "data": {
             "kind": cfg.data.kind,
             "blend": cfg.data.blend,
+            "datasets": _datasets(cfg),
             "num_samples": data.get("num_samples", 0),
             "num_read": data.get("num_read", data.get("num_samples", 0)),
             "skipped": data.get("skipped", {}),
@@ -142,6 +145,13 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt,
         "platform_blocks": omni_platform.detect().describe(),  # what ran: TE or not, attention...
         "versions": versions(),
     }
+
+
+def _datasets(cfg: JobConfig) -> list[str]:
+    d = cfg.data
+    if d.kind != "energon":
+        return []
+    return blends.stage_dataset_dirs(d.blend, d.paths, d.synthetic_root, d.path)
 
 
 def _check_checkpoint_space(cfg: JobConfig, module, ps: ParallelState) -> None:
@@ -280,14 +290,20 @@ def _run(cfg, ps, platform, stop, started) -> dict:
         train_data.load_state_dict(state.data, state.data_rank)
     evals: dict = {}
     logger = MetricsLogger(cfg, is_main=ps.is_main, first_step=state.step)
+    # read before the first step: a missing or empty answer set fails the stage here
+    rows = heldout_rows(cfg) if cfg.trainer.eval_answers.num_samples else []
 
     def run_eval(when: str) -> None:
         loss, by_modality = evaluate(cfg, model, eval_data, flops_policy=flops_policy)
         evals[when] = loss
         evals["skipped"] = eval_data.take_skipped() if eval_data is not None else {}
-        if loss is not None:
-            state.evals.append({"step": state.step, "when": when, "loss": loss, **by_modality})
-            logger.evaluation(state.step, loss, by_modality)
+        entry = {"step": state.step, "when": when, "loss": loss, **by_modality}
+        answers = answer_metrics(built.module, cfg, rows) if rows else None
+        if answers is not None:
+            evals["answers"] = entry["answers"] = answers
+        if loss is not None or answers is not None:
+            state.evals.append(entry)
+            logger.evaluation(state.step, loss, by_modality, answers)
 
     if cfg.trainer.eval_at_start:
         run_eval("start")

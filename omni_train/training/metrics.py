@@ -126,11 +126,24 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(finite, step=step)
 
-    def evaluation(self, step: int, loss: float | None, by_modality: dict[str, float]) -> dict:
+    def evaluation(
+        self,
+        step: int,
+        loss: float | None,
+        by_modality: dict[str, float],
+        answers: dict | None = None,
+    ) -> dict:
+        """Log an evaluation: the held-out loss (per modality), and ``answers`` (the answer
+        metrics, omni_train.inference.evaluate's result) as ``eval/answers/<category>/<metric>``
+        per (source, category) group and ``eval/answers/<metric>`` over all of them."""
         scalars = {} if loss is None else {"eval/loss": loss}
         scalars.update({f"eval/loss/{m}": v for m, v in by_modality.items()})
+        if answers is not None:
+            scalars.update(_answer_scalars(answers))
         if self.is_main and scalars:
             log.info("eval at step %d: loss %s %s", step, loss, by_modality or "")
+            if answers is not None:
+                log.info("answers at step %d: %s", step, _answer_line(answers))
             self._write(step, scalars)
         return scalars
 
@@ -139,6 +152,29 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+ANSWER_SCALARS = ("loss", "exact", "generate_exact", "wer", "cer")
+
+
+def _answer_scalars(answers: dict) -> dict[str, float]:
+    out = {f"eval/answers/{k}": v for k, v in answers["total"].items() if k in ANSWER_SCALARS}
+    for g in answers["groups"]:
+        name = f"{g['source']}/{g['category']}"
+        out.update({f"eval/answers/{name}/{k}": v for k, v in g.items() if k in ANSWER_SCALARS})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _answer_line(answers: dict) -> str:
+    """One line: each group's generation exact match (else teacher-forced exact) and rows."""
+    key = "generate_exact" if "generate" in answers["metrics"] else "exact"
+    cells = []
+    for g in answers["groups"]:
+        value = g.get(key)
+        shown = "-" if value is None else f"{value:.0%}"
+        cells.append(f"{g['category']} {shown} ({g['rows']})")
+    total = answers["total"].get(key)
+    return f"{key} " + ", ".join(cells) + (f"; all {total:.1%}" if total is not None else "")
 
 
 def _wandb_id(out: Path) -> str:
