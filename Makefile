@@ -51,10 +51,10 @@ $(REFERENCE): | $(STAMP)
 
 SYNTH := runs/data/synthetic
 
-# The main job: the seven-stage curriculum with the tiny model on CPU (2 ranks, TP=2 + SP), each
-# stage from the previous one's weights, on synthetic omni data it makes once (the learnability
-# tasks), the answers probed after stages 0, 3 and 6; about 13 minutes.
-# A re-run skips completed stages; FROM=<stage> re-runs from there.
+# The main job: the seven-stage curriculum with the tiny model on CPU (2 ranks, data parallel),
+# each stage from the previous one's weights, on synthetic omni data it makes once (the
+# learnability tasks); every stage scores its answers to held-out questions at its end;
+# about 13 minutes. A re-run skips completed stages; FROM=<stage> re-runs from there.
 curriculum: setup
 	$(BIN)/omni-train curriculum --nproc-per-node 2 model=tiny $(if $(FROM),--from $(FROM))
 
