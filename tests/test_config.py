@@ -112,7 +112,7 @@ INVALID = [
         "no MoE layer",
     ),
     (
-        ["stage=stage4_omni_sft_16k", "model=tiny", "parallel.cp=2"],
+        ["stage=stage4_omni_sft_16k", "model=tiny", "parallel.cp=2", "answers=learn"],
         4,
         "trainer.eval_answers.num_samples=72 needs parallel.cp=1 and parallel.pp=1",
     ),

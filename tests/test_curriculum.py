@@ -131,8 +131,7 @@ def test_tiny_overlay_scales_context_and_batch_and_keeps_the_rest(full, tiny, k)
         "data.num_workers",
         "data.packing.buffer_size",
     }
-    answers = {key for key in changed if key.startswith("trainer.eval_answers.")}
-    assert {key for key in changed if not key.startswith("model.")} - answers <= allowed
+    assert {key for key in changed if not key.startswith("model.")} <= allowed
     assert tiny[k].model.name == "tiny"
     # context / 16; stage 6 / 64 (CPU attention is dense over a packed sequence)
     assert tiny[k].trainer.seq_length * (64 if k == 6 else 16) == full[k].trainer.seq_length
@@ -273,3 +272,25 @@ def test_summary_table_has_a_row_per_stage():
     lines = report.summary_table([m, {**m, "stage": NAMES[1]}]).splitlines()
     assert lines[0].split()[:3] == ["stage", "action", "steps"]
     assert len(lines) == 4 and "12,345" in lines[2] and "24,704" in lines[3]
+
+
+def test_the_curriculum_scores_answers_only_on_learnability_data(tmp_path, capsys):
+    from omni_train.datatools import prepare
+    from omni_train.stage.curriculum import ANSWERS, with_answers
+
+    first = "stage0_vision_projector_warmup"
+    # the tiny overlay's learn root, still to be made: every stage scores its answers
+    assert with_answers(["model=tiny"], first) == ["model=tiny", ANSWERS]
+    assert (
+        compose_job([f"stage={first}", "model=tiny", ANSWERS]).trainer.eval_answers.num_samples
+        == 72
+    )
+    # a root of general synthetic data: no tasks to score, said once
+    general = tmp_path / "general"
+    prepare.synthesize(general, 2, 0)
+    plain = ["model=tiny", f"data.synthetic_root={general}"]
+    assert with_answers(plain, first) == plain
+    assert "holds no learnability tasks" in capsys.readouterr().out
+    # the published stages (no synthetic root) and an explicit choice are left alone
+    assert with_answers([], first) == []
+    assert with_answers(["model=tiny", "answers=null"], first) == ["model=tiny", "answers=null"]

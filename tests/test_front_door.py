@@ -125,7 +125,6 @@ def test_a_failed_curriculum_stage_ends_with_the_same_summary(tmp_path):
     data = fault_corpus.write_unusable(tmp_path / "data")
     failed = _cli(
         "curriculum", "--runs-dir", str(tmp_path / "runs"), "model=tiny",
-        "trainer.eval_answers.num_samples=0",
         f"data.path={data}", "data.blend=null", "data.synthetic_root=null", "data.num_workers=1",
         "data.packing.enabled=false", "data.skip_check_min_samples=8", "trainer.train_steps=4",
         "trainer.eval_iters=0",

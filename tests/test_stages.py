@@ -112,8 +112,6 @@ def test_curriculum_command_end_to_end(tmp_path, synth_root):
         "model=tiny",
         "trainer.train_steps=1",
         f"data.synthetic_root={synth_root}",
-        # general synthetic data holds no learnability tasks for the overlay's answer metrics
-        "trainer.eval_answers.num_samples=0",
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)

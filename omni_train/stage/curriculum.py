@@ -23,6 +23,7 @@ from omni_train.checkpoint import read_manifest
 from omni_train.config import JobConfig, compose_job, config_hash, validate
 from omni_train.config.compose import available
 from omni_train.datatools import prepare
+from omni_train.datatools.prepare import task_items
 from omni_train.lifecycle import EXIT_INTERRUPTED
 from omni_train.stage.launch import run_ranks
 from omni_train.stage.report import write_report
@@ -78,11 +79,32 @@ def _resolve_from(names: list[str], spec: str | None) -> int | None:
     raise ValueError(f"--from {spec!r} is not a curriculum stage; valid: {', '.join(names)}")
 
 
+ANSWERS = "answers=learn"  # recipes/answers/learn.yaml
+
+
+def with_answers(overrides: list[str], first_stage: str) -> list[str]:
+    """``overrides`` plus :data:`ANSWERS` when the stages train on learnability data (the tiny
+    overlay's ``data.synthetic_flavour=learn``, its root still to be made or holding the tasks)
+    and no ``answers=`` choice is given: every stage then scores its answers at its end."""
+    if any(o.split("=", 1)[0].lstrip("+~") == "answers" for o in overrides):
+        return overrides
+    data = compose_job([f"stage={first_stage}", *overrides]).data
+    root = data.synthetic_root
+    if data.synthetic_flavour != "learn" or not root:
+        return overrides
+    if Path(root).exists() and not task_items(root):
+        print(f"omni-train curriculum: no answer metrics: {root} holds no learnability tasks "
+              "(general synthetic data?)", flush=True)  # fmt: skip
+        return overrides
+    return [*overrides, ANSWERS]
+
+
 def plan(
     run_dir: Path, overrides: list[str], world_size: int, from_stage: str | None = None
 ) -> list[PlannedStage]:
     """Compose, validate and decide every stage's action; nothing is written or deleted."""
     names = stage_names(overrides)
+    overrides = with_answers(overrides, names[0])
     start = _resolve_from(names, from_stage)
     stages: list[PlannedStage] = []
     prev: Path | None = None
