@@ -12,7 +12,8 @@ omni-train plan stage=stage6_omni_sft_256k [overrides] [--json] [--mfu 0.3]
     smallest change that makes a failing stage fit, step time and GPU-hours;
 omni-train curriculum [--nproc-per-node 2] [--name N] [--from STAGE] [--plan] [overrides]
     runs every stage in order into runs/<name>/stage<k>_<name>/, each from the previous
-    stage's weights (default model=tiny: the CPU overlay); completed stages are skipped; each
+    stage's weights (default model=tiny: the CPU overlay, data parallel: parallel=dp);
+    completed stages are skipped; each
     stage with trainer.eval_answers (the tiny overlay: every stage) scores its answers at its
     end, and the summary shows the accuracy per learnability task after every stage;
 omni-train config [overrides]
@@ -138,8 +139,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _curriculum(args: argparse.Namespace, overrides: list[str]) -> int:
-    if not any(o.split("=", 1)[0] == "model" for o in overrides):
-        overrides = ["model=tiny", *overrides]  # the CPU default: the tiny overlay
+    overrides = curriculum.with_defaults(overrides)
     model = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model")
     run_dir = Path(args.runs_dir) / (args.name or model)
     if args.plan:

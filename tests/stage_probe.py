@@ -45,7 +45,6 @@ def freezing(out: Path, synth: str) -> dict:
             [
                 f"stage={name}",
                 "model=tiny",
-                "parallel=tp2",  # the published TP 2 + SP (the tiny overlay runs DP 2)
                 "trainer.train_steps=2",
                 f"data.synthetic_root={synth}",
                 f"checkpoint.output_dir={out / name}",

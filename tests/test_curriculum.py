@@ -117,8 +117,6 @@ def test_tiny_overlay_scales_context_and_batch_and_keeps_the_rest(full, tiny, k)
         "trainer.save_interval",
         "trainer.eval_iters",
         "trainer.precision",
-        "parallel.tp",
-        "parallel.sp",
         "parallel.ep",
         "parallel.cp",
         "cluster.name",
@@ -294,3 +292,16 @@ def test_the_curriculum_scores_answers_only_on_learnability_data(tmp_path, capsy
     # the published stages (no synthetic root) and an explicit choice are left alone
     assert with_answers([], first) == []
     assert with_answers(["model=tiny", "answers=null"], first) == ["model=tiny", "answers=null"]
+
+
+def test_the_tiny_curriculum_runs_data_parallel_unless_told():
+    from omni_train.stage.curriculum import with_defaults
+
+    assert with_defaults([]) == ["model=tiny", "parallel=dp"]
+    assert with_defaults(["parallel=tp2"]) == ["model=tiny", "parallel=tp2"]
+    assert with_defaults(["model=tiny", "parallel.tp=2"]) == ["model=tiny", "parallel.tp=2"]
+    assert with_defaults(["model=nano_omni_30b_a3b"]) == ["model=nano_omni_30b_a3b"]
+    p = compose_job(["stage=stage4_omni_sft_16k", *with_defaults([])]).parallel
+    assert (p.tp, p.sp, p.cp, p.ep, p.distributed_optimizer) == (1, False, 1, 1, True)
+    # a layout chosen by group still wins over the overlay (which sets only ep and cp)
+    assert compose_job(["stage=stage4_omni_sft_16k", "model=tiny", "parallel=tp2"]).parallel.tp == 2

@@ -82,6 +82,18 @@ def _resolve_from(names: list[str], spec: str | None) -> int | None:
 ANSWERS = "answers=learn"  # recipes/answers/learn.yaml
 
 
+def with_defaults(overrides: list[str]) -> list[str]:
+    """The command's defaults: ``model=tiny`` (the CPU overlay) unless a model is chosen, and
+    for the tiny model ``parallel=dp`` unless a layout is chosen (recipes/parallel/dp.yaml:
+    2.5x faster than the published TP 2 + SP on 2 CPU cores)."""
+    if not any(o.split("=", 1)[0] == "model" for o in overrides):
+        overrides = ["model=tiny", *overrides]
+    tiny = "model=tiny" in overrides
+    if tiny and not any(o.lstrip("+~").startswith(("parallel=", "parallel.")) for o in overrides):
+        overrides = [*overrides, "parallel=dp"]
+    return overrides
+
+
 def with_answers(overrides: list[str], first_stage: str) -> list[str]:
     """``overrides`` plus :data:`ANSWERS` when the stages train on learnability data (the tiny
     overlay's ``data.synthetic_flavour=learn``, its root still to be made or holding the tasks)
