@@ -19,6 +19,7 @@ from omni_train.config.checks import positive
 from omni_train.config.data import DataConfig
 from omni_train.config.model import ModelConfig
 from omni_train.config.parallel import ParallelConfig
+from omni_train.config.peft import PeftConfig
 from omni_train.config.training import (
     LoggingConfig,
     OptimizerConfig,
@@ -95,3 +96,4 @@ class JobConfig:
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)

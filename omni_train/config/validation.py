@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omni_train.config import blends  # OmegaConf only: cheap
+from omni_train.config.peft import GROUP_COMPONENTS
 from omni_train.config.schema import JobConfig
 
 if TYPE_CHECKING:  # the config layer stays free of torch imports
@@ -330,6 +331,22 @@ def check_answers(cfg: JobConfig, files: bool = True) -> None:
         raise ValueError(f"trainer.eval_answers.data={a.data} does not exist")
 
 
+def check_peft(cfg: JobConfig) -> None:
+    """A LoRA target group inside a component the stage keeps frozen would train a tower the
+    stage means to keep as it is (patterns are checked when the model is built)."""
+    if not cfg.peft.enabled:
+        return
+    trainable = set(cfg.stage.trainable)
+    for group in cfg.peft.targets:
+        frozen = [c for c in GROUP_COMPONENTS[group] if c not in trainable]
+        if frozen:
+            raise ValueError(
+                f"peft.targets={group} adapts {', '.join(frozen)}, which stage.trainable="
+                f"{list(cfg.stage.trainable)} keeps frozen; add it to stage.trainable (its "
+                "adapters then train, its base weights stay frozen) or drop the group"
+            )
+
+
 def check_platform(cfg: JobConfig, platform: Platform) -> None:
     """What the chosen building blocks can run; called once each rank knows its platform
     (``omni_train.platform.setup``), before the model is built."""
@@ -362,3 +379,4 @@ def validate(cfg: JobConfig, world_size: int, *, data: bool = True) -> None:
     check_stage(cfg)
     check_recompute(cfg)
     check_answers(cfg, files=data)
+    check_peft(cfg)

@@ -15,6 +15,7 @@ from megatron.core.transformer import TransformerConfig
 from omni_train.config import JobConfig
 from omni_train.model.build import build_omni_model
 from omni_train.model.freeze import ComponentCounts, apply_freezing
+from omni_train.model.lora import apply_lora
 from omni_train.model.omni import EVAL_WHEN_FROZEN, OmniModel
 from omni_train.model.recompute import apply_recompute
 from omni_train.model.specs import platform_leaves
@@ -39,16 +40,18 @@ def global_parameter_counts(model: OmniModel) -> dict[str, ComponentCounts]:
     params = {p.data_ptr(): p for p in model.parameters()}
     sharded, _ = extract_sharded_tensors(model.sharded_state_dict())
     seen: set[str] = set()
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for item in sharded.values():
         assert isinstance(item, ShardedTensor)
         param = params.get(item.data.data_ptr())
         if param is None or item.key in seen:
             continue
         seen.add(item.key)
-        counts[item.key.split(".", 1)[0]][0 if param.requires_grad else 1] += math.prod(
-            item.global_shape
-        )
+        numel = math.prod(item.global_shape)
+        component = counts[item.key.split(".", 1)[0]]
+        component[0 if param.requires_grad else 1] += numel
+        if ".lora." in item.key:
+            component[2] += numel
     return {name: ComponentCounts(*counts[name]) for name in model.components()}
 
 
@@ -57,6 +60,8 @@ def build_model(cfg: JobConfig, ps: ParallelState, platform: Platform) -> BuiltM
     model = model.to(platform.device)
     components = model.components()
     apply_freezing(components, cfg.stage.trainable)  # before DDP: frozen params get no buffers
+    if cfg.peft.enabled:  # adapters, their bases frozen: also before DDP
+        apply_lora(model, cfg.peft, cfg.stage.trainable, cfg.trainer.seed)
     frozen = [name for name in components if name not in cfg.stage.trainable]
     eval_components = []
     if cfg.stage.frozen_encoders_eval:

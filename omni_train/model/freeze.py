@@ -20,8 +20,9 @@ import torch
 
 @dataclass(frozen=True)
 class ComponentCounts:
-    trainable: int
+    trainable: int  # adapters included
     frozen: int
+    adapter: int = 0  # LoRA adapter parameters (peft), of the trainable ones
 
 
 def apply_freezing(components: dict[str, torch.nn.Module], trainable: list[str]) -> None:

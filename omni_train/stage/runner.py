@@ -127,7 +127,8 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt,
             "eval_skipped": evals.get("skipped", {}),  # the last evaluation's, per reason
         },
         "parameters": {
-            name: {"trainable": c.trainable, "frozen": c.frozen} for name, c in built.counts.items()
+            name: {"trainable": c.trainable, "frozen": c.frozen, "adapter": c.adapter}
+            for name, c in built.counts.items()
         },
         "trainable_parameters": sum(c.trainable for c in built.counts.values()),
         "frozen_parameters": sum(c.frozen for c in built.counts.values()),
@@ -270,7 +271,9 @@ def _run(cfg, ps, platform, stop, started) -> dict:
     log.info("stage %s on %s: %s", cfg.stage.name, platform.name, ps.describe())
     built = build_model(cfg, ps, platform)
     for name, c in built.counts.items():
-        log.info("component %-16s trainable %12d  frozen %12d", name, c.trainable, c.frozen)
+        adapters = f"  (LoRA adapters {c.adapter})" if c.adapter else ""
+        log.info("component %-16s trainable %12d  frozen %12d%s", name, c.trainable, c.frozen,
+                 adapters)  # fmt: skip
     if handoff is not None:
         log.info("initialising weights from %s (weights only)", handoff)
         load_weights(handoff, built.module)

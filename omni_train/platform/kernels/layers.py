@@ -105,10 +105,14 @@ class TorchNormColumnParallelLinear(ColumnParallelLinear):
         else:
             self.register_parameter("layer_norm_bias", None)
 
-    def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
-        shape = (input_.shape[-1],)
+    def normalize(self, input_: torch.Tensor) -> torch.Tensor:
+        """The fused norm alone (``[.., h]`` -> ``[.., h]``): what the linear reads, and what
+        a LoRA adapter beside it reads too."""
         if self.normalization == "RMSNorm":
-            x = rms_norm(input_, self.layer_norm_weight, self.eps)
-        else:
-            x = F.layer_norm(input_, shape, self.layer_norm_weight, self.layer_norm_bias, self.eps)
+            return rms_norm(input_, self.layer_norm_weight, self.eps)
+        shape = (input_.shape[-1],)
+        return F.layer_norm(input_, shape, self.layer_norm_weight, self.layer_norm_bias, self.eps)
+
+    def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
+        x = self.normalize(input_)
         return super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
