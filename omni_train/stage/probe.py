@@ -44,7 +44,12 @@ from omni_train.log import install_filters
 def task_rows(root: str | Path) -> list[EvalRow]:
     """Every learnability task's val rows under ``root`` (tasks' folders in name order)."""
     folders = sorted({t.category for t in TASKS.values()})
-    rows = [r for f in folders if (Path(root) / f).is_dir() for r in read_eval_rows(Path(root) / f)]
+    rows = [
+        r
+        for f in folders
+        if (Path(root) / f).is_dir()
+        for r in read_eval_rows(Path(root) / f, None)
+    ]
     return [r for r in rows if r.category in TASKS]
 
 
