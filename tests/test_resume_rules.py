@@ -177,7 +177,7 @@ def test_a_resume_with_another_schedule_says_what_changed(tmp_path):
         ("+trainer.train_stepz=5", "no field 'train_stepz'; did you mean trainer.train_steps"),
         ("trainer.train_stepz=5", "trainer has no field 'train_stepz'"),
         ("+checkpoint.init_fromm=/x", "did you mean checkpoint.init_from"),
-        ("+peft=lora", "unknown config group or field 'peft'"),
+        ("+adapters=lora", "unknown config group or field 'adapters'"),
         ("++trainer.x.y=1", "trainer has no field 'x'"),
         ("trainer.train_steps.x=1", "trainer.train_steps is a value, not a section"),
         ("stage=nope", "unknown stage 'nope'"),

@@ -374,9 +374,9 @@ def validate(cfg: JobConfig, world_size: int, *, data: bool = True) -> None:
     check_batch(cfg, world_size)
     check_checkpoint(cfg)
     check_packing(cfg)
-    if data:
-        check_data(cfg)  # after the config-only checks: it reads the filesystem
     check_stage(cfg)
     check_recompute(cfg)
     check_answers(cfg, files=data)
     check_peft(cfg)
+    if data:
+        check_data(cfg)  # after the config-only checks: it reads the filesystem

@@ -37,7 +37,6 @@ from omni_train.checkpoint.manifest import mark_failed
 from omni_train.config import JobConfig, blends, config_hash, to_dict, validate
 from omni_train.config.validation import check_platform
 from omni_train.data import NoUsableSampleError, SkipLimitError, StopDuringWaitError, build_data
-from omni_train.inference.evaluate import answer_metrics, heldout_rows
 from omni_train.lifecycle import StopRequest
 from omni_train.log import add_rank_log, get_logger, human_bytes, log_traceback
 from omni_train.model.assembly import build_model
@@ -293,15 +292,22 @@ def _run(cfg, ps, platform, stop, started) -> dict:
         train_data.load_state_dict(state.data, state.data_rank)
     evals: dict = {}
     logger = MetricsLogger(cfg, is_main=ps.is_main, first_step=state.step)
-    # read before the first step: a missing or empty answer set fails the stage here
-    rows = heldout_rows(cfg) if cfg.trainer.eval_answers.num_samples else []
+    score_answers = None
+    if cfg.trainer.eval_answers.num_samples:
+        # lazy: the held-out rows are read with the dataset tools (omni_train.datatools), which
+        # a stage without answer metrics never imports (tests/test_data.py)
+        from omni_train.inference import evaluate as answer_eval
+
+        # read before the first step: a missing or empty answer set fails the stage here
+        rows = answer_eval.heldout_rows(cfg)
+        score_answers = lambda: answer_eval.answer_metrics(built.module, cfg, rows)  # noqa: E731
 
     def run_eval(when: str) -> None:
         loss, by_modality = evaluate(cfg, model, eval_data, flops_policy=flops_policy)
         evals[when] = loss
         evals["skipped"] = eval_data.take_skipped() if eval_data is not None else {}
         entry = {"step": state.step, "when": when, "loss": loss, **by_modality}
-        answers = answer_metrics(built.module, cfg, rows) if rows else None
+        answers = score_answers() if score_answers is not None else None
         if answers is not None:
             evals["answers"] = entry["answers"] = answers
         if loss is not None or answers is not None:
