@@ -13,9 +13,8 @@ omni-train plan stage=stage6_omni_sft_256k [overrides] [--json] [--mfu 0.3]
 omni-train curriculum [--nproc-per-node 2] [--name N] [--from STAGE] [--plan] [overrides]
     runs every stage in order into runs/<name>/stage<k>_<name>/, each from the previous
     stage's weights (default model=tiny: the CPU overlay, data parallel: parallel=dp);
-    completed stages are skipped; each
-    stage with trainer.eval_answers (the tiny overlay: every stage) scores its answers at its
-    end, and the summary shows the accuracy per learnability task after every stage;
+    completed stages are skipped; on learnability data it adds answers=learn, so every stage
+    scores its answers at its end, and the summary shows the accuracy per task after each;
 omni-train config [overrides]
     prints the composed, validated config as YAML.
 omni-train model summary model=NAME [--json]

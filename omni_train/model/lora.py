@@ -191,10 +191,10 @@ def _sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
     split factor sharded on the base's TP axis, the other replicated."""
     out = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
     out = {k: v for k, v in out.items() if not k.startswith(f"{prefix}lora.")}
-    axis = {"A": 1} if self.lora.kind == "row" else {"B": 0} if self.lora.kind == "column" else {}
-    if self.lora.group is None:
-        axis = {}
-    adapter = {k: v for k, v in self.lora.state_dict(prefix="", keep_vars=True).items()}
+    axis = {}
+    if self.lora.group is not None:
+        axis = {"row": {"A": 1}, "column": {"B": 0}}.get(self.lora.kind, {})
+    adapter = self.lora.state_dict(prefix="", keep_vars=True)
     sharded = make_sharded_tensors_for_checkpoint(adapter, f"{prefix}lora.", axis, sharded_offsets)
     out.update(sharded)
     return out

@@ -170,7 +170,7 @@ def run(
 ) -> list[dict]:
     """Run the curriculum; returns each stage's manifest (in order). A stage whose recipe sets
     ``trainer.eval_answers`` scores its weights at its end, in its own job (``answers`` in its
-    manifest; the tiny overlay scores every stage on the learnability tasks), and the summary
+    manifest; :func:`with_answers` adds that on learnability data), and the summary
     shows the accuracy per task after every such stage."""
     stages = plan(run_dir, overrides, nproc, from_stage)
     for stage in stages:

@@ -37,7 +37,7 @@ from omni_train.config import JobConfig, compose_job, config_hash
 from omni_train.config.parallel import ParallelConfig
 from omni_train.datatools.learn_tasks import TASKS
 from omni_train.inference.evaluate import EvalRow, evaluate, read_eval_rows
-from omni_train.inference.generate import loaded_model
+from omni_train.inference.generate import generation_view, loaded_model
 from omni_train.log import install_filters
 
 
@@ -85,12 +85,10 @@ def evaluate_answers(
 
 
 def probe_config(overrides: list[str]) -> JobConfig:
-    """The stage's config (its overrides) at world size 1, unpacked: what the probe builds."""
+    """The stage's config (its overrides) at world size 1, as generation runs it (unpacked, no
+    loader workers): what the probe builds."""
     cfg = compose_job(overrides)
-    data = dataclasses.replace(
-        cfg.data, packing=dataclasses.replace(cfg.data.packing, enabled=False), num_workers=0
-    )
-    return dataclasses.replace(cfg, parallel=ParallelConfig(), data=data)
+    return generation_view(dataclasses.replace(cfg, parallel=ParallelConfig()))
 
 
 def probe(checkpoint: str | Path, root: str | Path, overrides: list[str]) -> dict[str, dict]:
