@@ -515,7 +515,12 @@ def test_data_config_errors_before_any_process_starts(synth, tmp_path):
         "trainer.eval_iters=0",
     )
     with pytest.raises(ValueError, match=r"data.kind=energon feeds conversations with media"):
-        check(f"data.synthetic_root={synth}", "model.vision=null", "model.audio=null")
+        check(
+            f"data.synthetic_root={synth}",
+            "model.vision=null",
+            "model.audio=null",
+            "stage.trainable=[llm]",
+        )
 
 
 @pytest.mark.parametrize(("seconds", "kept"), [(0.01, False), (0.079, False), (0.08, True),
