@@ -47,8 +47,12 @@ omni-train report RUN_DIR
 omni-train checkpoint import-hf HF_DIR|FILE.nemo --out DIR [--dtype D] [model=NAME ...]
     a released checkpoint (the omni model, its LM, RADIO, Parakeet) -> torch_dist, for
     checkpoint.init_from (any layout) or checkpoint.init_components.<component> (stage 0);
+omni-train checkpoint import-hf ADAPTER_DIR --base CKPT --out DIR
+    a PEFT LoRA folder (export-hf's HF_DIR/adapter) -> an adapter checkpoint on CKPT;
 omni-train checkpoint export-hf CKPT --out HF_DIR [--copy-processor-from DIR] [--dtype D]
-    a stage checkpoint (any layout) -> config.json + safetensors that transformers loads;
+    [--merge]
+    a stage checkpoint (any layout) -> config.json + safetensors that transformers loads; a
+    LoRA stage's: its adapters merged (--merge), or as a PEFT folder in HF_DIR/adapter;
 omni-train checkpoint compare-hf HF_DIR CKPT --data FILE.jsonl --media DIR [--json]
     the reference model and omni-train's on the same samples: logit and loss differences.
 
@@ -277,6 +281,20 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     # lazy: the conversion builds models: megatron-core (~4 s)
     from omni_train.hf import convert
 
+    if args.action == "import-hf" and (Path(args.source) / "adapter_config.json").is_file():
+        # lazy: as convert
+        from omni_train.hf import adapters
+
+        if not args.base or overrides:
+            raise ValueError(
+                f"{args.source} is a PEFT adapter folder: import it with --base CKPT (the "
+                "omni-train checkpoint of the model it adapts, e.g. the base's import-hf), "
+                "no overrides"
+            )
+        report = adapters.import_adapter(Path(args.source), Path(args.base), Path(args.out))
+        print(f"imported {report.source} (LoRA adapters on {args.base}) -> {args.out}: "
+              f"{report.tensors} tensors; {'; '.join(report.notes)}")  # fmt: skip
+        return 0
     if args.action == "import-hf":
         report = convert.import_hf(args.source, args.out, overrides, dtype=args.dtype or "source")
         print(
@@ -290,8 +308,15 @@ def _checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides and args.action == "export-hf":
         raise ValueError(f"checkpoint export-hf takes no overrides, got {overrides}")
     if args.action == "export-hf":
-        report = convert.export_hf(
-            args.source, args.out, copy_processor_from=args.copy_processor_from, dtype=args.dtype
+        # lazy: as convert
+        from omni_train.hf import export
+
+        report = export.export_hf(
+            args.source,
+            args.out,
+            copy_processor_from=args.copy_processor_from,
+            dtype=args.dtype,
+            merge=args.merge,
         )
         print(
             f"exported {report.checkpoint} -> {report.out}: {report.tensors} tensors, "
@@ -463,6 +488,15 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.add_argument("--out", help="import-hf / export-hf: the new folder")
     ckpt.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="convert float tensors")
     ckpt.add_argument("--copy-processor-from", help="export-hf: tokenizer/processor files")
+    ckpt.add_argument(
+        "--base", help="import-hf of a PEFT adapter folder: the checkpoint of the model it adapts"
+    )
+    ckpt.add_argument(
+        "--merge",
+        action="store_true",
+        help="export-hf of a LoRA checkpoint: its adapters merged into the weights (what vLLM "
+        "serves); without it, the weights without them and a PEFT folder in HF_DIR/adapter",
+    )
     ckpt.add_argument("--data", help="compare-hf: samples (the data convert JSONL format)")
     ckpt.add_argument("--media", help="compare-hf: folder the JSONL's media paths are in")
     ckpt.add_argument("--json", action="store_true", help="compare-hf: machine-readable output")

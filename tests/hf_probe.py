@@ -1,5 +1,7 @@
 """omni-train's logits for the parity samples, from an imported checkpoint, on any layout (run by
 tests/test_hf_checkpoint.py under torchrun). Rank 0 saves the list of ``[L, V]`` logits to OUT.
+With ``peft`` overrides the model is built with those adapters and a LoRA checkpoint's adapters
+are loaded into them (live, not merged).
 
 Usage: torchrun --nproc-per-node N tests/hf_probe.py CKPT PARITY.jsonl MEDIA OUT [overrides]
 """
@@ -27,7 +29,7 @@ def main(ckpt: str, jsonl: str, media: str, out: str, *overrides: str) -> None:
     ps = init_parallel(cfg.parallel, platform, cfg.trainer.seed)
     try:
         model = build_model(cfg, ps, platform).module
-        load_weights(path, model)
+        load_weights(path, model, merge=not cfg.peft.enabled)
         model.eval()
         pad = cfg.parallel.tp if cfg.parallel.sp else 1
         logits = [our_logits(model, s, pad) for s in samples_from_jsonl(jsonl, media, cfg)]

@@ -309,6 +309,75 @@ def test_export_from_a_tp2_training_run_after_import(released, synth_root, tmp_p
     assert not torch.equal(trained, before)
 
 
+EVERY_GROUP = ("peft.targets=[lm_attention,lm_mamba,lm_experts,lm_shared_expert,lm_mlp,"
+               "vision_blocks,audio_blocks,projectors]")  # fmt: skip
+LORA = ["peft=lora", EVERY_GROUP, "peft.rank=4", "stage.trainable=[llm,vision_encoder,"
+        "vision_projector,audio_encoder,audio_projector]"]  # fmt: skip
+
+
+def test_lora_exports_equal_ours_with_live_adapters_every_modality(released, synth_root, tmp_path):
+    """A LoRA stage on every component (TP 2 + SP, from the import) -> export-hf --merge and
+    export-hf + PEFT folder: transformers' reference with peft's adapter, the merged export and
+    omni-train with live adapters (1 process and TP 2 + SP) give the same logits on every
+    modality; the adapters changed them."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    from omni_train.hf import compare
+
+    run = tmp_path / "lora"
+    launch_stage(2, run, "stage=smoke_omni", "model=hf", f"model.hf_path={released['ref_dir']}",
+                 *hf_reference.TINY_DATA, "parallel=tp2", "trainer.precision=fp32",
+                 f"data.synthetic_root={synth_root}", "trainer.train_steps=2",
+                 f"checkpoint.init_from={released['imported']}", "trainer.eval_iters=1",
+                 "optimizer.lr=2e-2", *LORA)  # fmt: skip
+    merged, plain = tmp_path / "merged", tmp_path / "plain"
+    cli("export-hf", str(run), "--out", str(merged), "--merge")
+    cli("export-hf", str(run), "--out", str(plain))
+    adapter = load_file(plain / "adapter" / "adapter_model.safetensors")
+    with_peft = PeftModel.from_pretrained(compare.load_reference(plain), plain / "adapter")
+    loaded = get_peft_model_state_dict(with_peft)
+    assert sorted(loaded) == sorted(adapter)  # every adapter landed on a module of theirs
+    assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)
+    assert any(".experts.base_layer.lora_A" in k for k in adapter)  # both expert projections
+    reference = with_peft.get_base_model()
+    merged_ref = compare.load_reference(merged)
+    cfg = released["cfg"]
+    ours = {}
+    for nproc, layout in ((1, "parallel=single"), (2, "parallel=tp2")):
+        out = tmp_path / f"logits_{nproc}.pt"
+        torchrun(nproc, str(Path(__file__).with_name("hf_probe.py")), str(run),
+                 str(released["jsonl"]), str(released["jsonl"].parent), str(out), layout,
+                 *LORA)  # fmt: skip
+        ours[nproc] = torch.load(out)
+    for i, (sample, base) in enumerate(zip(released["samples"], released["logits"], strict=True)):
+        ref = compare.reference_logits(reference, sample, cfg.model)[0]
+        scale = ref.abs().max().item()
+        assert (ref - base).abs().max().item() / scale > 1e-3, sample.name  # adapters matter
+        rel = (compare.reference_logits(merged_ref, sample, cfg.model)[0] - ref).abs().max()
+        assert rel.item() / scale < TOL, f"merged export {sample.name}: {rel.item() / scale:.2e}"
+        for nproc, logits in ours.items():
+            rel = (logits[i] - ref).abs().max().item() / scale
+            assert rel < TOL, f"ours ({nproc} processes) {sample.name}: {rel:.2e}"
+    # the PEFT folder back: the same adapters, bit for bit, and exported again the same file
+    back, again = tmp_path / "back", tmp_path / "again"
+    cli("import-hf", str(plain / "adapter"), "--base", str(released["imported"]),
+        "--out", str(back))  # fmt: skip
+    last = json.loads((run / "manifest.json").read_text())["checkpoint"]
+    trained = {k: v for k, v in plain_tensors(Path(last)).items() if ".lora." in k}
+    imported = plain_tensors(back)
+    assert sorted(imported) == sorted(trained) and differing(imported, trained) == []
+    cli("export-hf", str(back), "--out", str(again))
+    exported_again = load_file(again / "adapter" / "adapter_model.safetensors")
+    assert sorted(exported_again) == sorted(adapter)
+    assert differing(exported_again, adapter) == []
+    # omni-train's own load of the LoRA run merges the adapters: compare-hf against --merge
+    proc = cli("compare-hf", str(merged), str(run), "--data", str(released["jsonl"]),
+               "--media", str(released["jsonl"].parent), "--json")  # fmt: skip
+    rows = json.loads(proc.stdout[proc.stdout.index("[") :])
+    assert len(rows) == 6 and all(r["rel_diff"] < TOL for r in rows), rows
+
+
 def test_current_transformers_names_import_identically(released, tmp_path):
     """A checkpoint saved under transformers' in-memory names (merged experts, split RADIO
     q/k/v, audio_tower., ...) gives the same torch_dist tensors as the released names."""
@@ -335,7 +404,7 @@ def test_sharded_bf16_import_and_export(released, tmp_path):
     imported = tmp_path / "imported"
     convert(sharded, imported, *hf_reference.TINY_DATA)
     out = tmp_path / "exported"
-    from omni_train.hf.convert import export_hf
+    from omni_train.hf.export import export_hf
 
     report = export_hf(imported, out, max_shard_bytes=300_000)
     assert len(report.files) > 1 and (out / INDEX).is_file()
@@ -493,7 +562,7 @@ def test_refusals(released, tmp_path):
 def test_lm_alone_round_trip(tmp_path):
     """The LM alone (nemotron_h): model=hf gives an LM-only model; its export is the source,
     bit for bit, as a NemotronHForCausalLM checkpoint."""
-    from omni_train.hf.convert import export_hf
+    from omni_train.hf.export import export_hf
 
     src = tmp_path / "lm"
     hf_reference.omni().language_model.save_pretrained(src)

@@ -1,6 +1,8 @@
-"""LoRA adapters (issue #38, first part): adapters on every component of the tiny omni model
-leave its outputs unchanged at the start and equal the merged weights after; only adapters
-train; bad targets are errors; a LoRA stage under TP 2 + SP trains as one process does."""
+"""LoRA adapters (issue #38): adapters on every component of the tiny omni model leave its
+outputs unchanged at the start and equal the merged weights after; only adapters train; bad
+targets are errors; a LoRA stage under TP 2 + SP trains as one process does; its checkpoints
+hold the adapters only, resume bit for bit and hand off to full and LoRA stages in another
+layout (merged on load); a base that changed or is gone is refused."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from launch import assert_close, launch
+from launch import EXACT, assert_close, differing_weights, launch
 
+from omni_train.checkpoint import integrity
+from omni_train.checkpoint.peft import check_base_chain, make_record, read_record, write_record
 from omni_train.config import compose_job, validate
 from omni_train.stage.launch import torchrun
 
@@ -63,3 +67,116 @@ def test_a_lora_stage_under_tp2_sp_trains_as_one_process(tmp_path, synth_root):
     # the projectors carry no adapter here: they train whole
     assert one["parameters"]["vision_projector"]["adapter"] == 0
     assert one["parameters"]["vision_projector"]["frozen"] == 0
+
+
+@pytest.fixture(scope="module")
+def text_base(tmp_path_factory) -> tuple[Path, dict]:
+    """A full text stage (2 steps, 1 process): the base the text LoRA stages start from."""
+    out = tmp_path_factory.mktemp("lora_base")
+    return out, launch(1, out, *EXACT, "trainer.train_steps=2", "parallel=single")
+
+
+LORA_TEXT = [*EXACT, "peft=lora", "trainer.eval_at_start=true"]
+SMALL_LR = ["optimizer.lr=1e-4", "optimizer.min_lr=0"]  # see the TP 2 test
+
+
+@pytest.fixture(scope="module")
+def text_lora_one(tmp_path_factory, text_base) -> dict:
+    """The LoRA text stage in one process, from the base (lr 1e-4: see the TP 2 test)."""
+    out = tmp_path_factory.mktemp("lora_one")
+    return launch(1, out, *LORA_TEXT, *SMALL_LR, f"checkpoint.init_from={text_base[0]}",
+                  "parallel=single")  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("lora_text")
+@pytest.mark.parametrize("layout", ["ep2", "cp2"])
+def test_a_lora_stage_under_ep2_and_cp2_trains_as_one_process(
+    layout, tmp_path, text_base, text_lora_one
+):
+    """Adapters on every routed expert (EP 2: each rank its half, A drawn by the global
+    expert index) and on a context-parallel LM (CP 2), from one base, equal one process."""
+    one, dim = text_lora_one, layout[:2]
+    run = launch(2, tmp_path, *LORA_TEXT, *SMALL_LR, f"checkpoint.init_from={text_base[0]}",
+                 "parallel=single", f"parallel.{dim}=2")  # fmt: skip
+    assert run["layout"][dim] == 2 and run["layout"]["dp"] == (2 if dim == "ep" else 1)
+    assert_close(run["losses"], one["losses"], 1e-5, "loss")
+    assert_close(run["grad_norms"], one["grad_norms"], 1e-4, "grad norm")
+    assert run["parameters"] == one["parameters"] and one["parameters"]["llm"]["adapter"] > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("lora_text")
+def test_adapter_checkpoints_resume_bit_identically_and_hand_off_merged(tmp_path, text_base):
+    """full (1 process) -> LoRA (TP 2 + SP; its checkpoints: adapters and a base record) ->
+    full and LoRA stages in 1 process, the adapters merged on load."""
+    base_dir, base = text_base
+    base_ckpt = base_dir / "checkpoints" / "step_0000002"
+    lora = [*LORA_TEXT, "trainer.train_steps=4", "parallel=tp2",
+            f"checkpoint.init_from={base_dir}"]  # fmt: skip
+    whole = launch(2, tmp_path / "lora", *lora)
+    # full -> LoRA: B = 0, so the LoRA stage starts as the base ended (TP 2 vs 1 process)
+    assert whole["eval_loss_at_start"] == pytest.approx(base["eval_loss"], rel=1e-6)
+    first = launch(2, tmp_path / "split", *lora, "trainer.exit_after_steps=2")
+    assert first["status"] == "interrupted"
+    second = launch(2, tmp_path / "split", *lora)
+    assert second["resumed_from"].endswith("step_0000002")
+    assert second["losses"] == whole["losses"] and second["eval_loss"] == whole["eval_loss"]
+    num_tensors, differing = differing_weights(tmp_path / "lora", tmp_path / "split")
+    assert num_tensors > 10 and differing == []
+
+    ckpt = Path(whole["checkpoint"])
+    record = read_record(ckpt)
+    assert record["base"] == str(base_ckpt.resolve()) and record["whole"] == []
+    assert whole["peft"]["base"] == record["base"] and whole["peft"]["rank"] == 16
+    model_keys = [k for k in _tensor_keys(ckpt) if k.startswith("llm.")]
+    assert model_keys and all(".lora." in k for k in model_keys)  # nothing of the base
+
+    # LoRA (TP 2) -> full (1 process): the adapters merged into the weights it starts from
+    after = [*EXACT, "trainer.train_steps=1", "parallel=single", "trainer.eval_at_start=true",
+             f"checkpoint.init_from={tmp_path / 'lora'}"]  # fmt: skip
+    full = launch(1, tmp_path / "full", *after)
+    assert full["eval_loss_at_start"] == pytest.approx(whole["eval_loss"], rel=1e-5)
+    assert full["peft"] is None and read_record(Path(full["checkpoint"])) is None
+    # LoRA -> LoRA: merged as well; fresh adapters on top, the chain recorded
+    again = launch(1, tmp_path / "again", *after, "peft=lora")
+    assert again["eval_loss_at_start"] == pytest.approx(whole["eval_loss"], rel=1e-5)
+    assert read_record(Path(again["checkpoint"]))["base"] == str(ckpt.resolve())
+    assert check_base_chain(Path(again["checkpoint"])) == [ckpt.resolve(), base_ckpt.resolve()]
+
+    # a resume keeps the adapters' settings
+    with pytest.raises(RuntimeError, match=r"it was trained with peft=.*'rank': 16.*Resume with "
+                       r"the same peft settings"):  # fmt: skip
+        launch(2, tmp_path / "split", *lora, "peft.rank=8")
+
+
+def _tensor_keys(ckpt: Path) -> list[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return sorted(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+
+
+def test_an_adapter_checkpoint_refuses_a_base_that_changed_or_is_gone(tmp_path):
+    base, ckpt = tmp_path / "base", tmp_path / "lora"
+    base.mkdir()
+    ckpt.mkdir()
+
+    def save_base(content: bytes) -> None:  # a torch_dist folder with its integrity record
+        (base / "metadata.json").write_text("{}")
+        (base / "__0_0.distcp").write_bytes(content)
+        names = integrity.files_of(base)
+        integrity.write_record(base, integrity.digest_files(base, names, "head_tail"), "head_tail")
+
+    save_base(b"a" * 100)
+    write_record(ckpt, make_record({"method": "lora"}, [], base))
+    assert check_base_chain(ckpt) == [base.resolve()]
+    save_base(b"b" * 100)  # the base stage re-run into the same folder: intact, other weights
+    with pytest.raises(ValueError, match=r"changed since the adapters were trained on it"):
+        check_base_chain(ckpt)
+    (base / "__0_0.distcp").write_bytes(b"c" * 99)  # damaged after its record
+    with pytest.raises(ValueError, match=r"is damaged: __0_0.distcp is 99 bytes"):
+        check_base_chain(ckpt)
+    for f in base.iterdir():
+        f.unlink()
+    with pytest.raises(ValueError, match=r"its base .* is gone. The adapters mean nothing"):
+        check_base_chain(ckpt)

@@ -122,3 +122,18 @@ def checkpoint_bytes(ckpt: Path) -> int | None:
     """What a checkpoint occupies, from its record (None without one)."""
     record = read_record(ckpt)
     return record.get("bytes") if record else None
+
+
+def fingerprint(ckpt: Path) -> str:
+    """SHA-256 over every file's name, size and head/tail digest: what an adapter checkpoint
+    records of its base (:mod:`omni_train.checkpoint.peft`), to refuse a base that changed.
+    Read from a ``head_tail`` record when there is one (the same value, no reading)."""
+    record = read_record(ckpt)
+    if record and record.get("mode") == "head_tail" and record.get("files"):
+        files = record["files"]
+    else:
+        files = digest_files(ckpt, files_of(ckpt), "head_tail")
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]['size']}\0{files[name]['sha256']}\n".encode())
+    return h.hexdigest()[:32]

@@ -42,10 +42,13 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from omni_train.checkpoint import integrity
+from omni_train.checkpoint import peft as peft_record
 from omni_train.checkpoint.layout import LATEST as _LATEST
 from omni_train.checkpoint.layout import checkpoints_dir, find_latest  # noqa: F401 (re-export)
+from omni_train.config.peft import PeftConfig
 from omni_train.lifecycle import STOP_SIGNALS
 from omni_train.log import human_bytes
+from omni_train.model.lora import merge_saved_adapters
 from omni_train.parallel import ParallelState
 
 # dp_reshardable: fully parallel save/load, no gathers. Resume keeps the TP/EP layout anyway
@@ -95,10 +98,13 @@ def _per_rank(name: str, ps: ParallelState, value) -> ShardedObject:
 _EXTRA_STATE = "_extra_state"
 
 
-def model_request(model, path: str | os.PathLike | None = None) -> dict:
-    """``model.sharded_state_dict()``, less the TE ``_extra_state`` objects ``path`` lacks
-    (a checkpoint written by PyTorch layers; see the module docstring)."""
+def model_request(model, path: str | os.PathLike | None = None, keep=None) -> dict:
+    """``model.sharded_state_dict()`` (only the keys ``keep(key)`` accepts), less the TE
+    ``_extra_state`` objects ``path`` lacks (a checkpoint written by PyTorch layers; see the
+    module docstring)."""
     sharded = model.sharded_state_dict()
+    if keep is not None:
+        sharded = {k: v for k, v in sharded.items() if keep(k)}
     if path is None or not any(k.endswith(_EXTRA_STATE) for k in sharded):
         return sharded
     saved = set(load_sharded_metadata(str(path)))
@@ -111,12 +117,16 @@ def model_request(model, path: str | os.PathLike | None = None) -> dict:
     }
 
 
-def load_model_state(model, state: dict, prefix: str = "") -> None:
+def load_model_state(model, state: dict, prefix: str = "", required=None) -> None:
     """``model.load_state_dict(state)`` where only ``_extra_state`` entries may be absent (and
-    only keys under ``prefix`` are required)."""
+    only keys under ``prefix`` that ``required(key)`` accepts are required)."""
     result = model.load_state_dict(state, strict=False)
     missing = [
-        k for k in result.missing_keys if k.startswith(prefix) and not k.endswith(_EXTRA_STATE)
+        k
+        for k in result.missing_keys
+        if k.startswith(prefix)
+        and not k.endswith(_EXTRA_STATE)
+        and (required is None or required(k))
     ]
     if missing or result.unexpected_keys:
         raise ValueError(
@@ -133,8 +143,9 @@ def _sharded_state(
     is_loading: bool,
     data_rank: bytes | None = None,
     path: Path | None = None,
+    keep=None,
 ) -> dict:
-    model_sd = model_request(model, path if is_loading else None)
+    model_sd = model_request(model, path if is_loading else None, keep)
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(
@@ -176,10 +187,12 @@ def save_checkpoint(
     ps: ParallelState,
     keep_last: int = 0,
     integrity: str = "head_tail",
+    lora: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint for ``state.step`` (collective: every rank calls it): the
     torch_dist state, then its integrity record (every rank digests the files it wrote), then
-    ``latest``."""
+    ``latest``. ``lora``: a LoRA stage's record (:mod:`omni_train.checkpoint.peft`); with a
+    base, only the adapters and the components trained whole are written."""
     path = checkpoints_dir(output_dir) / f"step_{state.step:07d}"
     if ps.is_main:
         if path.exists():  # a partial write from a crashed run at this same step
@@ -188,7 +201,14 @@ def save_checkpoint(
             shutil.rmtree(leftover, ignore_errors=True)
         path.mkdir(parents=True)
     dist.barrier()
-    sharded = _sharded_state(model, optimizer, ps, is_loading=False, data_rank=state.data_rank)
+    sharded = _sharded_state(
+        model,
+        optimizer,
+        ps,
+        is_loading=False,
+        data_rank=state.data_rank,
+        keep=lambda k: peft_record.holds(lora, k),
+    )
     sharded["scheduler"] = scheduler.state_dict()
     sharded["train_state"] = {
         "step": state.step,
@@ -222,6 +242,8 @@ def save_checkpoint(
         if ps.is_main:
             _discard(path)
         raise
+    if ps.is_main and lora is not None:  # before the integrity record, which then covers it
+        peft_record.write_record(path, lora)
     dist.barrier()
     _record_integrity(path, ps, integrity, payload, entries)
     if ps.is_main:
@@ -273,15 +295,16 @@ def space_needed(payload: int, entries: int) -> int:
     return int(payload * 1.05) + entries * _PER_ENTRY + _FIXED
 
 
-def expected_checkpoint(model, optimizer_bytes_per_param: int) -> tuple[int, int]:
+def expected_checkpoint(model, optimizer_bytes_per_param: int, lora=None) -> tuple[int, int]:
     """(bytes, entries) a checkpoint of this model and layout will hold, before any step
-    (collective): the model's sharded state exactly, plus the optimizer's state of every
-    trainable shard (``optimizer_bytes_per_param``: AdamW's two fp32 moments, and the fp32
-    main copy under bf16), plus the per-rank RNG and data objects."""
+    (collective): the model's sharded state exactly (an adapter checkpoint's part of it, under
+    the LoRA record ``lora``), plus the optimizer's state of every trainable shard
+    (``optimizer_bytes_per_param``: AdamW's two fp32 moments, and the fp32 main copy under
+    bf16), plus the per-rank RNG and data objects."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import is_main_replica
 
-    sharded = model.sharded_state_dict()
+    sharded = model_request(model, keep=lambda k: peft_record.holds(lora, k))
     size, entries = _payload_bytes(sharded)
     for v in nested_values(sharded):
         trainable = isinstance(v, ShardedTensor) and getattr(v.data, "requires_grad", False)
@@ -367,11 +390,17 @@ def check_resumable(path: Path, world_size: int) -> None:
 
 @torch.no_grad()  # in-place copies into parameters (and fp32 main-param views of them)
 def load_for_resume(path: Path, model, optimizer, scheduler, ps: ParallelState) -> TrainState:
-    """Restore weights, optimizer, scheduler, RNG, data position and step from ``path``."""
+    """Restore weights, optimizer, scheduler, RNG, data position and step from ``path``. An
+    adapter checkpoint's base is loaded first (its adapters merged, if it has any); then the
+    checkpoint's own entries, the adapters into the live ones."""
     check_resumable(path, ps.world_size)
-    sharded = _sharded_state(model, optimizer, ps, is_loading=True, path=path)
+    lora = peft_record.read_record(path)
+    if lora is not None and lora["base"] is not None:
+        load_weights(lora["base"], model)
+    keep = lambda k: peft_record.holds(lora, k)  # noqa: E731
+    sharded = _sharded_state(model, optimizer, ps, is_loading=True, path=path, keep=keep)
     loaded = dist_checkpointing.load(sharded, str(path))  # sharded entries + the common state
-    load_model_state(model, loaded["model"])
+    load_model_state(model, loaded["model"], required=keep)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
@@ -393,20 +422,27 @@ def load_component_weights(path: str | os.PathLike, model, component: str) -> No
     """Load one component's weights (keys ``<component>.*``) from a torch_dist checkpoint,
     e.g. a pretrained LM or encoder for stage 0; the rest of ``model`` is left as it is."""
     prefix = f"{component}."
-    wanted = {k: v for k, v in model_request(model, path).items() if k.startswith(prefix)}
+    keep = lambda k: k.startswith(prefix) and ".lora." not in k  # noqa: E731 (adapters: fresh)
+    wanted = model_request(model, path, keep)
     if not wanted:
         raise ValueError(f"the model has no weights under {prefix}*")
     # load() returns the sharded entries asked for plus the checkpoint's common state
     loaded = dist_checkpointing.load({"model": wanted}, str(path))["model"]
     try:
-        load_model_state(model, loaded, prefix)
+        load_model_state(model, loaded, prefix, required=keep)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
 
 @torch.no_grad()
-def load_weights(path: str | os.PathLike, model) -> None:
-    """Load model weights only (any parallel layout), e.g. from the previous stage."""
+def load_weights(path: str | os.PathLike, model, merge: bool = True) -> None:
+    """Load model weights only (any parallel layout), e.g. from the previous stage.
+
+    A checkpoint with LoRA adapters (:mod:`omni_train.checkpoint.peft`) loads as the weights
+    it stands for: its base (recursively), its own entries, and its adapters merged into the
+    base weights; ``model``'s own adapters (a LoRA stage) start fresh. ``merge=False`` loads
+    its adapters into ``model``'s instead (built with the same ``peft``: the model the
+    checkpoint's stage trained, e.g. to compare it with the reference's PEFT model)."""
     path = Path(path)
     if (path / "checkpoints").is_dir():  # a run directory: take its latest checkpoint
         latest = find_latest(path)
@@ -417,5 +453,23 @@ def load_weights(path: str | os.PathLike, model) -> None:
         raise FileNotFoundError(
             f"checkpoint.init_from={path} is not a torch_dist checkpoint (no metadata.json)"
         )
-    loaded = dist_checkpointing.load({"model": model_request(model, path)}, str(path))
-    load_model_state(model, loaded["model"])
+    lora = peft_record.read_record(path)
+    if lora is not None and lora["base"] is not None:
+        load_weights(lora["base"], model)
+    adapters = lora is not None and not merge
+
+    def wanted(key: str) -> bool:  # the checkpoint's own entries (adapters: merged below)
+        return peft_record.holds(lora, key) and (".lora." not in key or adapters)
+
+    request = model_request(model, path, wanted)
+    if adapters and not any(".lora." in k for k in request):
+        raise ValueError(f"{path} holds LoRA adapters; load them into a model built with them")
+    if request:  # an adapter checkpoint of a stage that trained nothing whole: nothing here
+        loaded = dist_checkpointing.load({"model": request}, str(path))
+        load_model_state(model, loaded["model"], required=wanted)
+    if lora is not None and merge:
+        merge_saved_adapters(
+            model,
+            PeftConfig(**lora["peft"]),
+            lambda request: dist_checkpointing.load({"model": request}, str(path))["model"],
+        )

@@ -1,4 +1,5 @@
-"""``omni-train checkpoint import-hf`` / ``export-hf``: released checkpoints in, served ones out.
+"""``omni-train checkpoint import-hf``: released checkpoints in (served ones out, ``export-hf``:
+:mod:`omni_train.hf.export`).
 
 **Import** (Hugging Face safetensors or a NeMo ``.nemo`` Parakeet -> torch_dist). The model is
 built on the meta device at TP=1 in a one-process world; each of its weights is then made from
@@ -11,19 +12,13 @@ on any TP/EP/CP layout (``checkpoint.init_from``) or, for one component, is a st
 ``weights.EXTRA`` (ignored for a stated reason, checked, or refused): nothing is dropped
 silently.
 
-**Export** (torch_dist, any training layout -> safetensors under the released names). The model
-is again built on meta; its weights are loaded from the checkpoint one group (a layer, the
-embedding, an encoder) at a time, converted and streamed into the safetensors shards, whose
-headers were planned beforehand from the meta shapes. ``config.json`` is written from the
-``model`` config (on top of the config.json it was imported from, when there is one, which keeps
-token ids and generation settings) and checked by deriving the model back from it.
+**Export**: :mod:`omni_train.hf.export`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -46,7 +41,7 @@ from omni_train.config import hf as hf_config
 from omni_train.config.model import ModelConfig
 from omni_train.hf import weights
 from omni_train.hf.nemo import read_nemo
-from omni_train.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
+from omni_train.hf.safetensors_io import SafetensorsReader
 from omni_train.log import get_logger
 from omni_train.model.build import build_omni_model
 from omni_train.model.meta import parameters_on_meta
@@ -377,16 +372,6 @@ def _write_import_manifest(path: Path, cfg, report: ImportReport, dtype: str, ra
 # ---- export ------------------------------------------------------------------------------------
 
 
-@dataclass
-class ExportReport:
-    checkpoint: str
-    out: str
-    files: list[str]
-    tensors: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-
-
 def _init_source(manifest: dict, depth: int = 0) -> dict | None:
     """The config.json an ``init_from`` chain started from (an import), if any."""
     init = manifest.get("init_from")
@@ -434,152 +419,3 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, dict, dict | None]:
                 "model.hf_path=%s is gone; config.json is written from scratch", section["hf_path"]
             )
     return ckpt, section, base or _init_source(manifest)
-
-
-# megatron stores the ViT's blocks stacked along a layer axis under one key per weight, and
-# torch_dist reads a key whole (a one-layer slice fails its shard-metadata check), so the vision
-# encoder is loaded in one piece (0.65B parameters in the release); LM and conformer layers have
-# keys of their own.
-_LAYER_GROUP = re.compile(r"(llm\.decoder\.layers\.\d+|audio_encoder\.encoder\.layers\.\d+)\.")
-
-
-def _group(key: str) -> str:
-    """What is loaded at once: one layer, or the rest of one component."""
-    m = _LAYER_GROUP.match(key)
-    return m.group(1) if m else key.split(".", 1)[0]
-
-
-def _checkpoint_dtypes(ckpt: Path, sharded: dict) -> dict[str, torch.dtype]:
-    """Each weight's dtype as stored (params may be bf16 and buffers fp32)."""
-    from megatron.core import dist_checkpointing
-
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    out = {}
-    for key, entry in sharded.items():
-        name = entry.key
-        if name in stored:
-            out[key] = stored[name].dtype
-            continue
-        match = next((v for k, v in stored.items() if k.startswith(f"{name}.")), None)
-        if match is None:
-            raise ValueError(
-                f"{ckpt} has no tensor {name}: it was written for another model config "
-                "(its manifest's model section is what export builds)"
-            )
-        out[key] = match.dtype
-    return out
-
-
-def _copy_processor(source: Path, out: Path) -> list[str]:
-    """Tokenizer, chat template and processor files: everything but weights and config.json."""
-    skip = re.compile(r".*\.(safetensors|bin|pt|pth|nemo|ckpt)$|config\.json$|.*\.index\.json$")
-    copied = []
-    for item in sorted(source.iterdir()):
-        if item.is_file() and not skip.fullmatch(item.name):
-            shutil.copy2(item, out / item.name)
-            copied.append(item.name)
-    return copied
-
-
-def export_hf(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    copy_processor_from: str | Path | None = None,
-    dtype: str | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> ExportReport:
-    """Write ``checkpoint`` (any training layout) as a Hugging Face checkpoint in ``out``:
-    config.json, safetensors shards under the released names and their index, plus the
-    processor files of ``copy_processor_from``. ``dtype`` (bf16/fp32/fp16) converts floating
-    tensors; by default each keeps its stored dtype."""
-    from megatron.core import dist_checkpointing
-
-    start = time.perf_counter()
-    out = Path(out)
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype}: use {', '.join(_DTYPES)}")
-    ckpt, section, base = resolve_checkpoint(checkpoint)
-    config = hf_config.omni_config(section, base)  # refuses what the reference cannot express
-    _check_out(out)
-    model_cfg = model_from_section(section)
-    cfg = _job(model_cfg, [], "fp32")
-    prefixes = weights.Prefixes() if model_cfg.vision is not None else weights.Prefixes.alone("llm")
-    report = ExportReport(str(ckpt), str(out), [])
-    tmp = out.with_name(f".{out.name}.exporting-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
-        with _MetaModel(cfg) as meta:
-            model = meta.model
-            keys = [k for k, _ in _tensor_keys(model, tuple(f"{c}." for c in model_cfg.components))]
-            rules = {k: r for k in keys if (r := weights.rule_for(k, section, prefixes))}
-            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in rules}
-            stored = _checkpoint_dtypes(ckpt, sharded)
-            params = dict(_tensor_keys(model, ("",)))
-            group_keys: dict[str, list[str]] = {}
-            for key in rules:
-                group_keys.setdefault(_group(key), []).append(key)
-            plans = []  # in the order the groups are loaded and written
-            for key in (k for members in group_keys.values() for k in members):
-                probe = torch.empty(params[key].shape, dtype=stored[key], device="meta")
-                for name, t in zip(rules[key].released, rules[key].to_released(probe), strict=True):
-                    plans.append(TensorPlan(name, _out_dtype(t.dtype, dtype), tuple(t.shape)))
-            extras = _export_extras(model_cfg, prefixes)
-            plans += [TensorPlan(n, t.dtype, tuple(t.shape)) for n, t in extras.items()]
-            writer = ShardedWriter(tmp, plans, max_shard_bytes)
-            for group, members in group_keys.items():
-                subset = {}
-                for key in members:
-                    entry = sharded[key]
-                    entry.data = torch.empty(params[key].shape, dtype=stored[key])
-                    subset[key] = entry
-                try:
-                    loaded = dist_checkpointing.load({"model": subset}, str(ckpt))["model"]
-                except Exception as e:
-                    raise ValueError(f"{ckpt}: loading {group} failed: {e}") from e
-                for key in members:
-                    rule = rules[key]
-                    for name, t in zip(rule.released, rule.to_released(loaded[key]), strict=True):
-                        writer.write(name, t.to(_out_dtype(t.dtype, dtype)))
-                        report.tensors += 1
-                        report.bytes += t.numel() * t.element_size()
-                    sharded[key].data = params[key]  # back to meta: the group's memory is freed
-                del loaded, subset
-            for name, t in extras.items():
-                writer.write(name, t)
-                report.tensors += 1
-            report.files = writer.close()
-        floats = {p.dtype for p in plans if p.dtype.is_floating_point}
-        if len(floats) == 1:
-            config["dtype"] = str(floats.pop()).removeprefix("torch.")
-        _check_config_roundtrip(config, section)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if copy_processor_from is not None:
-            report.files += _copy_processor(Path(copy_processor_from), tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def _out_dtype(stored: torch.dtype, wanted: str | None) -> torch.dtype:
-    return _DTYPES[wanted] if wanted is not None and stored.is_floating_point else stored
-
-
-def _export_extras(model: ModelConfig, prefixes: weights.Prefixes) -> dict[str, torch.Tensor]:
-    """Released tensors with no omni-train weight: RADIO's summary token indices (a persistent
-    buffer of the reference; transformers' default [0, 1])."""
-    if model.vision is None:
-        return {}
-    return {f"{prefixes.vision}radio_model.summary_idxs": torch.tensor([0, 1], dtype=torch.int64)}
-
-
-def _check_config_roundtrip(config: dict, section: dict) -> None:
-    """The written config.json must describe exactly the exported model."""
-    _, derived = hf_config.model_fields(config)
-    diff = architecture_diff(derived, section, saved_keys_only=True)
-    if diff:
-        raise RuntimeError(f"the exported config.json does not describe the model: {diff[:4]}")

@@ -30,6 +30,7 @@ with an error until adapters for them exist.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zlib
@@ -37,6 +38,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -50,7 +52,14 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from omni_train.config.peft import LORA_GROUPS, PeftConfig
 
-__all__ = ["LoRAAdapter", "apply_lora", "lora_targets"]
+__all__ = [
+    "LoRAAdapter",
+    "adapter_requests",
+    "apply_lora",
+    "lora_targets",
+    "merge_saved_adapters",
+    "saved_adapters",
+]
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -92,9 +101,19 @@ class LoRAAdapter(torch.nn.Module):
     module docstring) and the low-rank path. Shapes: input as the base's, output as the
     base's output."""
 
-    def __init__(self, base: torch.nn.Module, name: str, peft: PeftConfig, seed: int):
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        name: str,
+        peft: PeftConfig,
+        seed: int,
+        row_sections: list[tuple[str, int]] | None = None,
+    ):
         super().__init__()
         self.kind = _kind(base)
+        # a fused base whose checkpoint stores its rows as separately sharded parts (Mamba's
+        # in_proj: z, x, B, C, dt): B's rows are saved the same way, so B reshards as W does
+        self.row_sections = row_sections
         self.scale = peft.scale
         self.dropout = torch.nn.Dropout(peft.dropout) if peft.dropout else torch.nn.Identity()
         out_features, in_features = self._global_shape(base)
@@ -163,6 +182,35 @@ class LoRAAdapter(torch.nn.Module):
         return torch.nn.functional.linear(torch.nn.functional.linear(self.dropout(x), self.A),
                                           self.B) * self.scale  # fmt: skip
 
+    def delta(self) -> torch.Tensor:
+        """``alpha / r * B A`` on this rank's shard of the base weight: [out/tp, in]
+        (column), [out, in/tp] (row) or [out, in]; fp32."""
+        return self.scale * (self.B.float() @ self.A.float())
+
+    def sharded_state(self, prefix: str, sharded_offsets=(), groups=(None, None)) -> dict:
+        """``<prefix>A`` and ``<prefix>B`` as sharded tensors: the split factor on the base's TP
+        axis, the other replicated; B's rows in the base's parts (``row_sections``).
+        ``groups``: the (TP, DP x CP) groups the base's own sharded state uses (an expert's
+        TP group is the expert-TP group); (None, None): megatron's defaults."""
+        axis = {}
+        if self.group is not None:
+            axis = {"row": {"A": 1}, "column": {"B": 0}}.get(self.kind, {})
+        own = self.state_dict(prefix="", keep_vars=True)
+        tp_group, dp_cp_group = groups
+        out = make_sharded_tensors_for_checkpoint(
+            own, prefix, axis, sharded_offsets, tp_group=tp_group, dp_cp_group=dp_cp_group
+        )
+        if self.row_sections:
+            # lazy: megatron's mamba_mixer module imports Triton's kernels unless the platform's
+            # patches ran first (they have, once a model with Mamba layers exists)
+            from megatron.core.ssm.mamba_mixer import _split_tensor_factory
+
+            names, sizes = zip(*self.row_sections, strict=True)
+            out[f"{prefix}B"] = _split_tensor_factory(
+                out[f"{prefix}B"], list(sizes), list(names), 0
+            )
+        return out
+
 
 def _column_forward(self, input_, weight=None, runtime_gather_output=None):
     """A column-parallel base with its adapter (bound as the module's ``forward``)."""
@@ -191,13 +239,51 @@ def _sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
     split factor sharded on the base's TP axis, the other replicated."""
     out = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
     out = {k: v for k, v in out.items() if not k.startswith(f"{prefix}lora.")}
-    axis = {}
-    if self.lora.group is not None:
-        axis = {"row": {"A": 1}, "column": {"B": 0}}.get(self.lora.kind, {})
-    adapter = self.lora.state_dict(prefix="", keep_vars=True)
-    sharded = make_sharded_tensors_for_checkpoint(adapter, f"{prefix}lora.", axis, sharded_offsets)
-    out.update(sharded)
+    groups = (None, None)
+    if getattr(self, "tp_group", None) is not None:  # as megatron's linears shard their weight
+        dp_cp = (metadata or {}).get("dp_cp_group")
+        if dp_cp is None:
+            dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        groups = (self.tp_group, dp_cp)
+    out.update(self.lora.sharded_state(f"{prefix}lora.", sharded_offsets, groups))
     return out
+
+
+_LOCAL_EXPERT = re.compile(r"(.*\.experts)\.local_experts\.(\d+)(\..*)")
+
+
+def _global_name(model_modules: dict, name: str) -> str:
+    """``name`` with a routed expert's local index made global (this EP rank's first expert
+    plus the local one): the name A's generator is seeded with, so every EP layout starts from
+    the same adapters."""
+    m = _LOCAL_EXPERT.fullmatch(name)
+    experts = model_modules.get(m.group(1)) if m else None
+    if experts is None or not hasattr(experts, "ep_group"):
+        return name
+    first = experts.ep_group.rank() * experts.num_local_experts
+    return f"{m.group(1)}.local_experts.{first + int(m.group(2))}{m.group(3)}"
+
+
+_MAMBA_MIXERS = ("MambaMixer", "ClampedDtMambaMixer")  # by name: see sharded_state's import
+
+
+def _row_sections(model_modules: dict, name: str) -> list[tuple[str, int]] | None:
+    """The parts Mamba's in_proj is checkpointed in (megatron-core's MambaMixer splits its
+    rows into z, x, B, C, dt, each sharded over TP on its own), this rank's sizes."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model_modules.get(parent_name)
+    if child != "in_proj" or type(parent).__name__ not in _MAMBA_MIXERS:
+        return None
+    groups = parent.ngroups_local_tp * parent.d_state
+    return [("z", parent.d_inner_local_tp), ("x", parent.d_inner_local_tp), ("B", groups),
+            ("C", groups), ("dt", parent.nheads_local_tp)]  # fmt: skip
+
+
+def _attach(module: torch.nn.Module, adapter: LoRAAdapter) -> None:
+    module.lora = adapter
+    module.forward = _FORWARDS[adapter.kind].__get__(module)
+    if hasattr(module, "sharded_state_dict"):
+        module.sharded_state_dict = _sharded_state_dict.__get__(module)
 
 
 def lora_targets(model: torch.nn.Module, peft: PeftConfig) -> dict[str, torch.nn.Module]:
@@ -245,15 +331,71 @@ def apply_lora(
             f"weights stay frozen) or drop those targets"
         )
     adapted: dict[str, int] = {}
+    modules = dict(model.named_modules())
     for name, module in targets.items():
-        adapter = LoRAAdapter(module, name, peft, seed)
-        module.lora = adapter
-        module.forward = _FORWARDS[adapter.kind].__get__(module)
-        if hasattr(module, "sharded_state_dict"):
-            module.sharded_state_dict = _sharded_state_dict.__get__(module)
+        adapter = LoRAAdapter(module, _global_name(modules, name), peft, seed,
+                              _row_sections(modules, name))  # fmt: skip
+        _attach(module, adapter)
         component = name.split(".", 1)[0]
         adapted[component] = adapted.get(component, 0) + 1
     for component in adapted:
         for pname, p in getattr(model, component).named_parameters():
             p.requires_grad_(".lora." in f".{pname}")
+        for sub in getattr(model, component).modules():
+            # the routers' aux-loss-free expert bias is the base's too: not updated, so the
+            # stage's model stays base + adapters (an adapter checkpoint does not hold it, and
+            # a merged or PEFT export is exactly what trained)
+            if getattr(sub, "expert_bias", None) is not None and hasattr(sub, "enable_expert_bias"):
+                sub.enable_expert_bias = False
     return adapted
+
+
+@contextlib.contextmanager
+def saved_adapters(model: torch.nn.Module, peft: PeftConfig):
+    """Adapters of ``peft`` attached to ``model`` for as long as the context is open (to read
+    a checkpoint's adapters through megatron's sharded state); yields {module name: module}.
+
+    The targets are resolved again on this model, so any TP / EP layout reads what any other
+    saved. The model's own adapters (a LoRA stage reading a LoRA checkpoint) are set aside
+    meanwhile and come back as they were."""
+    targets = lora_targets(model, peft)
+    modules = dict(model.named_modules())
+    kept = {}
+    for name, module in targets.items():
+        kept[name] = (module._modules.get("lora"), module.__dict__.get("sharded_state_dict"),
+                      module.__dict__.get("forward"))  # fmt: skip
+        _attach(module, LoRAAdapter(module, name, peft, 0, _row_sections(modules, name)))
+    try:
+        yield targets
+    finally:
+        for name, module in targets.items():
+            lora, sharded, forward = kept[name]
+            del module.lora
+            for attr, value in (("sharded_state_dict", sharded), ("forward", forward)):
+                module.__dict__.pop(attr, None)
+                if value is not None:
+                    setattr(module, attr, value)
+            if lora is not None:
+                module.lora = lora
+
+
+def adapter_requests(model: torch.nn.Module, targets: dict) -> dict:
+    """The sharded state of the adapters of ``targets`` (attached: :func:`saved_adapters`)."""
+    return {k: v for k, v in model.sharded_state_dict().items()
+            if k.rpartition(".lora.")[0] in targets}  # fmt: skip
+
+
+@torch.no_grad()
+def merge_saved_adapters(model: torch.nn.Module, peft: PeftConfig, load) -> list[str]:
+    """Merge adapters a checkpoint holds (saved with ``peft``) into ``model``'s base weights,
+    ``W += alpha / r * B A`` on each rank's shard (in fp32); returns the merged modules'
+    names. ``load(request) -> {key: tensor}`` reads a sharded request from the checkpoint. The
+    new stage trains fresh adapters (if any) on the merged weights."""
+    with saved_adapters(model, peft) as targets:
+        loaded = load(adapter_requests(model, targets))
+        for name, module in targets.items():
+            module.lora.A.copy_(loaded[f"{name}.lora.A"])
+            module.lora.B.copy_(loaded[f"{name}.lora.B"])
+            merged = module.weight.float() + module.lora.delta()
+            module.weight.copy_(merged.to(module.weight.dtype))
+    return list(targets)

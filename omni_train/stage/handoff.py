@@ -19,6 +19,7 @@ from pathlib import Path
 from omni_train.checkpoint import find_latest, read_manifest
 from omni_train.checkpoint.integrity import NO_RECORD, verify
 from omni_train.checkpoint.manifest import architecture_diff, read_import_manifest
+from omni_train.checkpoint.peft import check_base_chain
 from omni_train.config import JobConfig, config_hash, to_dict
 from omni_train.log import get_logger
 
@@ -61,6 +62,7 @@ def check_handoff(cfg: JobConfig) -> Path:
     if imported is not None:
         return _check_imported(cfg, Path(cfg.checkpoint.init_from), imported)
     run_dir, ckpt = _run_dir_and_checkpoint(Path(cfg.checkpoint.init_from))
+    check_base_chain(ckpt)  # a LoRA stage's checkpoint: the bases its adapters stand on
     if not cfg.checkpoint.check_handoff:
         log.warning("checkpoint.check_handoff=false: loading %s without handoff checks", ckpt)
         return ckpt
@@ -102,6 +104,7 @@ def check_handoff(cfg: JobConfig) -> Path:
 
 
 def _check_imported(cfg: JobConfig, path: Path, imported: dict) -> Path:
+    check_base_chain(path)  # an imported PEFT adapter: the checkpoint it stands on
     if not cfg.checkpoint.check_handoff:
         log.warning("checkpoint.check_handoff=false: loading %s without checks", path)
         return path

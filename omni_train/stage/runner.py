@@ -14,6 +14,7 @@ Start-up decides between four cases, in this order:
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -34,7 +35,9 @@ from omni_train.checkpoint.io import (
 )
 from omni_train.checkpoint.lock import LockedError, OutputLock, held_by_launcher
 from omni_train.checkpoint.manifest import mark_failed
+from omni_train.checkpoint.peft import check_base_chain, make_record, read_record
 from omni_train.config import JobConfig, blends, config_hash, to_dict, validate
+from omni_train.config.peft import PeftConfig
 from omni_train.config.validation import check_platform
 from omni_train.data import NoUsableSampleError, SkipLimitError, StopDuringWaitError, build_data
 from omni_train.lifecycle import StopRequest
@@ -54,10 +57,11 @@ log = get_logger()
 
 def start_decision(cfg: JobConfig, ps: ParallelState) -> tuple:
     """Where the weights come from: ``(resume checkpoint, handoff checkpoint, pretrained
-    components)``, at most one set. Rank 0 decides (:mod:`omni_train.stage.resume`; verifying
-    checkpoints reads them, which one rank does for all), acts on it under the lock (damaged
-    checkpoints set aside, a start-over archived) and tells every rank, or every rank raises
-    the same error."""
+    components, LoRA record)``, at most one of the first three set; the record
+    (:mod:`omni_train.checkpoint.peft`) is None unless ``peft`` is on. Rank 0 decides
+    (:mod:`omni_train.stage.resume`; verifying checkpoints reads them, which one rank does for
+    all), acts on it under the lock (damaged checkpoints set aside, a start-over archived) and
+    tells every rank, or every rank raises the same error."""
     answer, error = None, None
     if ps.is_main:
         try:
@@ -73,7 +77,7 @@ def start_decision(cfg: JobConfig, ps: ParallelState) -> tuple:
                 handoff = check_handoff(cfg)
             elif decision.path is None:
                 components = check_components(cfg)
-            answer = (decision.path, handoff, components)
+            answer = (decision.path, handoff, components, _lora_record(cfg, decision.path, handoff))
         except ValueError as e:
             error = str(e)
     box = [answer, error]
@@ -81,6 +85,26 @@ def start_decision(cfg: JobConfig, ps: ParallelState) -> tuple:
     if box[1] is not None:
         raise ValueError(box[1])
     return box[0]
+
+
+def _lora_record(cfg: JobConfig, resumed: Path | None, handoff: Path | None) -> dict | None:
+    """What a LoRA stage's checkpoints record (its base: the handoff checkpoint; a resume: the
+    resumed checkpoint's). A resume must keep the adapters' settings and base."""
+    peft = to_dict(cfg)["peft"]
+    if resumed is not None:
+        saved = read_record(resumed)
+        if (saved or {}).get("peft", asdict(PeftConfig())) != peft:
+            was = saved["peft"] if saved else "no adapters"
+            raise ValueError(
+                f"cannot resume {resumed}: it was trained with peft={was}, this run has "
+                f"peft={peft}. Resume with the same peft settings, or start a new run from its "
+                f"weights with checkpoint.init_from={resumed} (adapters are merged on load)"
+            )
+        check_base_chain(resumed)
+        return saved
+    if not cfg.peft.enabled:
+        return None
+    return make_record(peft, [], handoff)  # "whole" once the model is built: _run
 
 
 def _schedule(cfg, scheduler) -> dict:
@@ -141,6 +165,14 @@ def _manifest(cfg, ps, built, state, evals, status, started, resumed_from, ckpt,
         "init_components": dict(cfg.checkpoint.init_components),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "checkpoint": str(ckpt) if ckpt else None,
+        # LoRA: the settings, and the base the checkpoint's adapters stand on (null: it holds
+        # the whole model)
+        "peft": {
+            **sections["peft"],
+            "base": (read_record(ckpt) or {}).get("base") if ckpt else None,
+        }
+        if cfg.peft.enabled
+        else None,  # fmt: skip
         "platform": omni_platform.detect().name,
         "platform_blocks": omni_platform.detect().describe(),  # what ran: TE or not, attention...
         "versions": versions(),
@@ -154,11 +186,11 @@ def _datasets(cfg: JobConfig) -> list[str]:
     return blends.stage_dataset_dirs(d.blend, d.paths, d.synthetic_root, d.path)
 
 
-def _check_checkpoint_space(cfg: JobConfig, module, ps: ParallelState) -> None:
+def _check_checkpoint_space(cfg: JobConfig, module, ps: ParallelState, lora) -> None:
     """Before the first step: room for one checkpoint of this model and layout, from its
     sharded state (the launcher's pre-flight only estimates it), and the failure reserve."""
     per_param = 12 if cfg.trainer.precision == "bf16" else 8  # fp32 main copy + 2 moments
-    size, entries = expected_checkpoint(module, per_param)
+    size, entries = expected_checkpoint(module, per_param, lora)
     need = space_needed(size, entries) + SpaceReserve.SIZE
     log.info("a checkpoint of this stage takes about %s", human_bytes(space_needed(size, entries)))
     try:
@@ -266,9 +298,17 @@ def run_stage(cfg: JobConfig) -> dict:
 
 
 def _run(cfg, ps, platform, stop, started) -> dict:
-    resumed_from, handoff, components = start_decision(cfg, ps)
+    resumed_from, handoff, components, lora = start_decision(cfg, ps)
     log.info("stage %s on %s: %s", cfg.stage.name, platform.name, ps.describe())
     built = build_model(cfg, ps, platform)
+    if lora is not None and resumed_from is None:  # trained whole: no adapter in it
+        lora["whole"] = sorted(c for c in cfg.stage.trainable if not built.counts[c].adapter)
+        if lora["base"] is None:
+            log.info("LoRA without checkpoint.init_from: the base exists nowhere else, so each "
+                     "checkpoint holds the whole model")  # fmt: skip
+        else:
+            log.info("LoRA: checkpoints hold the adapters and %s; the base: %s",
+                     lora["whole"] or "nothing else", lora["base"])  # fmt: skip
     for name, c in built.counts.items():
         adapters = f"  (LoRA adapters {c.adapter})" if c.adapter else ""
         log.info("component %-16s trainable %12d  frozen %12d%s", name, c.trainable, c.frozen,
@@ -281,7 +321,7 @@ def _run(cfg, ps, platform, stop, started) -> dict:
         load_component_weights(path, built.module, name)
     model = wrap_ddp(cfg, built.module, built.tf_config)
     optimizer, scheduler = build_optimizer(cfg, model, built.tf_config)
-    _check_checkpoint_space(cfg, built.module, ps)
+    _check_checkpoint_space(cfg, built.module, ps, lora)
     train_data, eval_data = build_data(cfg, ps, platform.device, stop.pending)
     flops_policy = FlopsPolicy.from_config(cfg)
 
@@ -326,7 +366,7 @@ def _run(cfg, ps, platform, stop, started) -> dict:
         s.data_rank = train_data.rank_state()  # between steps: nothing is in flight
         c = cfg.checkpoint
         last_ckpt = save_checkpoint(
-            out, built.module, optimizer, scheduler, s, ps, c.keep_last, c.integrity
+            out, built.module, optimizer, scheduler, s, ps, c.keep_last, c.integrity, lora
         )
         log.info("saved %s", last_ckpt)
         if ps.is_main:
