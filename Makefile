@@ -21,7 +21,7 @@ TORCH_INDEX ?=
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup curriculum smoke smoke-text smoke-gpu test test-slow test-slurm bench learn learn-parallel plan activation-costs lint format lock clean
+.PHONY: setup curriculum smoke smoke-text smoke-gpu test test-slow test-slurm bench learn learn-lora learn-parallel plan plan-lora activation-costs lint format lock clean
 
 setup: $(STAMP) $(REFERENCE)
 
@@ -124,6 +124,12 @@ bench: setup
 learn: setup
 	$(BIN)/python benchmarks/learning.py --out benchmarks/results/learning_cpu.md
 
+# learn-lora: the same tasks training LoRA adapters (rank 16) on the LM and both encoders, the
+# projectors whole: real media >= 90 %, noise at chance (benchmarks/results/learning_lora_cpu.md).
+learn-lora: setup
+	$(BIN)/python benchmarks/learning.py --runs real_lora,noise_lora --jobs 2 \
+	  --out benchmarks/results/learning_lora_cpu.md
+
 learn-parallel: setup
 	$(BIN)/python benchmarks/learning.py --runs real,real_tp2,real_cp2 --jobs 1 \
 	  --out benchmarks/results/learning_parallel_cpu.md
@@ -132,6 +138,11 @@ learn-parallel: setup
 # GPUs, smallest fix, time (one CPU process, about a minute).
 plan: setup
 	$(BIN)/python benchmarks/plan_stages.py --out benchmarks/results/plan_stages.md
+
+# The same stages with peft=lora: memory, time and the fewest nodes each fits on, full against
+# LoRA (a dry run per node count: a few minutes).
+plan-lora: setup
+	$(BIN)/python benchmarks/plan_lora.py --out benchmarks/results/plan_lora.md
 
 # Measure activation bytes per layer kind for the planner (MODEL, TP; CPU, bf16): the released
 # model at TP 2 takes about 25 minutes and 12 GB of memory, the tiny one 2 minutes at TP 1.

@@ -18,7 +18,10 @@ splice), then scores each run's final weights on the held-out, class-balanced qu
   Every held-out question of a task is then the same input, so its answer is the prior by
   construction (chance on the class-balanced set) however long it trains: it trains
   ``--prior-steps`` (200; its answer loss has settled at the prior's by then), not ``--steps``;
-- ``real_tp2``, ``real_cp2``: ``real`` on 2 processes with TP 2 + SP, and with CP 2.
+- ``real_tp2``, ``real_cp2``: ``real`` on 2 processes with TP 2 + SP, and with CP 2;
+- ``real_lora``, ``noise_lora``: ``real`` and ``noise`` training LoRA adapters (``peft=lora``,
+  rank 16) on the LM's and both encoders' linears, the projectors whole, no base weight of the
+  LM or the encoders (``LORA``); ``make learn-lora``.
 
 The runs train side by side (``--jobs``, default 3: every single-process run at once), each
 rank on one thread: a run is too small to keep two cores busy (measured on 2 cores, steps
@@ -29,8 +32,9 @@ thread count changes the order of fp32 sums and with it the step at which a task
 prior (at 3e-3, the real run's audio loss at steps 401-500: 0.47 on 1 thread, 0.36 on 2):
 compare runs made with the same ``--jobs``.
 
-Targets (issue #20): per task, ``real`` >= 90 % answer accuracy and ``noise`` / ``text_only``
-<= chance + 10 points; ``real_tp2`` / ``real_cp2`` within 5 points of ``real``. Writes a markdown
+Targets (issues #20, #38): per task, ``real`` and ``real_lora`` >= 90 % answer accuracy and
+``noise`` / ``noise_lora`` / ``text_only`` <= chance + 10 points; ``real_tp2`` / ``real_cp2``
+within 5 points of ``real``. Writes a markdown
 table (with a verdict per target), a loss-curve PNG and the figures as JSON beside it; exits
 3 if a target is missed.
 """
@@ -52,13 +56,21 @@ from omni_train.datatools import prepare
 from omni_train.datatools.learn_tasks import TASKS
 from omni_train.stage.launch import launch_stage, torchrun
 
-# run -> (media, processes, parallel recipe)
+# LoRA on the LM and both encoders (their base weights frozen), the projectors trained whole
+LORA = [
+    "peft=lora",
+    "peft.targets=[lm_attention,lm_mamba,lm_experts,lm_shared_expert,lm_mlp,vision_blocks,"
+    "audio_blocks]",
+]
+# run -> (media, processes, parallel recipe, its own overrides)
 RUNS = {
-    "real": ("real", 1, "single"),
-    "noise": ("noise", 1, "single"),
-    "text_only": ("none", 1, "single"),
-    "real_tp2": ("real", 2, "tp2"),
-    "real_cp2": ("real", 2, "cp2"),
+    "real": ("real", 1, "single", []),
+    "noise": ("noise", 1, "single", []),
+    "text_only": ("none", 1, "single", []),
+    "real_tp2": ("real", 2, "tp2", []),
+    "real_cp2": ("real", 2, "cp2", []),
+    "real_lora": ("real", 1, "single", LORA),
+    "noise_lora": ("noise", 1, "single", LORA),
 }
 DEFAULT_RUNS = ("real", "noise", "text_only")
 REAL_TARGET = 0.90
@@ -81,7 +93,8 @@ def train_and_probe(
 ) -> tuple[dict, dict, float]:
     """(manifest, probe results, wall seconds) of one fresh run, ``threads`` per rank. Runs in
     a worker process of its own (``main``), so setting the environment here is safe."""
-    _, nproc, layout = RUNS[run]
+    _, nproc, layout, own = RUNS[run]
+    extra = [*own, *extra]
     out = work / run
     shutil.rmtree(out, ignore_errors=True)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -104,12 +117,13 @@ def verdicts(results: dict[str, dict]) -> list[tuple[str, str, bool]]:
     the controls stay within chance + 10 points, the parallel layouts within 5 points of
     ``real`` (the same data and steps; fp32 sums in another order, so not bit-identical)."""
     out = []
-    for task in results["real"]:
-        chance = results["real"][task]["chance"]
-        base = results["real"][task]["accuracy"]
+    first = next(iter(results))
+    for task in results[first]:
+        chance = results[first][task]["chance"]
+        base = results.get("real", results[first])[task]["accuracy"]
         for run, r in results.items():
             acc = r[task]["accuracy"]
-            if run == "real":
+            if run in ("real", "real_lora"):
                 out.append((task, f"{run} >= {REAL_TARGET:.0%}: {acc:.1%}", acc >= REAL_TARGET))
             elif run.startswith("real_"):
                 same = abs(acc - base) <= LAYOUT_TOLERANCE
@@ -124,7 +138,7 @@ def table(results: dict[str, dict]) -> str:
     runs = list(results)
     head = ["task", "classes", "chance", *[f"{r} acc" for r in runs], *[f"{r} loss" for r in runs]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for task, real in results["real"].items():
+    for task, real in next(iter(results.values())).items():
         cells = [task, str(len(TASKS[task].classes)), f"{real['chance']:.1%}"]
         cells += [f"{results[r][task]['accuracy']:.1%}" for r in runs]
         cells += [f"{results[r][task]['loss']:.3f}" for r in runs]
@@ -133,6 +147,19 @@ def table(results: dict[str, dict]) -> str:
 
 
 MODALITIES = ("image", "video", "audio", "audio+video")  # the manifests' train/loss/<modality>
+
+
+def parameters_table(manifests: dict[str, dict]) -> str:
+    """Per run: the parameters it trained (adapters apart) and its training time per step
+    (the manifest's, start-up and scoring left out; runs side by side share the cores)."""
+    lines = ["| run | trainable parameters | of which LoRA adapters | frozen | s / step |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for run, m in manifests.items():
+        adapters = sum(c.get("adapter", 0) for c in m["parameters"].values())
+        per_step = m["wall_time_s"] / m["step"]
+        lines.append(f"| {run} | {m['trainable_parameters']:,} | {adapters:,} | "
+                     f"{m['frozen_parameters']:,} | {per_step:.2f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def loss_table(manifests: dict[str, dict], every: int = 100) -> str:
@@ -169,7 +196,7 @@ def plot(manifests: dict[str, dict], png: Path) -> None:
         axes[0].plot(steps, [row["train/loss"] for row in m["metrics"]], label=run, lw=1)
     axes[0].set(xlabel="step", ylabel="train loss (answer + end-of-turn tokens)", yscale="log",
                 title="all tasks")  # fmt: skip
-    for run in ("real", "noise"):
+    for run in ("real", "noise", "real_lora", "noise_lora"):
         if run not in manifests:
             continue
         rows = manifests[run]["metrics"]
@@ -177,7 +204,7 @@ def plot(manifests: dict[str, dict], png: Path) -> None:
             key = f"train/loss/{modality}"
             pts = [(row["step"], row[key]) for row in rows if key in row]
             if pts:
-                style = "-" if run == "real" else ":"
+                style = "-" if run.startswith("real") else ":"
                 axes[1].plot(*zip(*pts, strict=True), style, lw=1, label=f"{run} {modality}")
     axes[1].set(xlabel="step", ylabel="train loss", yscale="log", title="per modality")
     for ax in axes:
@@ -206,8 +233,10 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="more config overrides for every run")
     args = parser.parse_args()
     runs = args.runs.split(",")
-    if "real" not in runs or set(runs) - set(RUNS):
-        parser.error(f"--runs must include real and be among {', '.join(RUNS)}")
+    if not {"real", "real_lora"} & set(runs) or set(runs) - set(RUNS):
+        parser.error(f"--runs must include real or real_lora and be among {', '.join(RUNS)}")
+    if {"real_tp2", "real_cp2"} & set(runs) and "real" not in runs:
+        parser.error("real_tp2 and real_cp2 are compared with real: add it to --runs")
     if args.steps is None:  # one source for the default: recipes/stage/learn.yaml
         try:
             args.steps = compose_job([*STAGE, *args.overrides]).trainer.train_steps
@@ -231,7 +260,7 @@ def main() -> int:
     with ProcessPoolExecutor(at_once) as pool:
         pending = {}
         for run in runs:
-            media, nproc, _ = RUNS[run]
+            media, nproc, _, _ = RUNS[run]
             # one thread per rank when runs share the cores; alone, a run's ranks split them
             threads = 1 if at_once > 1 else max(1, cores // nproc)
             job = (args.work, run, roots[media], steps[run], args.overrides, threads)
@@ -258,7 +287,7 @@ def main() -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}  ",
         f"Steps per run: {', '.join(f'{r} {n}' for r, n in steps.items())} (`stage=learn`: "
-        f"{manifests['real']['tokens']:,} tokens in the real run), "
+        f"{next(iter(manifests.values()))['tokens']:,} tokens in the {runs[0]} run), "
         f"{args.samples} train samples per task; data {data_s:.0f} s, "
         + ", ".join(f"{r} {w:.0f} s" for r, w in walls.items())
         + f" ({at_once} at a time); {total / 60:.1f} min in all.",
@@ -267,9 +296,13 @@ def main() -> int:
         "token is the argmax of the logits before it, teacher-forced; loss: mean cross-entropy "
         "over answer tokens. `noise`: every image, frame and waveform replaced by noise of the "
         "same size; `text_only`: no media; `real_tp2` / `real_cp2`: trained with TP 2 + SP / "
-        "CP 2 on 2 processes (scored at world size 1, the checkpoint resharded).",
+        "CP 2 on 2 processes (scored at world size 1, the checkpoint resharded); `*_lora`: "
+        "LoRA adapters (rank 16) on the LM's and both encoders' linears, the projectors whole "
+        "(the adapters merged on load for scoring).",
         "",
         text,
+        "",
+        parameters_table(manifests),
         "",
         "Targets:",
         "",

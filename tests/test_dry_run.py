@@ -211,3 +211,29 @@ def test_run_prints_the_plan_verdict_before_launching():
     assert proc.stdout.startswith("plan: stage3_audio_encoder: "), proc.stdout[-2000:]
     assert "GiB per rank of 79.6 GiB" in proc.stdout
     assert proc.returncode == 2 and "1024" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_lora_stage_keeps_no_lm_gradients_and_fits_on_fewer_nodes(reports):
+    """peft=lora on stage 5: the LM's base gets no gradient or optimizer state (the encoders
+    still train whole), its weight-gradient FLOPs are gone, and the stage fits on one node
+    (the full stage needs 4: benchmarks/results/plan_lora.md, which must say what the
+    planner says)."""
+    from pathlib import Path
+
+    from omni_train.plan import planner
+
+    stage = ["stage=stage5_omni_sft_48k"]
+    full = planner.plan(stage, dry=reports[5])
+    lora = planner.plan([*stage, "peft=lora"])
+    f, lo = full["memory"]["parts_gib"], lora["memory"]["parts_gib"]
+    assert lo["gradients"] < f["gradients"] - 5 and lo["optimizer"] < f["optimizer"]
+    assert 0 < lo["weights"] - f["weights"] < 0.1  # the adapters
+    assert lora["time"]["step_s"] < full["time"]["step_s"]
+    fewest = planner.fewest_nodes([*stage, "peft=lora"])
+    assert fewest["nodes"] == 1 and fewest["verdict"] in ("fits", "tight")
+    text = (Path(__file__).parents[1] / "benchmarks/results/plan_lora.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| stage5_omni_sft_48k"))
+    assert f"| 1 (EP {fewest['ep']}, {fewest['total_gib']:.1f} GiB" in row, row
+    assert f"{lora['memory']['total_gib']:.1f} ({lora['memory']['verdict']})" in row, row
+    with pytest.raises(ValueError, match=r"adapts llm, which stage.trainable"):
+        planner.plan(["stage=stage0_vision_projector_warmup", "peft=lora"])

@@ -78,6 +78,10 @@ def test_backward_and_recompute_rules(m):
     got = flops.step_flops(m, g, everything, recompute)
     assert got.model == 3 * (lm + vit + vproj + conf + aproj)
     assert got.hardware == got.model + flops.lm_forward(m, [16])["attention_core"] + vit
+    # LoRA on the LM and the ViT (peft): activation grads through them, no weight grads; the
+    # projectors and the conformer train whole
+    got = flops.step_flops(m, g, everything, RecomputeConfig(), ["llm", "vision_encoder"])
+    assert got.model == 2 * (lm + vit) + 3 * (vproj + conf + aproj)
 
 
 def test_peak_table():

@@ -10,6 +10,7 @@ frozen is an error (``omni_train.model.lora.apply_lora`` says which and how to f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from omni_train.config.checks import positive
@@ -43,7 +44,8 @@ GROUP_COMPONENTS: dict[str, tuple[str, ...]] = {
     "projectors": ("vision_projector", "audio_projector"),
 }
 # what the usual LLM LoRA recipe adapts (Megatron-Bridge's: attention, Mamba and MLP linears)
-LM_GROUPS = ("lm_attention", "lm_mamba", "lm_experts", "lm_shared_expert", "lm_mlp")
+COMPONENTS = ("llm", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector")
+LM_GROUPS = ("lm_attention", "lm_mamba", "lm_experts", "lm_shared_expert")
 METHODS = ("none", "lora")
 
 
@@ -85,3 +87,17 @@ class PeftConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components that get adapters (their base weights then get no gradient): those of
+        the groups, and of each pattern that starts with a component's name (a pattern that
+        does not is assumed to adapt nothing here: FLOPs then count its weight gradients)."""
+        if not self.enabled:
+            return ()
+        found = {c for g in self.targets for c in GROUP_COMPONENTS[g]}
+        for pattern in self.patterns:
+            head = re.match(r"\(?([a-z_]+)\)?(?:\\\.|\.)", pattern)
+            if head and head.group(1) in COMPONENTS:
+                found.add(head.group(1))
+        return tuple(sorted(found))

@@ -299,6 +299,11 @@ def lora_targets(model: torch.nn.Module, peft: PeftConfig) -> dict[str, torch.nn
             hits = [n for n in modules if any(re.fullmatch(r, n) for r in regexes)]
         except re.error as e:
             raise ValueError(f"{what} is not a regular expression: {e}") from e
+        if not hits and what == "peft.targets=lm_mlp":
+            raise ValueError(
+                "peft.targets=lm_mlp matches no module: this model has no dense MLP layers "
+                "(no '-' in model.hybrid_pattern); drop it from peft.targets"
+            )
         if not hits:
             raise ValueError(
                 f"{what} matches no module of this model; the groups are "

@@ -29,6 +29,7 @@ from omni_train.config import compose_job, validate
 from omni_train.log import install_filters
 from omni_train.model.build import build_omni_model
 from omni_train.model.freeze import apply_freezing
+from omni_train.model.lora import apply_lora
 from omni_train.model.meta import parameters_on_meta
 from omni_train.model.specs import platform_leaves
 from omni_train.parallel.state import init_model_parallel
@@ -80,6 +81,8 @@ def resolve(overrides: list[str], world_size: int | None = None, rank: int = 0) 
         with parameters_on_meta():
             model, _ = build_omni_model(cfg, ps, platform, platform_leaves(platform), init=False)
         apply_freezing(model.components(), cfg.stage.trainable)
+        if cfg.peft.enabled:  # adapters (trainable) beside frozen bases, as the stage builds them
+            apply_lora(model, cfg.peft, cfg.stage.trainable, cfg.trainer.seed)
     finally:
         mpu.destroy_model_parallel()
         import torch.distributed as dist

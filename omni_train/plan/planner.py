@@ -240,7 +240,7 @@ def _sequence_flops(cfg, tp: int, cp: int, a: Assumptions) -> dict:
     m, s = cfg.model, cfg.trainer.seq_length
     _, _, rows = media_shares(cfg.data.blend)
     rows = rows or [{"share": 1.0, "mean_tokens": s, "vision": 0.0, "audio": 0.0}]
-    trainable, rc = list(cfg.stage.trainable), cfg.recompute
+    trainable, rc, adapted = list(cfg.stage.trainable), cfg.recompute, cfg.peft.components
     parts = {"llm": 0.0, "vision": 0.0, "audio": 0.0}
     shares = {k: v["rank_share"] for k, v in encoder_shares(cfg, a, tp, cp).items()}
     model_total = 0.0
@@ -248,21 +248,21 @@ def _sequence_flops(cfg, tp: int, cp: int, a: Assumptions) -> dict:
         length = min(int(r["mean_tokens"]), s)
         count = s * r["share"] / length  # samples of this category in one sequence
         text = flops.Geometry([length], [], 0, [], 0)
-        lm = flops.step_flops(m, text, trainable, rc)
+        lm = flops.step_flops(m, text, trainable, rc, adapted)
         parts["llm"] += count * lm.hardware / (tp * cp)
         model_total += count * lm.model
         if m.vision is not None and r["vision"]:
             features = int(length * r["vision"])
             pieces = _split(SHUFFLE_PATCHES * features, a.patches_per_image)
             g = flops.Geometry([length], pieces, features, [], 0)
-            f = flops.step_flops(m, g, trainable, rc)
+            f = flops.step_flops(m, g, trainable, rc, adapted)
             parts["vision"] += count * (f.hardware - lm.hardware) / tp * shares["vision"]
             model_total += count * (f.model - lm.model)
         if m.audio is not None and r["audio"]:
             features = int(length * r["audio"])
             frames = [n * m.audio.subsampling_factor for n in _sizes(features, _clip_tokens(m))]
             g = flops.Geometry([length], [], 0, frames, features)
-            f = flops.step_flops(m, g, trainable, rc)
+            f = flops.step_flops(m, g, trainable, rc, adapted)
             parts["audio"] += count * (f.hardware - lm.hardware) * shares["audio"]
             model_total += count * (f.model - lm.model)
     return {"per_rank_hardware": parts, "model_per_sequence": model_total}
@@ -398,6 +398,36 @@ def plan(overrides: list[str], a: Assumptions = Assumptions(), dry: dict | None 
     return result
 
 
+def fewest_nodes(overrides: list[str], a: Assumptions = Assumptions()) -> dict | None:
+    """The fewest nodes (1, 2, 4, ... below the cluster's) on which the stage fits, with its TP
+    and CP and the expert parallelism halved until ``EP x expert TP`` divides the world (fewer
+    ranks hold more experts each); None when only the cluster's own size does. Each size is a
+    dry run plus the memory estimate, as :func:`plan`."""
+    cfg = compose_job(overrides)
+    nodes, per_node = cfg.cluster.nodes, cfg.cluster.gpus_per_node
+    if not nodes or not per_node:
+        return None
+    etp = cfg.parallel.expert_tp
+    n = 1
+    while n < nodes:
+        world, ep = n * per_node, cfg.parallel.ep
+        while ep > 1 and world % (ep * etp):
+            ep //= 2
+        extra = [f"cluster.nodes={n}", f"parallel.ep={ep}"]
+        try:  # a layout the checks refuse (TP x CP over the world, the batch over DP) is skipped
+            validate(compose_job([*overrides, *extra]), world, data=False)
+        except ValueError:
+            n *= 2
+            continue
+        p = plan([*overrides, *extra], a)
+        if p["memory"]["verdict"] in ("fits", "tight"):
+            return {"nodes": n, "ep": ep, "overrides": extra, "total_gib": p["memory"]["total_gib"],
+                    "verdict": p["memory"]["verdict"], "step_s": p["time"].get("step_s"),
+                    "gpu_hours": p["time"].get("gpu_hours")}  # fmt: skip
+        n *= 2
+    return None
+
+
 def verdict_line(p: dict) -> str:
     m = p["memory"]
     gpu = f" of {m['gpu_gib']:.1f} GiB" if m["gpu_gib"] else ""
@@ -456,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omni-train plan")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verdict", action="store_true", help="one line (omni-train run)")
+    parser.add_argument(
+        "--fewest-nodes", action="store_true", help="also the fewest nodes it fits on (dry runs)"
+    )
     for field, default in asdict(Assumptions()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     args, overrides = parser.parse_known_args(argv)
@@ -465,10 +498,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"omni-train plan: error: {e}", file=sys.stderr)
         return 2
+    if args.fewest_nodes:
+        p["fewest_nodes"] = fewest_nodes(overrides, a)
     if args.json:
         print(json.dumps(p, indent=2))
     else:
         print(verdict_line(p) if args.verdict else format_plan(p))
+    if args.fewest_nodes and not args.json:
+        f = p["fewest_nodes"]
+        print(f"fewest nodes: {f['nodes']} of {p['cluster']['nodes']} ({' '.join(f['overrides'])}"
+              f"): {f['total_gib']:.1f} GiB per rank, {f['verdict']}" if f else
+              f"fewest nodes: {p['cluster']['nodes']} (no smaller power of two fits)")  # fmt: skip
     return 0
 
 

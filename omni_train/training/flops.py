@@ -18,8 +18,10 @@ Conventions (stated, because MFU figures depend on them):
 - backward: the gradient with respect to activations costs one forward where something before
   the component trains (the LM: anything trains; a projector: its encoder trains; an encoder:
   it trains itself), the gradient with respect to weights one forward where the component
-  trains. **Model FLOPs** = forward + that backward; **hardware FLOPs** add the forward of
-  every recomputed part (activation recompute runs it twice).
+  trains, except where it trains LoRA adapters only (``peft``: its base weights get no
+  gradient; the adapters' own products, rank ``r`` against the hidden sizes, are left out).
+  **Model FLOPs** = forward + that backward; **hardware FLOPs** add the forward of every
+  recomputed part (activation recompute runs it twice).
 
 Which components train and which parts are recomputed is the stage's :class:`FlopsPolicy`,
 built from the config by the stage runner and passed to the forward step
@@ -145,10 +147,16 @@ class StepFlops:
 
 
 def step_flops(
-    m: ModelConfig, g: Geometry, trainable: Collection[str], recompute: RecomputeConfig
+    m: ModelConfig,
+    g: Geometry,
+    trainable: Collection[str],
+    recompute: RecomputeConfig,
+    adapted: Collection[str] = (),
 ) -> StepFlops:
-    """Model and hardware FLOPs of one micro-batch (see the module docstring)."""
+    """Model and hardware FLOPs of one micro-batch (see the module docstring); ``adapted``:
+    the components that train LoRA adapters instead of their weights."""
     trains = set(trainable)
+    weights = trains - set(adapted)
     lm = lm_forward(m, g.segment_lengths)
     parts: list[tuple[float, bool, bool, float]] = []  # (fwd, act grad, weight grad, recomputed)
     lm_total = sum(lm.values())
@@ -159,7 +167,7 @@ def step_flops(
         recomputed += lm["moe"]
     if "mlp" in recompute.lm:
         recomputed += lm["mlp"]
-    parts.append((lm_total, bool(trains), "llm" in trains, recomputed))
+    parts.append((lm_total, bool(trains), "llm" in weights, recomputed))
     if m.vision is not None and g.vit_pieces:
         vit = vit_forward(m.vision, g.vit_pieces)
         proj = projector_forward(
@@ -169,8 +177,9 @@ def step_flops(
             g.vision_features,
         )
         encoder_trains = "vision_encoder" in trains
-        parts.append((vit, encoder_trains, encoder_trains, vit if recompute.vision_encoder else 0))
-        trains_projector = "vision_projector" in trains
+        parts.append((vit, encoder_trains, "vision_encoder" in weights,
+                      vit if recompute.vision_encoder else 0))  # fmt: skip
+        trains_projector = "vision_projector" in weights
         parts.append((proj, encoder_trains, trains_projector, proj if recompute.projectors else 0))
     if m.audio is not None and g.audio_frames:
         conf = conformer_forward(m.audio, g.audio_frames)
@@ -178,8 +187,9 @@ def step_flops(
             m.audio.d_model, m.audio_projector_ffn_hidden_size, m.hidden_size, g.audio_features
         )
         encoder_trains = "audio_encoder" in trains
-        parts.append((conf, encoder_trains, encoder_trains, conf if recompute.audio_encoder else 0))
-        trains_projector = "audio_projector" in trains
+        parts.append((conf, encoder_trains, "audio_encoder" in weights,
+                      conf if recompute.audio_encoder else 0))  # fmt: skip
+        trains_projector = "audio_projector" in weights
         parts.append((proj, encoder_trains, trains_projector, proj if recompute.projectors else 0))
     model = sum(f * (1 + act + weight) for f, act, weight, _ in parts)
     return StepFlops(model, model + sum(r for *_, r in parts))
@@ -188,19 +198,21 @@ def step_flops(
 @dataclass(frozen=True)
 class FlopsPolicy:
     """What a step's FLOPs count takes from the stage besides the model and the micro-batch:
-    the components that train (``stage.trainable``: which backward passes run) and
-    ``recompute`` (which forwards run twice)."""
+    the components that train (``stage.trainable``: which backward passes run), those of them
+    that train LoRA adapters (``peft``: no weight gradients) and ``recompute`` (which forwards
+    run twice)."""
 
     trainable: tuple[str, ...]
     recompute: RecomputeConfig
+    adapted: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: JobConfig) -> FlopsPolicy:
-        return cls(tuple(cfg.stage.trainable), cfg.recompute)
+        return cls(tuple(cfg.stage.trainable), cfg.recompute, cfg.peft.components)
 
     def count(self, m: ModelConfig, g: Geometry) -> StepFlops:
         """Model and hardware FLOPs of one micro-batch of geometry ``g`` (:func:`step_flops`)."""
-        return step_flops(m, g, self.trainable, self.recompute)
+        return step_flops(m, g, self.trainable, self.recompute, self.adapted)
 
 
 # measured or vendor bf16 dense peaks per GPU, TFLOP/s (logging.peak_tflops overrides)
