@@ -73,3 +73,20 @@ def test_gpu_init_is_tp_invariant_unless_switched_off():
     assert not transformer_config(cfg, cuda).use_cpu_initialization
     cpu = choose(Libraries(False, False, False, False, False, True))
     assert transformer_config(cfg, cpu).use_cpu_initialization  # the CPU always
+
+
+def test_a_lora_stage_builds_megatron_cores_own_layers_where_te_is_installed(monkeypatch):
+    """TE's linears have no LoRA adapters: OMNI_TRAIN_TRANSFORMER_ENGINE=off (the stage runner
+    sets it for peft) picks the CUDA-without-TE blocks; TE's fused Adam stays."""
+    from omni_train.platform.capabilities import TE_SWITCH, transformer_engine_off
+
+    everything = Libraries(True, True, True, True, True, True)
+    off = choose(everything, te_off=True)
+    assert (off.linear, off.attention, off.experts) == ("torch", "flex", "sequential")
+    assert "no_transformer_engine" in off.patch_sets and off.optimizer == "te_fused_adam"
+    assert choose(everything).linear == "te"
+    monkeypatch.setenv(TE_SWITCH, "off")
+    assert transformer_engine_off()
+    monkeypatch.setenv(TE_SWITCH, "maybe")
+    with pytest.raises(ValueError, match="use 'on', 'off' or leave it unset"):
+        transformer_engine_off()

@@ -24,8 +24,9 @@ Transformer Engine):
 - plain ``torch.nn.Linear`` (the conformer, not TP-parallel): ``A`` and ``B`` whole.
 
 What has run: the CPU platform (megatron-core's own parallel linears and our fused-norm
-stand-in), 1 process and TP 2 + SP. Transformer Engine's linears (the GPU path) are refused
-with an error until adapters for them exist.
+stand-in): 1 process, TP 2 + SP, EP 2, CP 2. Transformer Engine's linears have no adapters: on a
+GPU a stage with ``peft`` turns TE's layers off (``OMNI_TRAIN_TRANSFORMER_ENGINE=off``, set by
+the stage runner) and builds these, the "CUDA without TE" path, which has not run on a GPU.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class _SumGradOverGroup(torch.autograd.Function):
 def _kind(module: torch.nn.Module) -> str:
     if type(module).__name__.startswith("TE"):
         raise ValueError(
-            f"LoRA on Transformer Engine's {type(module).__name__} (the GPU path) is not "
-            "implemented yet; the CPU platform's megatron-core linears have adapters"
+            f"LoRA on Transformer Engine's {type(module).__name__} is not implemented; a stage "
+            "with peft builds megatron-core's own linears (OMNI_TRAIN_TRANSFORMER_ENGINE=off, "
+            "which omni-train run sets): build this model the same way"
         )
     if isinstance(module, ColumnParallelLinear):
         return "column"

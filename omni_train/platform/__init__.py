@@ -11,7 +11,8 @@ megatron-core needs there. One package, split by kind:
 :func:`setup` is called once per process before anything is built; a stage logs the chosen
 blocks (``Platform.describe()``) at start-up and records them in its manifest.
 ``OMNI_TRAIN_PLATFORM=cpu`` selects the CPU device on a GPU host (comparisons, tests);
-``OMNI_TRAIN_PLATFORM=cuda`` insists on a GPU.
+``OMNI_TRAIN_PLATFORM=cuda`` insists on a GPU. ``OMNI_TRAIN_TRANSFORMER_ENGINE=off`` builds
+megatron-core's own layers on CUDA where Transformer Engine is installed (a LoRA stage sets it).
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ import torch
 
 from omni_train.log import install_filters
 from omni_train.platform import device, registry, standins
-from omni_train.platform.capabilities import Libraries, Platform, choose, forced_platform, probe
+from omni_train.platform.capabilities import (
+    TE_SWITCH,
+    Libraries,
+    Platform,
+    choose,
+    forced_platform,
+    probe,
+    transformer_engine_off,
+)
 
 __all__ = [
+    "TE_SWITCH",
     "Libraries",
     "Platform",
     "check_patches",
@@ -46,7 +56,8 @@ def patch_sets() -> dict[str, registry.PatchSet]:
 @cache
 def detect() -> Platform:
     """This process's platform (libraries probed once)."""
-    return choose(probe(), forced_platform(), int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return choose(probe(), forced_platform(), local_rank, transformer_engine_off())
 
 
 @cache

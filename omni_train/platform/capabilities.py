@@ -126,6 +126,18 @@ def forced_platform() -> str:
     return forced
 
 
+# "off": megatron-core's own layers on CUDA even where Transformer Engine is installed (a LoRA
+# stage sets it: TE's linears have no adapters here, docs/peft.md); "" or "on": TE where present
+TE_SWITCH = "OMNI_TRAIN_TRANSFORMER_ENGINE"
+
+
+def transformer_engine_off() -> bool:
+    value = os.environ.get(TE_SWITCH, "").lower()
+    if value not in ("", "on", "off"):
+        raise ValueError(f"{TE_SWITCH}={value!r}: use 'on', 'off' or leave it unset")
+    return value == "off"
+
+
 def probe() -> Libraries:
     """Import-probe the optional libraries (each import is tried once per process)."""
     return Libraries(
@@ -135,12 +147,16 @@ def probe() -> Libraries:
     )
 
 
-def choose(libs: Libraries, forced: str = "", local_rank: int = 0) -> Platform:
-    """The blocks for ``libs``; ``forced`` is ``OMNI_TRAIN_PLATFORM`` ("", "cpu", "cuda")."""
+def choose(
+    libs: Libraries, forced: str = "", local_rank: int = 0, te_off: bool = False
+) -> Platform:
+    """The blocks for ``libs``; ``forced`` is ``OMNI_TRAIN_PLATFORM`` ("", "cpu", "cuda");
+    ``te_off`` (``OMNI_TRAIN_TRANSFORMER_ENGINE=off``): no Transformer Engine layers (its fused
+    Adam, a separate choice, stays)."""
     if forced == "cuda" and not libs.cuda:
         raise ValueError("OMNI_TRAIN_PLATFORM=cuda but torch sees no CUDA device")
     cuda = libs.cuda and forced != "cpu"
-    te = cuda and libs.transformer_engine
+    te = cuda and libs.transformer_engine and not te_off
     if te:
         attention = "te"
     elif cuda and libs.flex_attention:

@@ -13,6 +13,7 @@ Start-up decides between four cases, in this order:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -274,6 +275,8 @@ def run_stage(cfg: JobConfig) -> dict:
     rank_log = add_rank_log(cfg.checkpoint.output_dir)
     if rank_log is not None:
         log.info("this rank's log: %s", rank_log)
+    if cfg.peft.enabled:  # TE's linears have no LoRA adapters here: megatron-core's own
+        os.environ[omni_platform.TE_SWITCH] = "off"
     platform = omni_platform.setup()
     log.info("%s", platform.describe())
     check_platform(cfg, platform)  # e.g. fp32 + packed + TE attention, before anything is built
