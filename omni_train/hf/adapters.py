@@ -26,9 +26,7 @@ trained whole included), and the adapters go to ``<out>/adapter/`` as PEFT write
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -341,8 +339,7 @@ def import_adapter(source: Path, base: Path, out: Path):
     prefixes = weights.Prefixes() if model_cfg.vision is not None else weights.Prefixes.alone("llm")
     report = convert.ImportReport(str(source), "lora_adapter", list(model_cfg.components))
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")
-    try:
+    with convert.staged(out, "importing") as tmp:
         with convert._MetaModel(cfg) as meta:
             model = meta.model
             regexes = [r for group in LORA_GROUPS.values() for r in group]
@@ -379,10 +376,5 @@ def import_adapter(source: Path, base: Path, out: Path):
             )
         write_record(tmp, make_record(asdict(peft), [], ckpt))
         convert._write_import_manifest(tmp, cfg, report, "source", None)
-        if out.exists():
-            out.rmdir()
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return report

@@ -17,6 +17,7 @@ silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -231,22 +232,29 @@ def import_hf(
         prefixes = weights.Prefixes.alone(kind, _audio_prefix(keys))
     if isinstance(src, dict):  # .nemo: NeMo's own names, one to one
         prefixes = None
-    # written beside ``out`` and renamed into place at the end: a failed import leaves no
-    # half-written checkpoint under the name a stage would load
-    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")
-    try:
+    with staged(out, "importing") as tmp:
         with _MetaModel(cfg) as meta:
             used = _fill(meta.model, cfg, components, src, prefixes, dtype, report)
             _check_leftovers(keys, used, src, report)
             _save(meta.model, components, tmp)
         _write_import_manifest(tmp, cfg, report, dtype, None if nemo else raw_config)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+@contextlib.contextmanager
+def staged(out: Path, verb: str) -> Iterator[Path]:
+    """A folder beside ``out`` to write into, renamed to ``out`` when the block ends without
+    an error: a failed conversion leaves nothing half-written under the name a stage or
+    transformers would load. ``out`` must be absent or empty (:func:`_check_out`)."""
+    tmp = out.with_name(f".{out.name}.{verb}-{os.getpid()}")
+    try:
+        yield tmp
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            out.rmdir()
         tmp.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _check_out(out: Path) -> None:

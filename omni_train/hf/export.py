@@ -15,7 +15,6 @@ PEFT adapter folder (:mod:`omni_train.hf.adapters`).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -36,6 +35,7 @@ from omni_train.hf.convert import (
     _tensor_keys,
     model_from_section,
     resolve_checkpoint,
+    staged,
 )
 from omni_train.hf.safetensors_io import ShardedWriter, TensorPlan
 
@@ -132,9 +132,8 @@ def export_hf(
     prefixes = weights.Prefixes() if model_cfg.vision is not None else weights.Prefixes.alone("llm")
     report = ExportReport(str(ckpt), str(out), [])
     peft_out = top = None
-    tmp = out.with_name(f".{out.name}.exporting-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out, "exporting") as tmp:
+        tmp.mkdir(parents=True)
         with _MetaModel(cfg) as meta:
             model = meta.model
             keys = [k for k, _ in _tensor_keys(model, tuple(f"{c}." for c in model_cfg.components))]
@@ -202,11 +201,6 @@ def export_hf(
             adapters.write_peft_folder(tmp / adapters.ADAPTER_DIR, peft_out, top.level.peft, out)
             report.files += [f"{adapters.ADAPTER_DIR}/{adapters.ADAPTER_CONFIG}",
                              f"{adapters.ADAPTER_DIR}/{adapters.ADAPTER_WEIGHTS}"]  # fmt: skip
-        if out.exists():
-            out.rmdir()
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return report
 
