@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -38,7 +37,6 @@ from omni_train.checkpoint.lock import LockedError, OutputLock, held_by_launcher
 from omni_train.checkpoint.manifest import mark_failed
 from omni_train.checkpoint.peft import check_base_chain, make_record, read_record
 from omni_train.config import JobConfig, blends, config_hash, to_dict, validate
-from omni_train.config.peft import PeftConfig
 from omni_train.config.validation import check_platform
 from omni_train.data import NoUsableSampleError, SkipLimitError, StopDuringWaitError, build_data
 from omni_train.lifecycle import StopRequest
@@ -94,7 +92,7 @@ def _lora_record(cfg: JobConfig, resumed: Path | None, handoff: Path | None) -> 
     peft = to_dict(cfg)["peft"]
     if resumed is not None:
         saved = read_record(resumed)
-        if (saved or {}).get("peft", asdict(PeftConfig())) != peft:
+        if (saved is not None) != cfg.peft.enabled or (saved and saved["peft"] != peft):
             was = saved["peft"] if saved else "no adapters"
             raise ValueError(
                 f"cannot resume {resumed}: it was trained with peft={was}, this run has "
