@@ -234,12 +234,21 @@ def _data_show(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _run_tool(nproc: int, target: list[str]) -> int:
+    """A tool under torchrun, its output on this console; a failure ends with its own error
+    line (``omni_train.quiet`` prints it) and status 2, without this process's traceback."""
+    try:
+        torchrun(nproc, *target, timeout=None, capture=False)
+    except RuntimeError:
+        return 2
+    return 0
+
+
 def _probe(args: argparse.Namespace, overrides: list[str]) -> int:
     compose_job(overrides)  # a bad override fails here with one line
     extra = ["--json", args.json] if args.json else []
     target = [*QUIET_MODULE, "omni_train.stage.probe", args.checkpoint, "--data", args.data, *extra]
-    torchrun(1, *target, *overrides, timeout=None, capture=False)  # a free port, one process
-    return 0
+    return _run_tool(1, [*target, *overrides])  # a free port, one process
 
 
 def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -249,8 +258,7 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size"):
         options += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     target = [*QUIET_MODULE, "omni_train.inference.generate", args.checkpoint, *options]
-    torchrun(args.nproc_per_node, *target, *overrides, timeout=None, capture=False)
-    return 0
+    return _run_tool(args.nproc_per_node, [*target, *overrides])
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -262,8 +270,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     options += ["--media", args.media] if args.media else []
     options += ["--json", args.json] if args.json else []
     target = [*QUIET_MODULE, "omni_train.inference.evaluate", args.checkpoint, *options]
-    torchrun(args.nproc_per_node, *target, *overrides, timeout=None, capture=False)
-    return 0
+    return _run_tool(args.nproc_per_node, [*target, *overrides])
 
 
 def _report(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -115,3 +115,18 @@ def test_model_fingerprint_is_checked_against_the_manifest(tmp_path):
     check_model_fingerprint(tmp_path / "checkpoints" / "step_1", "abc")
     with pytest.raises(ValueError, match="another model config"):
         check_model_fingerprint(tmp_path, "xyz")
+
+
+def test_a_checkpoint_of_another_model_ends_the_tool_with_one_line(tmp_path):
+    """A ValueError inside the tool's ranks (here: the checkpoint was trained for another
+    model) is said in one line first, exit status 2, no traceback of the front door."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"model_fingerprint": "another"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_train.cli", "eval", str(tmp_path), "--data", "x.jsonl",
+         "model=tiny"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    first = proc.stderr.strip().splitlines()[0]
+    assert first.startswith("omni-train eval: error: ") and "another model config" in first
+    assert "omni_train/cli.py" not in proc.stderr  # the front door adds no traceback
