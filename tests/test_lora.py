@@ -90,7 +90,10 @@ def text_lora_one(tmp_path_factory, text_base) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.xdist_group("lora_text")
-@pytest.mark.parametrize("layout", ["ep2", "cp2"])
+@pytest.mark.parametrize(
+    "layout",
+    ["ep2", pytest.param("cp2", marks=pytest.mark.slow)],  # CI time: make test-slow
+)
 def test_a_lora_stage_under_ep2_and_cp2_trains_as_one_process(
     layout, tmp_path, text_base, text_lora_one
 ):
