@@ -108,26 +108,26 @@ def test_a_lora_stage_under_ep2_and_cp2_trains_as_one_process(
     assert run["parameters"] == one["parameters"] and one["parameters"]["llm"]["adapter"] > 0
 
 
+def _lora_run(base_dir: Path) -> list[str]:
+    return [*LORA_TEXT, "trainer.train_steps=4", "parallel=tp2", f"checkpoint.init_from={base_dir}"]
+
+
+@pytest.fixture(scope="module")
+def text_lora_tp2(tmp_path_factory, text_base) -> tuple[Path, dict]:
+    """The LoRA text stage under TP 2 + SP from the base: 4 steps, one checkpoint."""
+    out = tmp_path_factory.mktemp("lora_tp2")
+    return out, launch(2, out, *_lora_run(text_base[0]))
+
+
 @pytest.mark.distributed
 @pytest.mark.xdist_group("lora_text")
-def test_adapter_checkpoints_resume_bit_identically_and_hand_off_merged(tmp_path, text_base):
+def test_adapter_checkpoints_hold_adapters_and_hand_off_merged(tmp_path, text_base, text_lora_tp2):
     """full (1 process) -> LoRA (TP 2 + SP; its checkpoints: adapters and a base record) ->
     full and LoRA stages in 1 process, the adapters merged on load."""
-    base_dir, base = text_base
+    (base_dir, base), (lora_dir, whole) = text_base, text_lora_tp2
     base_ckpt = base_dir / "checkpoints" / "step_0000002"
-    lora = [*LORA_TEXT, "trainer.train_steps=4", "parallel=tp2",
-            f"checkpoint.init_from={base_dir}"]  # fmt: skip
-    whole = launch(2, tmp_path / "lora", *lora)
     # full -> LoRA: B = 0, so the LoRA stage starts as the base ended (TP 2 vs 1 process)
     assert whole["eval_loss_at_start"] == pytest.approx(base["eval_loss"], rel=1e-6)
-    first = launch(2, tmp_path / "split", *lora, "trainer.exit_after_steps=2")
-    assert first["status"] == "interrupted"
-    second = launch(2, tmp_path / "split", *lora)
-    assert second["resumed_from"].endswith("step_0000002")
-    assert second["losses"] == whole["losses"] and second["eval_loss"] == whole["eval_loss"]
-    num_tensors, differing = differing_weights(tmp_path / "lora", tmp_path / "split")
-    assert num_tensors > 10 and differing == []
-
     ckpt = Path(whole["checkpoint"])
     record = read_record(ckpt)
     assert record["base"] == str(base_ckpt.resolve()) and record["whole"] == []
@@ -137,7 +137,7 @@ def test_adapter_checkpoints_resume_bit_identically_and_hand_off_merged(tmp_path
 
     # LoRA (TP 2) -> full (1 process): the adapters merged into the weights it starts from
     after = [*EXACT, "trainer.train_steps=1", "parallel=single", "trainer.eval_at_start=true",
-             f"checkpoint.init_from={tmp_path / 'lora'}"]  # fmt: skip
+             f"checkpoint.init_from={lora_dir}"]  # fmt: skip
     full = launch(1, tmp_path / "full", *after)
     assert full["eval_loss_at_start"] == pytest.approx(whole["eval_loss"], rel=1e-5)
     assert full["peft"] is None and read_record(Path(full["checkpoint"])) is None
@@ -147,10 +147,26 @@ def test_adapter_checkpoints_resume_bit_identically_and_hand_off_merged(tmp_path
     assert read_record(Path(again["checkpoint"]))["base"] == str(ckpt.resolve())
     assert check_base_chain(Path(again["checkpoint"])) == [ckpt.resolve(), base_ckpt.resolve()]
 
-    # a resume keeps the adapters' settings
+    # a resume keeps the adapters' settings (refused before anything is built)
     with pytest.raises(RuntimeError, match=r"it was trained with peft=.*'rank': 16.*Resume with "
                        r"the same peft settings"):  # fmt: skip
-        launch(2, tmp_path / "split", *lora, "peft.rank=8")
+        launch(2, lora_dir, *_lora_run(base_dir), "peft.rank=8")
+
+
+@pytest.mark.slow  # CI time (three more 2-process runs): make test-slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("lora_text")
+def test_an_adapter_checkpoint_resumes_bit_identically(tmp_path, text_base, text_lora_tp2):
+    """2 + 2 steps of the LoRA stage (TP 2 + SP, adapters-only checkpoints on the base) equal
+    the 4 uninterrupted steps: losses, eval loss and every saved tensor, bit for bit."""
+    (base_dir, _), (lora_dir, whole) = text_base, text_lora_tp2
+    first = launch(2, tmp_path, *_lora_run(base_dir), "trainer.exit_after_steps=2")
+    assert first["status"] == "interrupted"
+    second = launch(2, tmp_path, *_lora_run(base_dir))
+    assert second["resumed_from"].endswith("step_0000002")
+    assert second["losses"] == whole["losses"] and second["eval_loss"] == whole["eval_loss"]
+    num_tensors, differing = differing_weights(lora_dir, tmp_path)
+    assert num_tensors > 10 and differing == []
 
 
 def _tensor_keys(ckpt: Path) -> list[str]:

@@ -33,9 +33,15 @@ from pathlib import Path
 
 import torch
 
-from omni_train.checkpoint.peft import check_base_chain, holds, read_record
+from omni_train.checkpoint.peft import (
+    check_base_chain,
+    holds,
+    make_record,
+    read_record,
+    write_record,
+)
 from omni_train.config.peft import LORA_GROUPS, PeftConfig
-from omni_train.hf import weights
+from omni_train.hf import convert, weights
 from omni_train.model.lora import adapter_requests, saved_adapters
 
 ADAPTER_DIR = "adapter"
@@ -326,9 +332,6 @@ def import_adapter(source: Path, base: Path, out: Path):
     ``out`` standing on ``base`` (the omni-train checkpoint of the model it adapts: an import,
     a stage's output_dir or a step folder). Returns the import report."""
     from megatron.core import dist_checkpointing  # lazy: as export.export_hf
-
-    from omni_train.checkpoint.peft import make_record, write_record
-    from omni_train.hf import convert  # lazy: convert's import path never needs adapters
 
     start = time.perf_counter()
     config, tensors = read_peft_folder(source)
