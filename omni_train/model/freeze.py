@@ -42,7 +42,15 @@ def apply_freezing(components: dict[str, torch.nn.Module], trainable: list[str])
         trains = name in trainable
         for param in module.parameters():
             param.requires_grad_(trains)
-        for sub in module.modules():
-            if getattr(sub, "expert_bias", None) is not None and hasattr(sub, "enable_expert_bias"):
-                # megatron's TopKRouter reads this flag on every forward (_apply_expert_bias).
-                sub.enable_expert_bias = trains and sub.config.moe_router_enable_expert_bias
+        if not trains:
+            stop_expert_bias_updates(module)
+
+
+def stop_expert_bias_updates(module: torch.nn.Module) -> None:
+    """Stop the aux-loss-free expert-bias updates of every MoE router in ``module`` (its
+    routing keeps the loaded bias): megatron's TopKRouter reads ``enable_expert_bias`` on every
+    forward (``_apply_expert_bias``) to count tokens per expert, and no counts leave the bias as
+    it is."""
+    for sub in module.modules():
+        if getattr(sub, "expert_bias", None) is not None and hasattr(sub, "enable_expert_bias"):
+            sub.enable_expert_bias = False

@@ -52,6 +52,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from omni_train.config.peft import LORA_GROUPS, PeftConfig
+from omni_train.model.freeze import stop_expert_bias_updates
 
 __all__ = [
     "LoRAAdapter",
@@ -348,12 +349,10 @@ def apply_lora(
     for component in adapted:
         for pname, p in getattr(model, component).named_parameters():
             p.requires_grad_(".lora." in f".{pname}")
-        for sub in getattr(model, component).modules():
-            # the routers' aux-loss-free expert bias is the base's too: not updated, so the
-            # stage's model stays base + adapters (an adapter checkpoint does not hold it, and
-            # a merged or PEFT export is exactly what trained)
-            if getattr(sub, "expert_bias", None) is not None and hasattr(sub, "enable_expert_bias"):
-                sub.enable_expert_bias = False
+        # the routers' expert bias is the base's too: not updated, so the stage's model stays
+        # base + adapters (an adapter checkpoint does not hold it, and a merged or PEFT export
+        # is exactly what trained)
+        stop_expert_bias_updates(getattr(model, component))
     return adapted
 
 

@@ -414,12 +414,11 @@ def fewest_nodes(overrides: list[str], a: Assumptions = Assumptions()) -> dict |
         while ep > 1 and world % (ep * etp):
             ep //= 2
         extra = [f"cluster.nodes={n}", f"parallel.ep={ep}"]
-        try:  # a layout the checks refuse (TP x CP over the world, the batch over DP) is skipped
-            validate(compose_job([*overrides, *extra]), world, data=False)
+        try:  # a layout the dry run's checks refuse (TP x CP over the world, the batch over DP)
+            p = plan([*overrides, *extra], a)
         except ValueError:
             n *= 2
             continue
-        p = plan([*overrides, *extra], a)
         if p["memory"]["verdict"] in ("fits", "tight"):
             return {"nodes": n, "ep": ep, "overrides": extra, "total_gib": p["memory"]["total_gib"],
                     "verdict": p["memory"]["verdict"], "step_s": p["time"].get("step_s"),
